@@ -1,0 +1,171 @@
+"""The admin's screens: users, invites, instance settings and the whole audit log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, url_for
+from flask_login import current_user, login_required
+from werkzeug.wrappers import Response
+
+import audit
+import users
+from forms import EmptyForm, InstanceSettingsForm, NewUserForm, ResetPasswordForm
+from models import AuditEvent, Setting, User
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Signed in and admin; anyone else gets a 404, which confirms nothing."""
+
+    @wraps(view)
+    @login_required
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not current_user.is_admin:
+            abort(404)
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def _user_or_404(user_id: int) -> User:
+    user = User.get_or_none(User.id == user_id)
+    if user is None:
+        abort(404)
+    return user
+
+
+@bp.get("/users")
+@admin_required
+def user_list() -> str:
+    return render_template(
+        "admin/users.html",
+        users=User.select().order_by(User.email),
+        form=NewUserForm(can_custom_clients=_new_user_default()),
+        action=EmptyForm(),
+    )
+
+
+def _new_user_default() -> bool:
+    return users.default_custom_clients(current_app.config["NEW_USERS_CUSTOM_CLIENTS"])
+
+
+@bp.post("/users")
+@admin_required
+def user_create() -> Response | tuple[str, int]:
+    form = NewUserForm()
+    if not form.validate_on_submit():
+        page = render_template(
+            "admin/users.html",
+            users=User.select().order_by(User.email),
+            form=form,
+            action=EmptyForm(),
+        )
+        return page, 400
+    if form.password.data:
+        user = users.create_user(form.email.data, form.password.data, form.can_custom_clients.data)
+        audit.record_request("user.created", target=user.email)
+        flash(f"User {user.email} created.", "success")
+        return redirect(url_for("admin.user_list"))
+    token = users.create_invite(
+        form.email.data,
+        current_user,
+        form.can_custom_clients.data,
+        current_app.config["INVITE_HOURS"],
+    )
+    audit.record_request("user.invited", target=form.email.data)
+    link = current_app.config["PUBLIC_URL"] + url_for("auth.invite", token=token)
+    hours = current_app.config["INVITE_HOURS"]
+    return render_template(
+        "admin/invite_created.html", link=link, email=form.email.data, hours=hours
+    ), 201
+
+
+@bp.post("/users/<int:user_id>/enable")
+@admin_required
+def user_enable(user_id: int) -> Response:
+    return _set_enabled(user_id, True)
+
+
+@bp.post("/users/<int:user_id>/disable")
+@admin_required
+def user_disable(user_id: int) -> Response:
+    return _set_enabled(user_id, False)
+
+
+def _set_enabled(user_id: int, enabled: bool) -> Response:
+    user = _user_or_404(user_id)
+    if EmptyForm().validate_on_submit():
+        try:
+            users.set_enabled(user, enabled)
+        except users.UserError as error:
+            flash(str(error), "error")
+        else:
+            audit.record_request("user.enabled" if enabled else "user.disabled", target=user.email)
+            flash(f"{user.email} is {'enabled' if enabled else 'disabled'}.", "success")
+    return redirect(url_for("admin.user_list"))
+
+
+@bp.post("/users/<int:user_id>/custom-clients")
+@admin_required
+def user_toggle_clients(user_id: int) -> Response:
+    user = _user_or_404(user_id)
+    if EmptyForm().validate_on_submit() and not user.is_admin:
+        user.can_custom_clients = not user.can_custom_clients
+        user.save()
+        state = "granted" if user.can_custom_clients else "withdrawn"
+        audit.record_request(f"user.custom_clients_{state}", target=user.email)
+        flash(f"Custom OAuth clients {state} for {user.email}.", "success")
+    return redirect(url_for("admin.user_list"))
+
+
+@bp.route("/users/<int:user_id>/password", methods=["GET", "POST"])
+@admin_required
+def user_password(user_id: int) -> Response | str | tuple[str, int]:
+    user = _user_or_404(user_id)
+    form = ResetPasswordForm()
+    if form.validate_on_submit():
+        users.set_password(user, form.password.data)
+        audit.record_request("user.password_reset", target=user.email)
+        flash(f"Password of {user.email} reset; their sessions have ended.", "success")
+        return redirect(url_for("admin.user_list"))
+    status = 400 if form.is_submitted() else 200
+    return render_template("admin/user_password.html", form=form, user=user), status
+
+
+@bp.route("/settings", methods=["GET", "POST"])
+@admin_required
+def instance_settings() -> Response | str | tuple[str, int]:
+    form = InstanceSettingsForm()
+    if form.validate_on_submit():
+        Setting.write(
+            "new_users_custom_clients", "1" if form.new_users_custom_clients.data else "0"
+        )
+        Setting.write("allow_ropc", "1" if form.allow_ropc.data else "0")
+        audit.record_request("settings.changed")
+        flash("Settings saved.", "success")
+        return redirect(url_for("admin.instance_settings"))
+    if not form.is_submitted():
+        form.new_users_custom_clients.data = _new_user_default()
+        form.allow_ropc.data = ropc_allowed()
+    return render_template("admin/settings.html", form=form, extra_sections=settings_sections())
+
+
+def ropc_allowed() -> bool:
+    value = Setting.read("allow_ropc")
+    return current_app.config["ALLOW_ROPC"] if value is None else value == "1"
+
+
+def settings_sections() -> list[Callable[[], str]]:
+    """Other modules add sections to the admin settings page (e.g. default OAuth clients)."""
+    return list(current_app.extensions.get("admin_settings_sections", []))
+
+
+@bp.get("/audit")
+@admin_required
+def audit_log() -> str:
+    events = AuditEvent.select().order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(500)
+    return render_template("admin/audit.html", events=events, everyone=True)

@@ -1,0 +1,108 @@
+"""Auth-Email: the application factory.
+
+``create_app()`` loads configuration and instance secrets, opens the database and registers the
+screens. It starts no thread and opens no socket: ``serve.py`` runs the web UI and the mail proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask
+
+import config
+import passwords
+from db import database, has_ciphertext, open_database, vault
+from migrations import migrate
+from models import SECRET_MODELS
+from vault import load_keyring, load_or_create_secret_key
+
+log = logging.getLogger("auth_email")
+
+SECRET_KEY_FILE = "secret_key"
+VAULT_KEY_FILE = "vault.key"
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the app. ``test_config`` overrides every other layer (and may set INSTANCE_PATH)."""
+    test_config = dict(test_config or {})
+    instance_path = test_config.pop("INSTANCE_PATH", None) or config.instance_path_from_environ()
+    app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
+    app.config.from_mapping(config.DEFAULTS)
+    app.config.from_pyfile("config.py", silent=True)
+    app.config.update(config.from_environ(os.environ))
+    app.config.update(test_config)
+
+    instance = Path(app.instance_path)
+    instance.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not app.config["DATABASE_URL"]:
+        app.config["DATABASE_URL"] = f"sqlite:///{instance / 'auth-email.db'}"
+    app.config["PUBLIC_URL"] = app.config["PUBLIC_URL"].rstrip("/")
+
+    app.config["SECRET_KEY"] = load_or_create_secret_key(instance / SECRET_KEY_FILE)
+    secure = urlsplit(app.config["PUBLIC_URL"]).scheme == "https"
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=secure,
+        SESSION_COOKIE_NAME="auth_email_session",
+        REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SAMESITE="Lax",
+        REMEMBER_COOKIE_SECURE=secure,
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+    passwords.configure(app.config)
+
+    init_database(app)
+
+    import security
+
+    security.init_app(app)
+
+    import accounts
+    import admin
+    import auth
+    import cli
+    import clients
+    import settings
+
+    auth.init_app(app)
+    app.register_blueprint(accounts.bp)
+    app.register_blueprint(settings.bp)
+    app.register_blueprint(clients.bp)
+    app.register_blueprint(admin.bp)
+    cli.init_app(app)
+    return app
+
+
+def init_database(app: Flask) -> None:
+    """Open the database, bring its schema up to date and load the vault key."""
+    database.initialize(open_database(app.config["DATABASE_URL"]))
+    with database.connection_context():
+        migrate()
+        _private_sqlite_files(app.config["DATABASE_URL"])
+        vault.keyring = load_keyring(
+            Path(app.instance_path) / VAULT_KEY_FILE, has_ciphertext(SECRET_MODELS)
+        )
+
+    @app.before_request
+    def _connect() -> None:
+        database.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def _close(exc: BaseException | None) -> None:
+        if not database.is_closed():
+            database.close()
+
+
+def _private_sqlite_files(url: str) -> None:
+    """The database file holds only ciphertext secrets, but still: not for other users."""
+    if url.startswith("sqlite:///"):
+        base = Path(url.removeprefix("sqlite:///"))
+        for path in (base, base.with_name(base.name + "-wal"), base.with_name(base.name + "-shm")):
+            if path.exists():
+                path.chmod(0o600)

@@ -1,0 +1,154 @@
+"""Signing in and out, first-run setup, and invite links."""
+
+from __future__ import annotations
+
+from flask import (
+    Blueprint,
+    Flask,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask_login import LoginManager, current_user, login_required, login_user, logout_user
+from werkzeug.wrappers import Response
+
+import audit
+import throttle
+import users
+from forms import InviteAcceptForm, LoginForm, SetupForm
+from models import User, utcnow
+from passwords import verify_password
+from security import safe_next
+
+bp = Blueprint("auth", __name__)
+login_manager = LoginManager()
+login_manager.login_view = "auth.login"
+login_manager.login_message = "Please sign in to continue."
+login_manager.session_protection = "strong"
+
+
+@login_manager.user_loader
+def load_user(user_id: str) -> User | None:
+    """Session ids carry the user's session version: a password change ends old sessions."""
+    try:
+        pk, version = (int(part) for part in user_id.split(":"))
+    except ValueError:
+        return None
+    user = User.get_or_none(User.id == pk)
+    if user is None or user.session_version != version or not user.is_enabled:
+        return None
+    return user
+
+
+def init_app(app: Flask) -> None:
+    login_manager.init_app(app)
+    app.register_blueprint(bp)
+
+    @app.before_request
+    def _first_run() -> Response | None:
+        """Until an administrator exists, every page leads to the setup page."""
+        if request.endpoint in {"auth.setup", "static"}:
+            return None
+        if not User.select().exists():
+            return redirect(url_for("auth.setup"))
+        return None
+
+
+def web_policies() -> tuple[throttle.Policy, throttle.Policy]:
+    cfg = current_app.config
+    return (
+        throttle.Policy(cfg["LOGIN_FAILURE_LIMIT"], cfg["LOGIN_BLOCK_SECONDS"]),
+        throttle.Policy(cfg["LOGIN_FAILURE_LIMIT_PER_IP"], cfg["LOGIN_BLOCK_SECONDS"]),
+    )
+
+
+def check_login(email: str, password: str, ip: str) -> tuple[User | None, str | None]:
+    """The user for these credentials, or an error message for a person.
+
+    Failures count per address and per IP; while either is blocked, the answer says when to retry
+    and the password is not even checked.
+    """
+    by_address, by_ip = web_policies()
+    keys = [f"web:addr:{email}", f"web:ip:{ip}"]
+    wait = throttle.retry_after(keys)
+    if wait:
+        return None, f"Too many failed sign-ins. Try again in {throttle.describe_wait(wait)}."
+    user = User.by_email(email)
+    if not verify_password(user.password_hash if user else None, password) or user is None:
+        throttle.failure(keys[0], by_address)
+        throttle.failure(keys[1], by_ip)
+        audit.record("login.failed", ip=ip, target=email)
+        return None, "Invalid email or password."
+    if not user.is_enabled:
+        audit.record("login.disabled", actor=user, ip=ip)
+        return None, "This user is disabled. Ask your administrator."
+    throttle.success(keys[0])
+    return user, None
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Response | str:
+    if current_user.is_authenticated:
+        return redirect(url_for("accounts.index"))
+    form = LoginForm()
+    if form.validate_on_submit():
+        user, error = check_login(form.email.data, form.password.data, request.remote_addr or "")
+        if user is None:
+            flash(error or "Invalid email or password.", "error")
+            return render_template("auth/login.html", form=form), 401
+        login_user(user, remember=form.remember.data)
+        user.last_login_at = utcnow()
+        user.save()
+        audit.record_request("login.succeeded")
+        return redirect(safe_next(request.args.get("next")) or url_for("accounts.index"))
+    return render_template("auth/login.html", form=form)
+
+
+@bp.post("/logout")
+@login_required
+def logout() -> Response:
+    audit.record_request("logout")
+    logout_user()
+    flash("You are signed out.", "info")
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/setup", methods=["GET", "POST"])
+def setup() -> Response | str:
+    """One-time creation of the administrator; gone once a user exists."""
+    if User.select().exists():
+        abort(404)
+    form = SetupForm()
+    if form.validate_on_submit():
+        try:
+            admin = users.create_admin(form.email.data, form.password.data)
+        except users.UserError:
+            abort(404)
+        login_user(admin)
+        audit.record_request("user.setup_admin", target=admin.email)
+        flash("Welcome. Your administrator account is ready.", "success")
+        return redirect(url_for("accounts.index"))
+    return render_template("auth/setup.html", form=form)
+
+
+@bp.route("/invite/<token>", methods=["GET", "POST"])
+def invite(token: str) -> Response | str:
+    found = users.find_invite(token)
+    if found is None:
+        return render_template("auth/invite_invalid.html"), 404
+    form = InviteAcceptForm()
+    if form.validate_on_submit():
+        try:
+            user = users.accept_invite(found, form.password.data)
+        except users.UserError as error:
+            flash(str(error), "error")
+            return render_template("auth/invite_invalid.html"), 409
+        audit.record("user.invite_accepted", actor=user, ip=request.remote_addr or "")
+        login_user(user)
+        flash("Your password is set. Welcome.", "success")
+        return redirect(url_for("accounts.index"))
+    return render_template("auth/invite.html", form=form, email=found.email)

@@ -1,0 +1,81 @@
+"""Command-line tasks: ``flask --app app create-admin | rotate-key | backup``."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import click
+from flask import Flask, current_app
+
+import audit
+import users
+from app import VAULT_KEY_FILE
+from db import database, reencrypt_all, vault
+from models import SECRET_MODELS
+from vault import write_private
+
+
+def init_app(app: Flask) -> None:
+    app.cli.add_command(create_admin)
+    app.cli.add_command(rotate_key)
+    app.cli.add_command(backup)
+
+
+@click.command("create-admin")
+@click.argument("email")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def create_admin(email: str, password_stdin: bool) -> None:
+    """Create the first administrator (the same as the setup page)."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 10:
+        raise click.ClickException("Use a password of at least 10 characters.")
+    with database.connection_context():
+        try:
+            admin = users.create_admin(email, password)
+        except users.UserError as error:
+            raise click.ClickException(str(error)) from None
+        audit.record("user.setup_admin", actor=admin, ip="cli", target=admin.email)
+    click.echo(f"Administrator {admin.email} created.")
+
+
+@click.command("rotate-key")
+def rotate_key() -> None:
+    """Re-encrypt every stored secret under a new key, in one transaction."""
+    path = Path(current_app.instance_path) / VAULT_KEY_FILE
+    old = vault.get()
+    both = old.with_new_key()
+    # The key file first holds old and new keys, so a crash at any point leaves data readable.
+    write_private(path, both.dump())
+    with database.connection_context():
+        moved = reencrypt_all(SECRET_MODELS, both)
+        vault.keyring = both.only_current()
+        write_private(path, vault.keyring.dump())
+        audit.record("vault.key_rotated", ip="cli", detail=f"{moved} values re-encrypted")
+    click.echo(f"Re-encrypted {moved} secrets under key {both.current}.")
+
+
+@click.command("backup")
+@click.argument("destination", type=click.Path(dir_okay=False))
+def backup(destination: str) -> None:
+    """Consistent online copy of the database, safe while the service runs.
+
+    The copy holds secrets only in encrypted form: back up instance/vault.key separately.
+    """
+    url = current_app.config["DATABASE_URL"]
+    if not url.startswith("sqlite:///"):
+        raise click.ClickException("For PostgreSQL use pg_dump (see the README).")
+    source = sqlite3.connect(url.removeprefix("sqlite:///"))
+    target = sqlite3.connect(destination)
+    try:
+        with target:
+            source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    Path(destination).chmod(0o600)
+    click.echo(f"Backup written to {destination}.")

@@ -1,0 +1,234 @@
+"""The tables, and the queries that belong to them (as model methods).
+
+Every secret column is an ``EncryptedField``; a row that holds one is a ``SecretModel`` whose
+``uid`` binds the ciphertext to that row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import peewee as pw
+from flask_login import UserMixin
+
+from db import BaseModel, EncryptedField, SecretModel
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC, the form stored in every DateTimeField."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Meta(BaseModel):
+    """Instance facts kept with the data, such as the schema version."""
+
+    key = pw.CharField(primary_key=True, max_length=64)
+    value = pw.TextField()
+
+
+class Setting(BaseModel):
+    """Settings the admin changes in the UI (defaults come from config)."""
+
+    key = pw.CharField(primary_key=True, max_length=64)
+    value = pw.TextField()
+
+    @classmethod
+    def read(cls, key: str, default: str | None = None) -> str | None:
+        row = cls.get_or_none(cls.key == key)
+        return row.value if row else default
+
+    @classmethod
+    def write(cls, key: str, value: str | None) -> None:
+        if value is None:
+            cls.delete().where(cls.key == key).execute()
+        else:
+            cls.insert(key=key, value=value).on_conflict(
+                conflict_target=[cls.key], update={cls.value: value}
+            ).execute()
+
+
+class User(UserMixin, BaseModel):
+    email = pw.CharField(unique=True, max_length=254)
+    password_hash = pw.CharField(max_length=255)
+    is_admin = pw.BooleanField(default=False)
+    is_enabled = pw.BooleanField(default=True)
+    can_custom_clients = pw.BooleanField(default=False)
+    # Bumped on password change or disable: sessions carrying an older value end.
+    session_version = pw.IntegerField(default=1)
+    created_at = pw.DateTimeField(default=utcnow)
+    last_login_at = pw.DateTimeField(null=True)
+
+    @property
+    def is_active(self) -> bool:  # flask-login
+        return bool(self.is_enabled)
+
+    def get_id(self) -> str:
+        return f"{self.id}:{self.session_version}"
+
+    @property
+    def may_use_custom_clients(self) -> bool:
+        return bool(self.is_admin or self.can_custom_clients)
+
+    @classmethod
+    def by_email(cls, email: str) -> User | None:
+        return cls.get_or_none(cls.email == email.strip().lower())
+
+
+class Invite(BaseModel):
+    """A one-time, expiring link by which someone sets their own password."""
+
+    token_hash = pw.CharField(unique=True, max_length=64)
+    email = pw.CharField(max_length=254)
+    can_custom_clients = pw.BooleanField(default=False)
+    created_by = pw.ForeignKeyField(User, on_delete="CASCADE")
+    created_at = pw.DateTimeField(default=utcnow)
+    expires_at = pw.DateTimeField()
+    used_at = pw.DateTimeField(null=True)
+
+
+class AuditEvent(BaseModel):
+    """Who did what, when, from where. Never holds a secret."""
+
+    at = pw.DateTimeField(default=utcnow, index=True)
+    actor = pw.ForeignKeyField(User, null=True, on_delete="SET NULL", backref="audit_events")
+    actor_email = pw.CharField(max_length=254, default="")
+    ip = pw.CharField(max_length=64, default="")
+    action = pw.CharField(max_length=64)
+    target = pw.CharField(max_length=255, default="")
+    detail = pw.TextField(default="")
+
+
+class Throttle(BaseModel):
+    """Failure counts per key (an address or an IP) shared by web and mail logins."""
+
+    key = pw.CharField(primary_key=True, max_length=320)
+    failures = pw.IntegerField(default=0)
+    last_failure_at = pw.DateTimeField(default=utcnow)
+    blocked_until = pw.DateTimeField(null=True)
+
+
+class OAuthClient(SecretModel):
+    """An app registration (Entra, Google, ...) a user added, or the instance's default one."""
+
+    owner = pw.ForeignKeyField(User, on_delete="CASCADE", backref="clients")
+    name = pw.CharField(max_length=100)
+    provider = pw.CharField(max_length=32)
+    grant = pw.CharField(max_length=32, default="authorization_code")
+    tenant = pw.CharField(max_length=255, default="")
+    authorize_url = pw.CharField(max_length=1000, default="")
+    token_url = pw.CharField(max_length=1000)
+    device_url = pw.CharField(max_length=1000, default="")
+    revocation_url = pw.CharField(max_length=1000, default="")
+    scope = pw.TextField()
+    client_id = pw.CharField(max_length=255)
+    client_secret = EncryptedField(null=True)
+    secret_set_at = pw.DateTimeField(null=True)
+    secret_expires_on = pw.DateField(null=True)
+    shared = pw.BooleanField(default=False)
+    # Mail servers; used by "Other (custom server)", presets bring their own.
+    imap_host = pw.CharField(max_length=255, default="")
+    imap_port = pw.IntegerField(null=True)
+    imap_security = pw.CharField(max_length=10, default="tls")
+    pop3_host = pw.CharField(max_length=255, default="")
+    pop3_port = pw.IntegerField(null=True)
+    pop3_security = pw.CharField(max_length=10, default="tls")
+    smtp_host = pw.CharField(max_length=255, default="")
+    smtp_port = pw.IntegerField(null=True)
+    smtp_security = pw.CharField(max_length=10, default="starttls")
+    sasl_mechanism = pw.CharField(max_length=16, default="XOAUTH2")
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("owner", "name"), True),)
+
+    @classmethod
+    def usable_by(cls, user: User) -> pw.ModelSelect[OAuthClient]:
+        """Clients the user may authorize with: their own (if permitted) and shared ones."""
+        query = cls.select().where(cls.shared == True)  # noqa: E712
+        if user.may_use_custom_clients:
+            query = cls.select().where((cls.owner == user) | (cls.shared == True))  # noqa: E712
+        return query.order_by(cls.name)
+
+    @classmethod
+    def editable_by(cls, user: User) -> pw.ModelSelect[OAuthClient]:
+        """Own clients; the admin also edits shared ones."""
+        if user.is_admin:
+            return cls.select().where((cls.owner == user) | (cls.shared == True))  # noqa: E712
+        return cls.select().where(cls.owner == user)
+
+
+ACCOUNT_STATUSES = ("pending", "active", "needs_reauth", "error", "disabled")
+
+
+class Account(SecretModel):
+    """A linked mailbox: its tokens (encrypted) and the state of its authorization."""
+
+    owner = pw.ForeignKeyField(User, on_delete="CASCADE", backref="accounts")
+    address = pw.CharField(unique=True, max_length=254)
+    provider = pw.CharField(max_length=32)
+    client = pw.ForeignKeyField(OAuthClient, null=True, on_delete="SET NULL", backref="accounts")
+    status = pw.CharField(max_length=16, default="pending")
+    status_detail = pw.TextField(default="")
+    # The identity that signed in, when it differs from the mailbox (shared mailboxes).
+    signed_in_as = pw.CharField(max_length=254, default="")
+    access_token = EncryptedField(null=True)
+    refresh_token = EncryptedField(null=True)
+    token_expires_at = pw.DateTimeField(null=True)
+    # Compare-and-swap counter: one refresh at a time across threads and processes.
+    token_version = pw.IntegerField(default=0)
+    refresh_claimed_until = pw.DateTimeField(null=True)
+    last_refresh_at = pw.DateTimeField(null=True)
+    last_error = pw.TextField(default="")
+    last_used_at = pw.DateTimeField(null=True)
+    last_used_ip = pw.CharField(max_length=64, default="")
+    bytes_relayed = pw.BigIntegerField(default=0)
+    created_at = pw.DateTimeField(default=utcnow)
+
+    @classmethod
+    def owned_by(cls, user: User) -> pw.ModelSelect[Account]:
+        return cls.select().where(cls.owner == user)
+
+
+class MailPassword(BaseModel):
+    """A password a mail client uses for one account (one per device), stored as a hash."""
+
+    account = pw.ForeignKeyField(Account, on_delete="CASCADE", backref="passwords")
+    label = pw.CharField(max_length=100)
+    password_hash = pw.CharField(max_length=255)
+    created_at = pw.DateTimeField(default=utcnow)
+    last_used_at = pw.DateTimeField(null=True)
+    last_used_ip = pw.CharField(max_length=64, default="")
+
+
+class PendingAuthorization(SecretModel):
+    """An authorization in flight (state, PKCE verifier or device code), kept server-side."""
+
+    state = pw.CharField(unique=True, max_length=64)
+    owner = pw.ForeignKeyField(User, on_delete="CASCADE")
+    account = pw.ForeignKeyField(Account, on_delete="CASCADE")
+    client = pw.ForeignKeyField(OAuthClient, on_delete="CASCADE")
+    code_verifier = EncryptedField(null=True)
+    device_code = EncryptedField(null=True)
+    user_code = pw.CharField(max_length=64, default="")
+    verification_uri = pw.CharField(max_length=1000, default="")
+    interval = pw.IntegerField(default=5)
+    created_at = pw.DateTimeField(default=utcnow)
+    expires_at = pw.DateTimeField()
+    consumed_at = pw.DateTimeField(null=True)
+
+
+SECRET_MODELS: list[Any] = [OAuthClient, Account, PendingAuthorization]
+ALL_MODELS: list[Any] = [
+    Meta,
+    Setting,
+    User,
+    Invite,
+    AuditEvent,
+    Throttle,
+    OAuthClient,
+    Account,
+    MailPassword,
+    PendingAuthorization,
+]

@@ -1,0 +1,67 @@
+"""Throttling of failed logins per address and per IP, for web and mail logins alike.
+
+Failures are counted in the database so that several processes share them. After ``limit``
+failures within the window, the key is blocked; each further failure doubles the pause.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from db import database
+from models import Throttle, utcnow
+
+WINDOW = dt.timedelta(minutes=15)
+MAX_BLOCK = dt.timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Policy:
+    limit: int
+    block_seconds: int
+
+
+def retry_after(keys: list[str]) -> int:
+    """Seconds until every key may try again; 0 when none is blocked."""
+    now = utcnow()
+    rows = Throttle.select().where(Throttle.key.in_(keys), Throttle.blocked_until > now)
+    waits = [
+        int((row.blocked_until - now).total_seconds()) + 1 for row in rows if row.blocked_until
+    ]
+    return max(waits, default=0)
+
+
+def failure(key: str, policy: Policy) -> None:
+    """Count a failure for ``key`` and block it once it passes the limit."""
+    now = utcnow()
+    with database.atomic():
+        row = Throttle.get_or_none(Throttle.key == key)
+        if row is None or now - row.last_failure_at > WINDOW:
+            failures = 1
+        else:
+            failures = row.failures + 1
+        blocked_until = None
+        if failures >= policy.limit:
+            pause = dt.timedelta(seconds=policy.block_seconds * 2 ** (failures - policy.limit))
+            blocked_until = now + min(pause, MAX_BLOCK)
+        Throttle.insert(
+            key=key, failures=failures, last_failure_at=now, blocked_until=blocked_until
+        ).on_conflict(
+            conflict_target=[Throttle.key],
+            update={
+                Throttle.failures: failures,
+                Throttle.last_failure_at: now,
+                Throttle.blocked_until: blocked_until,
+            },
+        ).execute()
+
+
+def success(key: str) -> None:
+    Throttle.delete().where(Throttle.key == key).execute()
+
+
+def describe_wait(seconds: int) -> str:
+    if seconds < 90:
+        return f"{seconds} seconds"
+    return f"{(seconds + 59) // 60} minutes"
