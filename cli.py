@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 import audit
 import users
@@ -24,6 +25,7 @@ def init_app(app: Flask) -> None:
 
 
 @click.command("create-admin")
+@with_appcontext
 @click.argument("email")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def create_admin(email: str, password_stdin: bool) -> None:
@@ -44,6 +46,7 @@ def create_admin(email: str, password_stdin: bool) -> None:
 
 
 @click.command("rotate-key")
+@with_appcontext
 def rotate_key() -> None:
     """Re-encrypt every stored secret under a new key, in one transaction."""
     path = Path(current_app.instance_path) / VAULT_KEY_FILE
@@ -60,6 +63,7 @@ def rotate_key() -> None:
 
 
 @click.command("backup")
+@with_appcontext
 @click.argument("destination", type=click.Path(dir_okay=False))
 def backup(destination: str) -> None:
     """Consistent online copy of the database, safe while the service runs.

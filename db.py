@@ -42,7 +42,7 @@ def open_database(url: str) -> pw.Database:
     """A peewee database for ``url`` (sqlite:///path or postgresql://...)."""
     if url.startswith("sqlite"):
         return connect(url, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
-    return connect(url, autorollback=True)
+    return connect(url)
 
 
 class Ciphertext(bytes):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from db import database
+import peewee as pw
+
 from models import Throttle, utcnow
 
 WINDOW = dt.timedelta(minutes=15)
@@ -33,27 +34,21 @@ def retry_after(keys: list[str]) -> int:
 
 
 def failure(key: str, policy: Policy) -> None:
-    """Count a failure for ``key`` and block it once it passes the limit."""
+    """Count a failure for ``key`` (one atomic upsert) and block it once it passes the limit."""
     now = utcnow()
-    with database.atomic():
-        row = Throttle.get_or_none(Throttle.key == key)
-        if row is None or now - row.last_failure_at > WINDOW:
-            failures = 1
-        else:
-            failures = row.failures + 1
-        blocked_until = None
-        if failures >= policy.limit:
-            pause = dt.timedelta(seconds=policy.block_seconds * 2 ** (failures - policy.limit))
-            blocked_until = now + min(pause, MAX_BLOCK)
-        Throttle.insert(
-            key=key, failures=failures, last_failure_at=now, blocked_until=blocked_until
-        ).on_conflict(
-            conflict_target=[Throttle.key],
-            update={
-                Throttle.failures: failures,
-                Throttle.last_failure_at: now,
-                Throttle.blocked_until: blocked_until,
-            },
+    stale = Throttle.last_failure_at < now - WINDOW
+    Throttle.insert(key=key, failures=1, last_failure_at=now).on_conflict(
+        conflict_target=[Throttle.key],
+        update={
+            Throttle.failures: pw.Case(None, [(stale, 1)], Throttle.failures + 1),
+            Throttle.last_failure_at: now,
+        },
+    ).execute()
+    failures = Throttle.select(Throttle.failures).where(Throttle.key == key).scalar() or 0
+    if failures >= policy.limit:
+        pause = dt.timedelta(seconds=policy.block_seconds * 2 ** min(failures - policy.limit, 16))
+        Throttle.update(blocked_until=now + min(pause, MAX_BLOCK)).where(
+            Throttle.key == key
         ).execute()
 
 

@@ -16,7 +16,9 @@ from app import create_app
 from models import User
 
 # The real peers (OAuth server, Dovecot, Postfix, Chromium) and their fixtures.
-pytest_plugins = ["tests.peerbed"] if importlib.util.find_spec("tests.peerbed") else []
+pytest_plugins = ["tests.pgserver"]
+if importlib.util.find_spec("tests.peerbed"):
+    pytest_plugins.append("tests.peerbed")
 
 ADMIN_EMAIL = "admin@example.org"
 ADMIN_PASSWORD = "admin-password-1"
@@ -113,3 +115,30 @@ def admin_client(auth: AuthActions) -> FlaskClient:
     """A client signed in as the administrator (setup done)."""
     auth.setup_admin()
     return auth.client
+
+
+class LiveServer:
+    """The app served over real HTTP on 127.0.0.1 (for Chromium and for HTTP clients)."""
+
+    def __init__(self, app: Flask) -> None:
+        import threading
+
+        from waitress import create_server
+
+        self.app = app
+        self.server = create_server(app, host="127.0.0.1", port=0, threads=8)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        app.config["PUBLIC_URL"] = self.url
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def live_server(app: Flask) -> Iterator[LiveServer]:
+    """``app`` served over HTTP; PUBLIC_URL is set to the address it got."""
+    server = LiveServer(app)
+    yield server
+    server.close()

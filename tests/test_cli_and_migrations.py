@@ -45,3 +45,32 @@ def test_create_admin_refuses_a_short_password(app, runner):
         args=["create-admin", "root@example.org", "--password-stdin"], input="short\n"
     )
     assert result.exit_code != 0 and "at least 10" in result.output
+
+
+def test_backup_restores_into_a_fresh_instance_that_still_decrypts(app, runner, instance, tmp_path):
+    import shutil
+
+    with app.app_context():
+        owner = User.create(email="o@example.org", password_hash="x")
+        client = OAuthClient(
+            owner=owner,
+            name="c",
+            provider="other",
+            token_url="https://t/x",
+            scope="s",
+            client_id="id",
+            client_secret="backup-secret-value",
+        )
+        client.save()
+    copy = tmp_path / "backup.db"
+    result = runner.invoke(args=["backup", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert b"backup-secret-value" not in copy.read_bytes()
+    restored = tmp_path / "restored"
+    restored.mkdir(mode=0o700)
+    shutil.copy(copy, restored / "auth-email.db")
+    shutil.copy(instance / "vault.key", restored / "vault.key")
+    fresh = make_app(restored)
+    with fresh.app_context():
+        assert OAuthClient.get(OAuthClient.name == "c").client_secret == "backup-secret-value"
+        assert User.by_email("o@example.org") is not None
