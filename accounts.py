@@ -1,17 +1,301 @@
-"""The accounts page: the user's linked mailboxes (home after login)."""
+"""The accounts screens: linked mailboxes (home), the authorization page, and one mailbox's page.
+
+Thin views over ``linking``: parse the form, call the function, flash, redirect. Every account
+route looks the account up with the signed-in user as owner; someone else's account is a 404.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, render_template
-from flask_login import current_user, login_required
+from typing import Any
 
-from models import Account
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask_login import current_user, login_required
+from werkzeug.wrappers import Response
+
+import clients
+import linking
+import oauth
+import providers
+from account_forms import AddressForm, AuthorizeForm, MailPasswordForm
+from forms import EmptyForm
+from models import Account, OAuthClient, User
 
 bp = Blueprint("accounts", __name__)
+
+View = Response | str | tuple[str, int]
+
+
+def _user() -> User:
+    return current_user._get_current_object()  # type: ignore[no-any-return]
+
+
+def _ip() -> str:
+    return request.remote_addr or ""
+
+
+def _redirect_uri() -> str:
+    return oauth.redirect_uri(current_app.config["PUBLIC_URL"])
+
+
+def _own(account_id: int) -> Account:
+    account = linking.owned_account(_user(), account_id)
+    if account is None:
+        abort(404)
+    return account
+
+
+def dashboard(user: User) -> dict[str, Any]:
+    """What the home page shows: the accounts, and what needs the user's attention."""
+    accounts = list(Account.owned_by(user).order_by(Account.address))
+    return {
+        "accounts": accounts,
+        "attention": [a for a in accounts if a.status in ("needs_reauth", "error")],
+        "secret_warnings": clients.secret_expiry_warnings(user),
+        "provider_names": dict(providers.choices()),
+    }
+
+
+def authorization_choices(user: User, provider: str) -> dict[str, Any]:
+    """The main button's client (the instance default for the provider) and the custom ones."""
+    return {
+        "default": linking.default_client(provider) if provider else None,
+        "custom": list(OAuthClient.usable_by(user)),
+        "provider_name": dict(providers.choices()).get(provider, ""),
+        "grant_labels": dict(providers.GRANT_LABELS),
+    }
 
 
 @bp.get("/")
 @login_required
 def index() -> str:
-    accounts = Account.owned_by(current_user).order_by(Account.address)
-    return render_template("accounts/index.html", accounts=accounts)
+    return render_template("accounts/index.html", empty=EmptyForm(), **dashboard(_user()))
+
+
+def _authorize_page(form: AuthorizeForm, status: int = 200, error: str = "") -> tuple[str, int]:
+    address = form.address.data or ""
+    provider = form.provider.data or providers.guess_provider(address) or ""
+    form.provider.data = provider
+    return render_template(
+        "accounts/new.html",
+        form=form,
+        error=error,
+        provider=provider,
+        ropc_allowed=_ropc_allowed(),
+        **authorization_choices(_user(), provider),
+    ), status
+
+
+def _ropc_allowed() -> bool:
+    import admin
+
+    return bool(admin.ropc_allowed())
+
+
+@bp.get("/accounts/new")
+@login_required
+def new() -> tuple[str, int]:
+    """The account authorization page for one address (provider guessed, changeable)."""
+    lookup = AddressForm(request.args)
+    form = AuthorizeForm(
+        formdata=None,
+        address=(lookup.address.data or "").strip().lower(),
+        provider=lookup.provider.data or "",
+    )
+    return _authorize_page(form)
+
+
+@bp.post("/accounts/new")
+@login_required
+def authorize_start() -> View:
+    form = AuthorizeForm()
+    if not form.validate_on_submit():
+        return _authorize_page(form, 400)
+    user = _user()
+    provider = form.provider.data or providers.guess_provider(form.address.data) or ""
+    try:
+        client = linking.choose_client(user, provider, form.client.data)
+        if client.grant == providers.PASSWORD and not _ropc_allowed():
+            raise linking.LinkError("The legacy password grant is turned off on this server.")
+        started = linking.start(
+            user,
+            form.address.data,
+            client,
+            _redirect_uri(),
+            ip=_ip(),
+            username=form.username.data or "",
+            password=form.password.data or "",
+        )
+    except linking.LinkError as exc:
+        return _authorize_page(form, 400, exc.message)
+    except oauth.AuthorizationProblem as exc:
+        return _problem(exc, form.address.data)
+    return _after_start(started)
+
+
+def _after_start(started: linking.Started) -> Response:
+    account = started.account
+    if started.url:
+        return redirect(started.url)
+    if started.pending is not None:
+        return redirect(
+            url_for("accounts.device", account_id=account.id, state=started.pending.state)
+        )
+    return _after_link(account, started.done)
+
+
+def _after_link(account: Account, result: linking.Verification | None) -> Response:
+    if result is not None and result.ok:
+        flash(f"{account.address} is linked and its sign-in works. {result.message}", "success")
+    elif result is not None:
+        flash(f"{account.address} was authorized, but signing in failed: {result.message}", "error")
+    return redirect(url_for("accounts.detail", account_id=account.id))
+
+
+def _problem(exc: oauth.AuthorizationProblem, address: str = "") -> tuple[str, int]:
+    return render_template(
+        "accounts/problem.html", problem=exc.explanation, address=address
+    ), exc.status
+
+
+@bp.get("/authorize")
+@login_required
+def callback() -> View:
+    """Where the provider sends the browser back (the redirect URI is exactly this path)."""
+    try:
+        account, result = linking.complete_callback(
+            _user(), request.args.to_dict(), _redirect_uri(), ip=_ip()
+        )
+    except oauth.AuthorizationProblem as exc:
+        return _problem(exc)
+    return _after_link(account, result)
+
+
+@bp.get("/accounts/<int:account_id>/device/<state>")
+@login_required
+def device(account_id: int, state: str) -> View:
+    """The Device Code page: shows the code, and polls each time it reloads itself."""
+    account = _own(account_id)
+    try:
+        result = linking.poll_device(_user(), account, state, ip=_ip())
+    except oauth.AuthorizationProblem as exc:
+        if exc.status == 404:
+            abort(404)
+        return _problem(exc, account.address)
+    if result is not None:
+        return _after_link(account, result)
+    pending = oauth.device_pending(_user(), account, state)
+    page = render_template("accounts/device.html", account=account, pending=pending)
+    response = make_response(page)
+    response.headers["Refresh"] = str(pending.interval if pending else 5)
+    return response
+
+
+def _detail(
+    account: Account, password_form: MailPasswordForm | None = None, shown: str = "", status=200
+) -> tuple[str, int]:
+    return render_template(
+        "accounts/detail.html",
+        account=account,
+        password_form=password_form or MailPasswordForm(),
+        passwords=list(account.passwords.order_by(account.passwords.model.created_at)),
+        shown_password=shown,
+        empty=EmptyForm(),
+        provider_name=dict(providers.choices()).get(account.provider, account.provider),
+        choices=authorization_choices(_user(), account.provider),
+        has_setup="mailsetup.client_setup" in current_app.view_functions,
+    ), status
+
+
+@bp.get("/accounts/<int:account_id>")
+@login_required
+def detail(account_id: int) -> tuple[str, int]:
+    return _detail(_own(account_id))
+
+
+@bp.post("/accounts/<int:account_id>/reauthorize")
+@login_required
+def reauthorize(account_id: int) -> View:
+    account = _own(account_id)
+    form = EmptyForm()
+    if not form.validate_on_submit():
+        abort(400)
+    try:
+        choice = request.form.get("client", "")
+        if choice:
+            client = linking.choose_client(_user(), account.provider, choice)
+            started = linking.start(_user(), account.address, client, _redirect_uri(), ip=_ip())
+        else:
+            started = linking.reauthorize(_user(), account, _redirect_uri(), ip=_ip())
+    except linking.LinkError as exc:
+        flash(exc.message, "error")
+        return redirect(url_for("accounts.detail", account_id=account.id))
+    except oauth.AuthorizationProblem as exc:
+        return _problem(exc, account.address)
+    return _after_start(started)
+
+
+@bp.post("/accounts/<int:account_id>/test")
+@login_required
+def test(account_id: int) -> Response:
+    account = _own(account_id)
+    if not EmptyForm().validate_on_submit():
+        abort(400)
+    result = linking.recheck(_user(), account, ip=_ip())
+    flash(result.message, "success" if result.ok else "error")
+    return redirect(url_for("accounts.detail", account_id=account.id))
+
+
+@bp.post("/accounts/<int:account_id>/unlink")
+@login_required
+def unlink(account_id: int) -> Response:
+    account = _own(account_id)
+    if not EmptyForm().validate_on_submit():
+        abort(400)
+    address = account.address
+    revoked = linking.unlink(_user(), account, ip=_ip())
+    note = " Its authorization was revoked at the provider." if revoked else ""
+    flash(f"{address} is unlinked; its tokens and passwords are deleted.{note}", "success")
+    return redirect(url_for("accounts.index"))
+
+
+@bp.post("/accounts/<int:account_id>/passwords")
+@login_required
+def add_password(account_id: int) -> View:
+    account = _own(account_id)
+    form = MailPasswordForm()
+    if not form.validate_on_submit():
+        return _detail(account, form, status=400)
+    plain = linking.add_password(
+        _user(),
+        account,
+        form.label.data or "",
+        None if form.generate.data else form.password.data,
+        ip=_ip(),
+    )
+    if form.generate.data:
+        # Shown once, in this response only (never stored in plain text, never in a redirect).
+        return _detail(account, MailPasswordForm(formdata=None), shown=plain)
+    flash("The password is saved. Use it with the address in your mail client.", "success")
+    return redirect(url_for("accounts.detail", account_id=account.id))
+
+
+@bp.post("/accounts/<int:account_id>/passwords/<int:password_id>/revoke")
+@login_required
+def revoke_password(account_id: int, password_id: int) -> Response:
+    account = _own(account_id)
+    if not EmptyForm().validate_on_submit():
+        abort(400)
+    if not linking.revoke_password(_user(), account, password_id, ip=_ip()):
+        abort(404)
+    flash("The password is revoked; mail clients using it can no longer sign in.", "success")
+    return redirect(url_for("accounts.detail", account_id=account.id))

@@ -16,6 +16,7 @@ from flask import Flask
 
 import config
 import passwords
+import tokens
 from db import database, has_ciphertext, open_database, vault
 from migrations import migrate
 from models import SECRET_MODELS
@@ -56,7 +57,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         WTF_CSRF_TIME_LIMIT=None,
     )
     passwords.configure(app.config)
-
+    tokens.configure(app.config)
     init_database(app)
 
     import security
@@ -68,14 +69,28 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     import auth
     import cli
     import clients
+    import mailsetup
+    import ops
     import settings
 
     auth.init_app(app)
     app.register_blueprint(accounts.bp)
     app.register_blueprint(settings.bp)
     app.register_blueprint(clients.bp)
+    clients.init_app(app)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(mailsetup.bp)
+    app.register_blueprint(ops.bp)
     cli.init_app(app)
+
+    import mailbackend
+    import upkeep
+
+    # What serve.py runs beside the web UI; nothing starts here.
+    app.extensions["services"] = [
+        mailbackend.MailProxyService,
+        lambda app: upkeep.Upkeep(interval=app.config["UPKEEP_INTERVAL_SECONDS"]),
+    ]
     return app
 
 

@@ -44,6 +44,10 @@ def load_user(user_id: str) -> User | None:
     return user
 
 
+# Pages that work before any user exists: machines poll health, metrics and autoconfig.
+OPEN_BEFORE_SETUP = {"auth.setup", "static", "ops.healthz", "ops.metrics", "mailsetup.autoconfig"}
+
+
 def init_app(app: Flask) -> None:
     login_manager.init_app(app)
     app.register_blueprint(bp)
@@ -51,7 +55,7 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def _first_run() -> Response | None:
         """Until an administrator exists, every page leads to the setup page."""
-        if request.endpoint in {"auth.setup", "static"}:
+        if request.endpoint in OPEN_BEFORE_SETUP:
             return None
         if not User.select().exists():
             return redirect(url_for("auth.setup"))

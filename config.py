@@ -34,6 +34,12 @@ DEFAULTS: dict[str, Any] = {
     "TLS_KEY": "",
     # Extra CA certificates trusted for upstream mail servers and token endpoints.
     "UPSTREAM_CA_FILE": "",
+    # Token endpoint requests: timeout in seconds, attempts on timeouts and 5xx, first backoff.
+    "TOKEN_HTTP_TIMEOUT": 15,
+    "TOKEN_ATTEMPTS": 3,
+    "TOKEN_BACKOFF": 0.5,
+    # How often the serving process refreshes idle accounts (refresh tokens age out unused).
+    "UPKEEP_INTERVAL_SECONDS": 3600,
     # New users may add custom OAuth clients (the admin always may).
     "NEW_USERS_CUSTOM_CLIENTS": False,
     # Legacy Resource Owner Password grant (Microsoft); off unless the admin turns it on.

@@ -85,6 +85,9 @@ def new_uid() -> str:
 
 
 class BaseModel(pw.Model):
+    # peewee adds an ``id`` AutoField to models without another primary key; say so for mypy.
+    id: int
+
     class Meta:
         database = database
         legacy_table_names = False

@@ -1,0 +1,323 @@
+"""What the three protocol sessions share: bounded line reads, the masked write path, idle
+timeouts, the unknown-command budget, upstream connections, the login flow and the relay pump."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from .backend import Endpoint, Grant
+from .metrics import BYTES_RELAYED, LOGINS, UPSTREAM_ERRORS
+
+if TYPE_CHECKING:
+    from .controller import Hub
+
+RELAY_CHUNK = 65536
+UPSTREAM_MAX_LINE = 65536
+
+
+class LineTooLong(Exception):
+    """A line (or the data before its end) exceeded the configured maximum."""
+
+
+class PeerGone(Exception):
+    """The peer closed the connection."""
+
+
+class TLSOnPlainPort(Exception):
+    """The client opened with a TLS handshake on a plain-text listener."""
+
+
+class UpstreamError(Exception):
+    """The upstream server could not be used; message is shown to the user."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason  # metrics label: connect, tls, timeout, protocol, refused
+        self.message = message
+
+
+class LineReader:
+    """Bounded reads of CRLF lines and counted data from a StreamReader.
+
+    It keeps what it read past a line so that the relay can forward it untouched.
+    """
+
+    __slots__ = ("reader", "buf", "max_line", "sniff_tls")
+
+    def __init__(self, reader: asyncio.StreamReader, max_line: int, sniff_tls: bool = False):
+        self.reader = reader
+        self.buf = bytearray()
+        self.max_line = max_line
+        self.sniff_tls = sniff_tls
+
+    async def _fill(self) -> None:
+        chunk = await self.reader.read(RELAY_CHUNK)
+        if not chunk:
+            raise PeerGone()
+        self.buf += chunk
+
+    async def readline(self) -> bytes:
+        """Return the next line including its end of line."""
+        scanned = 0
+        while True:
+            i = self.buf.find(b"\n", scanned)
+            if i >= 0:
+                if i >= self.max_line:
+                    raise LineTooLong()
+                line = bytes(self.buf[: i + 1])
+                del self.buf[: i + 1]
+                return line
+            if len(self.buf) > self.max_line:
+                raise LineTooLong()
+            # A TLS record header (handshake, 0x16 0x03) where a command should be.
+            if self.sniff_tls and self.buf[:2] == b"\x16\x03":
+                raise TLSOnPlainPort()
+            scanned = len(self.buf)
+            await self._fill()
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            await self._fill()
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def take(self) -> bytes:
+        data = bytes(self.buf)
+        self.buf.clear()
+        return data
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def one_line(text: str) -> str:
+    """A message safe to put on one protocol line."""
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split())[:400]
+
+
+def sasl_initial_response(grant: Grant, token: str) -> str:
+    """Base64 XOAUTH2 or OAUTHBEARER initial client response."""
+    if grant.mechanism == "OAUTHBEARER":
+        user = grant.address.replace("=", "=3D").replace(",", "=2C")
+        ep = grant.upstream
+        raw = f"n,a={user},\x01host={ep.host}\x01port={ep.port}\x01auth=Bearer {token}\x01\x01"
+    else:
+        raw = f"user={grant.address}\x01auth=Bearer {token}\x01\x01"
+    return base64.b64encode(raw.encode()).decode("ascii")
+
+
+def decode_challenge(b64: str) -> str:
+    """The JSON error a server sends as a SASL challenge, for logs and token_rejected()."""
+    try:
+        return one_line(base64.b64decode(b64.strip(), validate=False).decode("utf-8", "replace"))
+    except ValueError:
+        return ""
+
+
+class Upstream:
+    """A connection to the real mail server during the login handshake."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        endpoint: Endpoint,
+        timeout: float,
+        log: logging.Logger,
+    ):
+        self.reader = reader
+        self.writer = writer
+        self.lines = LineReader(reader, UPSTREAM_MAX_LINE)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.log = log
+        self._tag = 0
+
+    def next_tag(self) -> str:
+        self._tag += 1
+        return f"P{self._tag}"
+
+    async def send(self, text: str, secret: bool = False) -> None:
+        self.log.debug("U< %s", mask_tail(text) if secret else text)
+        self.writer.write(text.encode() + b"\r\n")
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(
+                "protocol", f"lost the connection to the mail server ({exc})"
+            ) from exc
+
+    async def readline(self) -> str:
+        try:
+            async with asyncio.timeout(self.timeout):
+                raw = await self.lines.readline()
+        except TimeoutError:
+            raise UpstreamError("timeout", "the mail server did not answer in time") from None
+        except (PeerGone, OSError):
+            raise UpstreamError("protocol", "the mail server closed the connection") from None
+        except LineTooLong:
+            raise UpstreamError("protocol", "the mail server sent an overlong line") from None
+        line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        secret = line == "+" or line.startswith("+ ")
+        self.log.debug("U> %s", "+ ****" if secret else line)
+        return line
+
+    async def starttls(self, ctx: ssl.SSLContext) -> None:
+        if self.lines.buf:
+            raise UpstreamError("protocol", "the mail server sent data before TLS started")
+        try:
+            await self.writer.start_tls(
+                ctx, server_hostname=self.endpoint.host, ssl_handshake_timeout=self.timeout
+            )
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise UpstreamError("tls", f"TLS with {self.endpoint.host} failed: {exc}") from exc
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError("tls", f"TLS with {self.endpoint.host} failed: {exc}") from exc
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def mask_tail(text: str) -> str:
+    """Keep a command's leading words, hide its credentials: 'A1 LOGIN ****'."""
+    words = text.split(" ")
+    keep = 0
+    for i, w in enumerate(words[:3]):
+        if w.upper() in SECRET_VERBS:
+            keep = i + 1
+            # keep the mechanism name of AUTH/AUTHENTICATE
+            if w.upper() in ("AUTH", "AUTHENTICATE") and len(words) > i + 1:
+                keep = i + 2
+            break
+    if keep == 0:
+        return "****"
+    shown = " ".join(words[:keep])
+    return shown + " ****" if len(words) > keep else shown
+
+
+SECRET_VERBS = frozenset({"LOGIN", "AUTHENTICATE", "AUTH", "PASS", "USER"})
+
+
+async def connect_upstream(hub: Hub, ep: Endpoint, log: logging.Logger) -> Upstream:
+    """Open a TCP (and for 'tls' a verified TLS) connection to the upstream server."""
+    settings = hub.settings
+    if ep.security == "plain" and not is_loopback(ep.host):
+        raise UpstreamError("tls", f"refusing an unencrypted connection to {ep.host}")
+    ctx = hub.upstream_ssl if ep.security == "tls" else None
+    try:
+        async with asyncio.timeout(settings.upstream_timeout):
+            reader, writer = await asyncio.open_connection(
+                ep.host,
+                ep.port,
+                ssl=ctx,
+                server_hostname=ep.host if ctx else None,
+                limit=RELAY_CHUNK,
+            )
+    except TimeoutError:
+        raise UpstreamError("timeout", f"{ep.host}:{ep.port} did not answer in time") from None
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        raise UpstreamError("tls", f"TLS with {ep.host}:{ep.port} failed: {exc}") from exc
+    except OSError as exc:
+        raise UpstreamError(
+            "connect", f"cannot reach {ep.host}:{ep.port}: {exc.strerror or exc}"
+        ) from exc
+    log.debug("connected to %s:%s (%s)", ep.host, ep.port, ep.security)
+    return Upstream(reader, writer, ep, settings.upstream_timeout, log)
+
+
+def count_login(protocol: str, result: str) -> None:
+    LOGINS.labels(protocol, result).inc()
+
+
+def count_upstream_error(protocol: str, reason: str) -> None:
+    UPSTREAM_ERRORS.labels(protocol, reason).inc()
+
+
+SMALL_TLS_BUFFER = 16 * 1024  # see controller.TLS_READ_BUFFER
+BULK_TLS_BUFFER = 256 * 1024  # asyncio's own default
+
+
+class TLSBuffer:
+    """Grow a TLS connection's read buffer while bulk data flows, shrink it once traffic is small.
+
+    asyncio keeps the size in SSLProtocol.max_size (class attribute, lowered process-wide for
+    idle sessions) and the buffer in _ssl_buffer; without those internals this does nothing.
+    """
+
+    __slots__ = ("proto", "big")
+
+    def __init__(self, transport: asyncio.BaseTransport):
+        proto = getattr(transport, "_ssl_protocol", None)
+        ok = proto is not None and hasattr(proto, "_ssl_buffer") and hasattr(proto, "max_size")
+        self.proto: Any = proto if ok else None
+        self.big = False
+
+    def seen(self, n: int) -> None:
+        proto = self.proto
+        if proto is None:
+            return
+        if n >= SMALL_TLS_BUFFER and not self.big:
+            proto.max_size = BULK_TLS_BUFFER  # get_buffer() grows the buffer on the next read
+            self.big = True
+        elif n < 2048 and self.big:
+            proto.max_size = SMALL_TLS_BUFFER
+            proto._ssl_buffer = bytearray(SMALL_TLS_BUFFER)
+            proto._ssl_buffer_view = memoryview(proto._ssl_buffer)
+            self.big = False
+
+
+async def pump(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    source: asyncio.BaseTransport,
+    counter: list[int],
+    protocol: str,
+    direction: str,
+    idle: float | None,
+) -> None:
+    """Copy bytes until EOF, error or (when idle is set) that many seconds without data."""
+    metric = BYTES_RELAYED.labels(protocol, direction)
+    read = reader.read
+    tls = TLSBuffer(source)
+    try:
+        while True:
+            if idle is None:
+                data = await read(RELAY_CHUNK)
+            else:
+                async with asyncio.timeout(idle):
+                    data = await read(RELAY_CHUNK)
+            if not data:
+                return
+            writer.write(data)
+            n = len(data)
+            counter[0] += n
+            metric.inc(n)
+            tls.seen(n)
+            await writer.drain()
+    except (OSError, TimeoutError):
+        return
+
+
+__all__ = [
+    "LineReader",
+    "LineTooLong",
+    "PeerGone",
+    "TLSOnPlainPort",
+    "Upstream",
+    "UpstreamError",
+    "connect_upstream",
+    "pump",
+]

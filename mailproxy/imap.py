@@ -1,0 +1,295 @@
+"""IMAP4rev1 before login (our own capabilities, STARTTLS, LOGIN, AUTHENTICATE PLAIN) and
+AUTHENTICATE XOAUTH2/OAUTHBEARER to the upstream server before the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+from .backend import Grant, ProxyAuthError
+from .common import (
+    Upstream,
+    UpstreamError,
+    connect_upstream,
+    decode_challenge,
+    sasl_initial_response,
+)
+from .plain import decode_plain
+from .session import Session, one_line
+
+TAG_RE = re.compile(rb"[A-Za-z0-9!#$&',\-./:;<=>?@\[\]^_`|~]{1,64}")
+LITERAL_RE = re.compile(rb"\{(\d{1,10})(\+?)\}")
+CAPS_CODE_RE = re.compile(r"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
+NOT_YET = frozenset(
+    {"SELECT", "EXAMINE", "LIST", "LSUB", "STATUS", "FETCH", "SEARCH", "STORE", "COPY", "UID",
+     "APPEND", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "IDLE", "ENABLE",
+     "CHECK", "CLOSE", "EXPUNGE", "NAMESPACE", "GETQUOTAROOT", "MOVE"}
+)  # fmt: skip
+
+
+class BadSyntax(Exception):
+    pass
+
+
+class LiteralTooLarge(Exception):
+    def __init__(self, synchronizing: bool):
+        self.synchronizing = synchronizing
+
+
+class IMAPSession(Session):
+    protocol = "imap"
+    log = logging.getLogger("mailproxy.imap")
+
+    tag = "*"
+    upstream_caps = ""
+
+    def capabilities(self) -> str:
+        caps = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID", "IDLE", "ENABLE"]
+        if self.can_starttls:
+            caps.append("STARTTLS")
+        caps.append("AUTH=PLAIN" if self.credentials_allowed else "LOGINDISABLED")
+        return " ".join(caps)
+
+    async def greet(self) -> None:
+        await self.push(f"* OK [CAPABILITY {self.capabilities()}] Auth-Email IMAP proxy ready")
+
+    async def say_bye(self, why: str) -> None:
+        await self.push(f"* BYE {why}")
+
+    async def handle_line(self, line: bytes) -> None:
+        self.log_client_line(line)
+        text = line.rstrip(b"\r\n")
+        tag, _, rest = text.partition(b" ")
+        verb, _, rest = rest.partition(b" ")
+        if not TAG_RE.fullmatch(tag) or tag == b"+":
+            await self.push("* BAD Invalid tag or command")
+            await self._spend()
+            return
+        self.tag = tag.decode("ascii")
+        name = verb.decode("ascii", "replace").upper()
+        handler = COMMANDS.get(name)
+        if handler is None:
+            why = "Log in first" if name in NOT_YET else "Unknown command"
+            await self.push(f"{self.tag} BAD {why}")
+            await self._spend()
+            return
+        try:
+            await handler(self, rest)
+        except BadSyntax:
+            await self.push(f"{self.tag} BAD Invalid arguments")
+            await self._spend()
+        except LiteralTooLarge as exc:
+            if exc.synchronizing:
+                await self.push(f"{self.tag} BAD Literal too large")
+            else:  # the client is sending it anyway: the stream is lost
+                await self.push("* BYE Literal too large")
+                self.done = True
+
+    async def _spend(self) -> None:
+        if not await self.unknown():
+            await self.push("* BYE Too many invalid commands")
+            self.done = True
+
+    # ---- argument parsing (atoms, quoted strings, literals) ---------------------------------
+    async def read_args(self, rest: bytes) -> list[bytes]:
+        args: list[bytes] = []
+        pos = 0
+        while True:
+            while pos < len(rest) and rest[pos] == 0x20:
+                pos += 1
+            if pos >= len(rest):
+                return args
+            c = rest[pos]
+            if c == 0x22:  # quoted string
+                out = bytearray()
+                pos += 1
+                while True:
+                    if pos >= len(rest):
+                        raise BadSyntax()
+                    ch = rest[pos]
+                    if ch == 0x5C and pos + 1 < len(rest):
+                        out.append(rest[pos + 1])
+                        pos += 2
+                    elif ch == 0x22:
+                        pos += 1
+                        break
+                    else:
+                        out.append(ch)
+                        pos += 1
+                args.append(bytes(out))
+            elif c == 0x7B:  # literal: must end the line
+                m = LITERAL_RE.fullmatch(rest, pos)
+                if not m:
+                    raise BadSyntax()
+                size, sync = int(m[1]), not m[2]
+                if size > self.settings.max_literal:
+                    raise LiteralTooLarge(sync)
+                if sync:
+                    await self.push("+ Ready for literal data")
+                async with asyncio.timeout(self.settings.idle_timeout_prelogin):
+                    args.append(await self.lines.readexactly(size))
+                rest = (await self.readline()).rstrip(b"\r\n")
+                pos = 0
+            elif c in b"()":
+                args.append(bytes([c]))
+                pos += 1
+            else:
+                end = pos
+                while end < len(rest) and rest[end] not in b" ()":
+                    end += 1
+                args.append(rest[pos:end])
+                pos = end
+
+    # ---- commands ------------------------------------------------------------------------
+    async def imap_CAPABILITY(self, rest: bytes) -> None:
+        await self.push(f"* CAPABILITY {self.capabilities()}")
+        await self.push(f"{self.tag} OK CAPABILITY completed")
+
+    async def imap_NOOP(self, rest: bytes) -> None:
+        await self.push(f"{self.tag} OK NOOP completed")
+
+    async def imap_LOGOUT(self, rest: bytes) -> None:
+        await self.push("* BYE Logging out")
+        await self.push(f"{self.tag} OK LOGOUT completed")
+        self.done = True
+
+    async def imap_ID(self, rest: bytes) -> None:
+        await self.read_args(rest)
+        await self.push('* ID ("name" "Auth-Email")')
+        await self.push(f"{self.tag} OK ID completed")
+
+    async def imap_STARTTLS(self, rest: bytes) -> None:
+        if not self.can_starttls:
+            await self.push(f"{self.tag} BAD STARTTLS not available")
+            return
+        await self.push(f"{self.tag} OK Begin TLS negotiation now")
+        await self.start_tls()
+
+    async def imap_LOGIN(self, rest: bytes) -> None:
+        args = await self.read_args(rest)
+        if len(args) != 2:
+            raise BadSyntax()
+        if not self.credentials_allowed:
+            await self.push(f"{self.tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in")
+            return
+        user, password = (a.decode("utf-8", "replace") for a in args)
+        await self.login(user, password)
+
+    async def imap_AUTHENTICATE(self, rest: bytes) -> None:
+        args = rest.split()
+        if not args or len(args) > 2:
+            raise BadSyntax()
+        if args[0].upper() != b"PLAIN":
+            await self.push(f"{self.tag} NO [CANNOT] Only AUTHENTICATE PLAIN is supported")
+            return
+        if not self.credentials_allowed:
+            await self.push(f"{self.tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in")
+            return
+        if len(args) == 2:
+            response = args[1]
+        else:
+            await self.push("+ ")
+            response = await self.read_secret_line()
+            if response == b"*":
+                await self.push(f"{self.tag} BAD Authentication cancelled")
+                return
+        try:
+            user, password = decode_plain(response)
+        except (ValueError, binascii.Error):
+            await self.push(f"{self.tag} BAD Invalid SASL PLAIN response")
+            return
+        await self.login(user, password)
+
+    # ---- login outcome ---------------------------------------------------------------------
+    async def refuse(self, err: ProxyAuthError) -> None:
+        msg = one_line(err.message)
+        if err.kind == "credentials":
+            line = f"NO [AUTHENTICATIONFAILED] {msg or 'Invalid address or password'}"
+        elif err.kind in ("reauth", "disabled"):
+            line = f"NO [AUTHORIZATIONFAILED] {msg}"
+        elif err.kind == "throttled" and err.retry_after:
+            line = f"NO [UNAVAILABLE] {msg} (retry in {err.retry_after} seconds)"
+        else:
+            line = f"NO [UNAVAILABLE] {msg or 'Temporary failure, try again later'}"
+        await self.push(f"{self.tag} {line}")
+
+    async def accept_login(self, up: Upstream) -> None:
+        await self.push(f"{self.tag} OK [CAPABILITY {self.upstream_caps}] Logged in")
+
+    async def open_upstream(self, grant: Grant) -> Upstream:
+        up = await connect_upstream(self.hub, grant.upstream, self.log)
+        greeting = await up.readline()
+        if not greeting.upper().startswith("* OK"):
+            raise UpstreamError("protocol", f"mail server greeting: {one_line(greeting)}")
+        if grant.upstream.security == "starttls":
+            tag = up.next_tag()
+            await up.send(f"{tag} STARTTLS")
+            status, line, _ = await self._upstream_result(up, tag)
+            if status != "OK":
+                raise UpstreamError("tls", f"mail server refused STARTTLS: {one_line(line)}")
+            await up.starttls(self.hub.upstream_ssl)
+        return up
+
+    async def _upstream_result(self, up: Upstream, tag: str) -> tuple[str, str, list[str]]:
+        """Read to the tagged response: (status, tagged line, untagged lines)."""
+        untagged: list[str] = []
+        while True:
+            line = await up.readline()
+            if line.startswith(tag + " "):
+                status = line[len(tag) + 1 :].split(" ", 1)[0].upper()
+                return status, line, untagged
+            if line.upper().startswith("* BYE"):
+                raise UpstreamError("protocol", f"mail server: {one_line(line[5:])}")
+            untagged.append(line)
+            if len(untagged) > 1000:
+                raise UpstreamError("protocol", "mail server sent too many lines")
+
+    async def upstream_auth(self, up: Upstream, grant: Grant, token: str) -> tuple[bool, str]:
+        tag = up.next_tag()
+        ir = sasl_initial_response(grant, token)
+        await up.send(f"{tag} AUTHENTICATE {grant.mechanism} {ir}", secret=True)
+        detail = ""
+        for _ in range(3):
+            line = await up.readline()
+            if line.startswith("+"):
+                # A failure challenge (base64 JSON): an empty response ends the exchange.
+                detail = decode_challenge(line[1:])
+                await up.send("")
+                continue
+            if line.upper().startswith("* CAPABILITY "):
+                self.upstream_caps = line[13:]
+                continue
+            if line.upper().startswith("* BYE"):
+                raise UpstreamError("protocol", f"mail server: {one_line(line[5:])}")
+            if not line.startswith(tag + " "):
+                continue
+            status = line[len(tag) + 1 :].split(" ", 1)[0].upper()
+            if status == "OK":
+                m = CAPS_CODE_RE.search(line)
+                if m:
+                    self.upstream_caps = m[1]
+                if not self.upstream_caps:
+                    await self._fetch_caps(up)
+                return True, ""
+            if "[UNAVAILABLE]" in line.upper():
+                raise UpstreamError("refused", f"mail server: {one_line(line)}")
+            return False, one_line(f"{line} {detail}")
+        raise UpstreamError("protocol", "mail server did not finish authentication")
+
+    async def _fetch_caps(self, up: Upstream) -> None:
+        tag = up.next_tag()
+        await up.send(f"{tag} CAPABILITY")
+        status, line, untagged = await self._upstream_result(up, tag)
+        for u in untagged:
+            if u.upper().startswith("* CAPABILITY "):
+                self.upstream_caps = u[13:]
+        if not self.upstream_caps:
+            self.upstream_caps = "IMAP4rev1"
+
+
+COMMANDS: dict[str, Callable[..., Awaitable[None]]] = {
+    name[len("imap_") :]: fn for name, fn in vars(IMAPSession).items() if name.startswith("imap_")
+}

@@ -1,0 +1,281 @@
+"""The base class of a client connection: the command loop, the one write path, the login flow
+(password check, token, upstream SASL, one forced refresh) and the relay that follows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, ClassVar
+
+from .backend import Grant, ProxyAuthError
+from .common import (
+    LineReader,
+    LineTooLong,
+    PeerGone,
+    TLSOnPlainPort,
+    Upstream,
+    UpstreamError,
+    count_login,
+    count_upstream_error,
+    is_loopback,
+    mask_tail,
+    one_line,
+    pump,
+)
+
+if TYPE_CHECKING:
+    from .controller import Hub
+
+
+class Session:
+    """One client connection. Subclasses implement the protocol's own words."""
+
+    protocol: ClassVar[str] = ""
+    log: ClassVar[logging.Logger] = logging.getLogger("mailproxy")
+
+    def __init__(
+        self,
+        hub: Hub,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tls: bool,
+    ):
+        self.hub = hub
+        self.settings = hub.settings
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer_ip: str = peer[0] if isinstance(peer, tuple) else "unknown"
+        self.lines = LineReader(reader, self.settings.max_line, sniff_tls=not tls)
+        self.tls = tls
+        self.budget = self.settings.unknown_command_budget
+        self.auth_failures = 0
+        self.done = False
+        self.upstream: Upstream | None = None
+
+    # ---- what subclasses provide -------------------------------------------------------
+    async def greet(self) -> None:
+        raise NotImplementedError
+
+    async def handle_line(self, line: bytes) -> None:
+        raise NotImplementedError
+
+    async def say_bye(self, why: str) -> None:
+        """Tell the client the connection ends (idle timeout, line too long, busy)."""
+        raise NotImplementedError
+
+    async def refuse(self, err: ProxyAuthError) -> None:
+        """Answer a failed login in the protocol's own words."""
+        raise NotImplementedError
+
+    async def open_upstream(self, grant: Grant) -> Upstream:
+        """Connect, read the greeting and start TLS where the endpoint wants it."""
+        raise NotImplementedError
+
+    async def upstream_auth(self, up: Upstream, grant: Grant, token: str) -> tuple[bool, str]:
+        """SASL XOAUTH2/OAUTHBEARER upstream: (accepted, detail of a rejection)."""
+        raise NotImplementedError
+
+    async def accept_login(self, up: Upstream) -> None:
+        """Answer the client's successful login."""
+        raise NotImplementedError
+
+    # ---- the write path ------------------------------------------------------------------
+    async def push(self, text: str, secret: bool = False) -> None:
+        """The one way to write a line to the client; secret lines are masked in the log."""
+        self.log.debug("S: %s", mask_tail(text) if secret else text)
+        self.writer.write(text.encode("utf-8") + b"\r\n")
+        await self.writer.drain()
+
+    def log_client_line(self, line: bytes) -> None:
+        if self.log.isEnabledFor(logging.DEBUG):
+            text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+            words = text.split(" ", 3)
+            if any(w.upper() in ("LOGIN", "AUTHENTICATE", "AUTH", "PASS") for w in words[:2]):
+                text = mask_tail(text)
+            self.log.debug("C: %s", text)
+
+    @property
+    def credentials_allowed(self) -> bool:
+        """Credentials travel only over TLS, or in the clear from loopback if allowed."""
+        return self.tls or (
+            self.settings.allow_plaintext_from_loopback and is_loopback(self.peer_ip)
+        )
+
+    @property
+    def can_starttls(self) -> bool:
+        return not self.tls and self.hub.server_ssl is not None
+
+    async def readline(self) -> bytes:
+        """Next client line, bounded in length and in waiting time."""
+        async with asyncio.timeout(self.settings.idle_timeout_prelogin):
+            return await self.lines.readline()
+
+    async def read_secret_line(self) -> bytes:
+        """A SASL response line: never logged."""
+        line = await self.readline()
+        self.log.debug("C: ****")
+        return line.rstrip(b"\r\n")
+
+    async def unknown(self) -> bool:
+        """Spend one unit of the unknown-command budget; False once it is used up."""
+        self.budget -= 1
+        return self.budget > 0
+
+    async def start_tls(self) -> None:
+        if self.lines.buf:
+            # Plain text pipelined after STARTTLS would be read as if it came over TLS.
+            self.log.info("%s: data after STARTTLS, closing", self.peer_ip)
+            self.done = True
+            return
+        assert self.hub.server_ssl is not None
+        await self.writer.start_tls(
+            self.hub.server_ssl, ssl_handshake_timeout=self.settings.idle_timeout_prelogin
+        )
+        self.tls = True
+        self.lines.sniff_tls = False
+
+    # ---- the connection's life -------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self.greet()
+            while not self.done:
+                line = await self.readline()
+                await self.handle_line(line)
+        except TimeoutError:
+            await self._quietly(self.say_bye("Idle timeout, closing connection"))
+        except LineTooLong:
+            await self._quietly(self.say_bye("Line too long"))
+        except TLSOnPlainPort:
+            self.log.info("%s: TLS handshake on a plain-text port, closing", self.peer_ip)
+        except (PeerGone, OSError):
+            pass
+        finally:
+            if self.upstream is not None:
+                self.upstream.close()
+            self.writer.close()
+
+    async def _quietly(self, coro: Awaitable[None]) -> None:
+        try:
+            async with asyncio.timeout(5):
+                await coro
+        except (OSError, TimeoutError):
+            pass
+
+    async def login(self, address: str, password: str) -> None:
+        """Check the password, log in upstream with a token, answer the client, then relay."""
+        backend = self.hub.backend
+        try:
+            grant = await asyncio.to_thread(
+                backend.authenticate, self.protocol, address, password, self.peer_ip
+            )
+        except ProxyAuthError as err:
+            await self._refused(address, err)
+            return
+        except Exception:
+            self.log.exception("backend.authenticate failed")
+            internal = ProxyAuthError("unavailable", "Internal error, try again later")
+            await self._refused(address, internal)
+            return
+        try:
+            up = await self._upstream_login(grant)
+        except ProxyAuthError as err:
+            await self._refused(address, err)
+            return
+        except UpstreamError as exc:
+            count_upstream_error(self.protocol, exc.reason)
+            self.log.warning("upstream for %s unavailable: %s", address, exc.message)
+            await self._refused(address, ProxyAuthError("unavailable", exc.message))
+            return
+        count_login(self.protocol, "ok")
+        self.log.info("login %s from %s", grant.address, self.peer_ip)
+        await self.accept_login(up)
+        await self._relay(grant, up)
+
+    async def _refused(self, address: str, err: ProxyAuthError) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        count_login(self.protocol, err.kind)
+        self.log.info("login refused for %r from %s: %s", address, self.peer_ip, err.kind)
+        self.auth_failures += 1
+        await self.refuse(err)
+        if self.auth_failures >= self.settings.max_auth_failures:
+            await self.say_bye("Too many failed logins")
+            self.done = True
+
+    async def _upstream_login(self, grant: Grant) -> Upstream:
+        backend = self.hub.backend
+        # The token (often an HTTP call) is fetched while the upstream connection is made.
+        fetch = asyncio.ensure_future(asyncio.to_thread(backend.access_token, grant.account_id))
+        fetch.add_done_callback(_consume)
+        try:
+            self.upstream = up = await self.open_upstream(grant)
+        except BaseException:
+            fetch.cancel()
+            raise
+        token = await fetch
+        ok, detail = await self.upstream_auth(up, grant, token)
+        if ok:
+            return up
+        self.log.info("upstream rejected the token of %s, refreshing: %s", grant.address, detail)
+        up.close()
+        token = await asyncio.to_thread(backend.access_token, grant.account_id, True)
+        self.upstream = up = await self.open_upstream(grant)
+        ok, detail = await self.upstream_auth(up, grant, token)
+        if ok:
+            return up
+        count_upstream_error(self.protocol, "token_rejected")
+        self.log.warning("upstream rejected a fresh token of %s: %s", grant.address, detail)
+        await asyncio.to_thread(backend.token_rejected, grant.account_id, detail)
+        raise ProxyAuthError("reauth", self.settings.reauth_message)
+
+    async def _relay(self, grant: Grant, up: Upstream) -> None:
+        backend, proto = self.hub.backend, self.protocol
+        self.upstream = None  # the relay owns it now
+        self.done = True
+        try:
+            await asyncio.to_thread(backend.session_opened, grant.account_id, proto, self.peer_ip)
+        except Exception:
+            self.log.exception("backend.session_opened failed")
+        into, out = [0], [0]
+        try:
+            # Bytes read past the login on either side go first.
+            early = self.lines.take()
+            if early:
+                up.writer.write(early)
+                into[0] += len(early)
+            early = up.lines.take()
+            if early:
+                self.writer.write(early)
+                out[0] += len(early)
+            down_pump = pump(up.reader, self.writer, up.writer.transport, out, proto, "out", None)
+            down = asyncio.create_task(down_pump, name="relay-down")
+            idle = self.settings.idle_timeout
+            up_pump = pump(self.reader, up.writer, self.writer.transport, into, proto, "in", idle)
+            up_task = asyncio.ensure_future(up_pump)
+            try:
+                await asyncio.wait({down, up_task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (down, up_task):
+                    t.cancel()
+                up.close()
+                self.writer.close()
+        finally:
+            self.log.info("session of %s ended: %d bytes in, %d out", grant.address, *into, *out)
+            try:
+                await asyncio.to_thread(
+                    backend.session_closed, grant.account_id, proto, into[0], out[0]
+                )
+            except Exception:
+                self.log.exception("backend.session_closed failed")
+
+
+def _consume(task: asyncio.Future[str]) -> None:
+    """Mark a background result as seen, so an abandoned failure is not reported as an error."""
+    if not task.cancelled():
+        task.exception()
+
+
+__all__ = ["Session", "one_line"]

@@ -1,0 +1,79 @@
+"""The proxy's own certificate: a generated self-signed pair when none is configured."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def ensure_self_signed(cert_path: str, key_path: str, hostnames: list[str]) -> None:
+    """Write a self-signed certificate and its key (mode 0600) unless both already exist."""
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return
+    names = [h for h in dict.fromkeys(hostnames) if h] or ["localhost"]
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    for path in (cert_path, key_path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    os.chmod(key_path, 0o600)
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def fingerprint_sha256(cert_path: str) -> str:
+    """SHA-256 fingerprint of a PEM certificate as colon-separated upper-case hex."""
+    with open(cert_path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    """TLS context for the proxy's listeners (TLS 1.2+)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+def upstream_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verifying client context: the system CAs plus the configured extra ones."""
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    return ctx

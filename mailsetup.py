@@ -1,0 +1,185 @@
+"""Everything a mail client needs to find the proxy: the per-account setup page, Thunderbird
+autoconfig, and Apple configuration profiles. None of it ever contains a password."""
+
+from __future__ import annotations
+
+import plistlib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from flask import Blueprint, Flask, Response, abort, current_app, render_template, request
+from flask_login import current_user, login_required
+
+from config import mail_host
+from mailproxy import ensure_self_signed, fingerprint_sha256
+from mailproxy.settings import parse_hostport
+from models import Account
+
+bp = Blueprint("mailsetup", __name__)
+
+
+@dataclass(frozen=True)
+class Server:
+    protocol: str  # imap | pop3 | smtp
+    host: str
+    port: int
+    security: str  # "SSL/TLS" | "STARTTLS"
+
+    @property
+    def socket_type(self) -> str:
+        """Thunderbird's name for the security."""
+        return "SSL" if self.security == "SSL/TLS" else "STARTTLS"
+
+
+# listener setting -> (protocol, security); implicit TLS first, as clients should prefer it
+LISTENERS = (
+    ("IMAPS_LISTEN", "imap", "SSL/TLS"),
+    ("IMAP_LISTEN", "imap", "STARTTLS"),
+    ("POP3S_LISTEN", "pop3", "SSL/TLS"),
+    ("POP3_LISTEN", "pop3", "STARTTLS"),
+    ("SMTPS_LISTEN", "smtp", "SSL/TLS"),
+    ("SUBMISSION_LISTEN", "smtp", "STARTTLS"),
+)
+
+
+def servers(config: Any) -> list[Server]:
+    """The proxy's enabled listeners as mail clients should see them."""
+    host = mail_host(config)
+    found = []
+    for setting, protocol, security in LISTENERS:
+        if config.get(setting):
+            _, port = parse_hostport(config[setting])
+            found.append(Server(protocol, host, port, security))
+    return found
+
+
+def tls_files(app: Flask) -> tuple[str, str, bool]:
+    """Certificate and key of the mail listeners, and whether they are self-signed (generated)."""
+    cert, key = app.config["TLS_CERT"], app.config["TLS_KEY"]
+    if cert and key:
+        return cert, key, False
+    tls_dir = Path(app.instance_path) / "tls"
+    tls_dir.mkdir(mode=0o700, exist_ok=True)
+    cert, key = str(tls_dir / "cert.pem"), str(tls_dir / "key.pem")
+    ensure_self_signed(cert, key, [mail_host(app.config), "localhost", "127.0.0.1"])
+    return cert, key, True
+
+
+def self_signed_fingerprint() -> str | None:
+    cert, _, generated = tls_files(current_app._get_current_object())  # type: ignore[attr-defined]
+    return fingerprint_sha256(cert) if generated else None
+
+
+def _own_account(account_id: int) -> Account:
+    account = Account.get_or_none((Account.id == account_id) & (Account.owner == current_user.id))
+    if account is None:
+        abort(404)
+    return account
+
+
+@bp.get("/accounts/<int:account_id>/mail-client")
+@login_required
+def client_setup(account_id: int) -> str:
+    account = _own_account(account_id)
+    return render_template(
+        "mailsetup/client.html",
+        account=account,
+        servers=servers(current_app.config),
+        fingerprint=self_signed_fingerprint(),
+    )
+
+
+@bp.get("/accounts/<int:account_id>/auth-email.mobileconfig")
+@login_required
+def mobileconfig(account_id: int) -> Response:
+    account = _own_account(account_id)
+    body = apple_profile(
+        account.address, servers(current_app.config), mail_host(current_app.config)
+    )
+    filename = f"{account.address.replace('@', '_at_')}.mobileconfig"
+    return Response(
+        body,
+        mimetype="application/x-apple-aspen-config",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def apple_profile(address: str, found: list[Server], host: str) -> bytes:
+    """A com.apple.mail.managed profile; the device asks for the password on install."""
+    imap = next((s for s in found if s.protocol == "imap"), None)
+    smtp = next((s for s in found if s.protocol == "smtp"), None)
+    if imap is None or smtp is None:
+        abort(404)
+    identifier = f"auth-email.{host}.{address}"
+    payload = {
+        "PayloadType": "com.apple.mail.managed",
+        "PayloadVersion": 1,
+        "PayloadIdentifier": identifier + ".mail",
+        "PayloadUUID": str(uuid.uuid5(uuid.NAMESPACE_URL, identifier + ".mail")).upper(),
+        "PayloadDisplayName": f"Mail ({address})",
+        "EmailAccountDescription": address,
+        "EmailAccountType": "EmailTypeIMAP",
+        "EmailAddress": address,
+        "IncomingMailServerAuthentication": "EmailAuthPassword",
+        "IncomingMailServerHostName": imap.host,
+        "IncomingMailServerPortNumber": imap.port,
+        "IncomingMailServerUseSSL": imap.security == "SSL/TLS",
+        "IncomingMailServerUsername": address,
+        "OutgoingMailServerAuthentication": "EmailAuthPassword",
+        "OutgoingMailServerHostName": smtp.host,
+        "OutgoingMailServerPortNumber": smtp.port,
+        "OutgoingMailServerUseSSL": smtp.security == "SSL/TLS",
+        "OutgoingMailServerUsername": address,
+        "OutgoingPasswordSameAsIncomingPassword": True,
+    }
+    profile = {
+        "PayloadType": "Configuration",
+        "PayloadVersion": 1,
+        "PayloadIdentifier": identifier,
+        "PayloadUUID": str(uuid.uuid5(uuid.NAMESPACE_URL, identifier)).upper(),
+        "PayloadDisplayName": f"Auth-Email: {address}",
+        "PayloadDescription": "Mail settings for Auth-Email. You will be asked for the password.",
+        "PayloadOrganization": host,
+        "PayloadContent": [payload],
+    }
+    return plistlib.dumps(profile)
+
+
+@bp.get("/.well-known/autoconfig/mail/config-v1.1.xml")
+@bp.get("/mail/config-v1.1.xml")
+def autoconfig() -> Response:
+    """Thunderbird autoconfig. The same generic settings for every address: it reveals nothing
+    about who has an account here."""
+    address = request.args.get("emailaddress", "")
+    domain = address.rpartition("@")[2] if "@" in address else mail_host(current_app.config)
+    return Response(
+        autoconfig_xml(domain, servers(current_app.config), mail_host(current_app.config)),
+        mimetype="application/xml",
+    )
+
+
+def autoconfig_xml(domain: str, found: list[Server], host: str) -> str:
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<clientConfig version="1.1">',
+        f"  <emailProvider id={quoteattr(domain)}>",
+        f"    <domain>{escape(domain)}</domain>",
+        f"    <displayName>{escape(host)} (Auth-Email)</displayName>",
+        f"    <displayShortName>{escape(host)}</displayShortName>",
+    ]
+    for server in found:
+        tag = "outgoingServer" if server.protocol == "smtp" else "incomingServer"
+        lines += [
+            f'    <{tag} type="{server.protocol}">',
+            f"      <hostname>{escape(server.host)}</hostname>",
+            f"      <port>{server.port}</port>",
+            f"      <socketType>{server.socket_type}</socketType>",
+            "      <username>%EMAILADDRESS%</username>",
+            "      <authentication>password-cleartext</authentication>",
+            f"    </{tag}>",
+        ]
+    lines += ["  </emailProvider>", "</clientConfig>", ""]
+    return "\n".join(lines)

@@ -1,0 +1,290 @@
+"""The browser side of OAuth: authorize URLs, pending authorizations, and errors in plain words.
+
+An Authlib session is built per authorization from the chosen ``OAuthClient`` (never kept in a
+global registry). The ``state`` and the PKCE verifier live server-side in
+``PendingAuthorization`` rows: one-time, expiring, owned by the user who started them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+from dataclasses import dataclass
+
+from authlib.common.security import generate_token
+
+import providers
+import tokens
+from models import Account, OAuthClient, PendingAuthorization, User, utcnow
+
+PENDING_LIFETIME = dt.timedelta(minutes=15)
+CALLBACK_PATH = "/authorize"
+
+
+def redirect_uri(public_url: str) -> str:
+    """The one redirect URI: exactly ``<public URL>/authorize``."""
+    return public_url.rstrip("/") + CALLBACK_PATH
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What went wrong, why, and what to do about it."""
+
+    title: str
+    cause: str
+    fix: str
+    code: str = ""
+    detail: str = ""  # the provider's own words
+
+
+class AuthorizationProblem(Exception):
+    """An authorization that cannot go on; carries the explanation shown to the user."""
+
+    def __init__(self, explanation: Explanation, status: int = 400) -> None:
+        super().__init__(explanation.title)
+        self.explanation = explanation
+        self.status = status
+
+
+def begin(user: User, account: Account, client: OAuthClient, redirect: str) -> str:
+    """Record a pending authorization and return the provider's authorize URL (PKCE S256)."""
+    if not client.authorize_url:
+        raise AuthorizationProblem(
+            Explanation(
+                "This client cannot sign you in with a browser",
+                "The client has no authorization (permission) URL.",
+                "Edit the client and fill in its authorization URL, or choose another client.",
+            )
+        )
+    tokens.check_endpoint(client.authorize_url)
+    verifier = generate_token(64)
+    state = secrets.token_urlsafe(32)
+    PendingAuthorization.create(
+        state=state,
+        owner=user,
+        account=account,
+        client=client,
+        code_verifier=verifier,
+        expires_at=utcnow() + PENDING_LIFETIME,
+    )
+    session = tokens.session_for(client, redirect_uri=redirect)
+    params = {"login_hint": account.address, **providers.extra_authorize_params(client)}
+    url, _ = session.create_authorization_url(
+        client.authorize_url, state=state, code_verifier=verifier, **params
+    )
+    return str(url)
+
+
+def begin_device(
+    user: User, account: Account, client: OAuthClient, start: tokens.DeviceStart
+) -> PendingAuthorization:
+    """Record a Device Code flow in progress (the device code is stored encrypted)."""
+    pending = PendingAuthorization(
+        state=secrets.token_urlsafe(32),
+        owner=user,
+        account=account,
+        client=client,
+        device_code=start.device_code,
+        user_code=start.user_code,
+        verification_uri=start.verification_uri_complete or start.verification_uri,
+        interval=max(start.interval, 1),
+        expires_at=utcnow() + dt.timedelta(seconds=start.expires_in),
+    )
+    pending.save(force_insert=True)
+    return pending
+
+
+NO_PENDING = Explanation(
+    "No authorization is waiting for this answer",
+    "The provider sent you back here, but this browser session started no authorization that "
+    "matches it: the link was altered, belongs to someone else, or was already used.",
+    "Go to Accounts and start the authorization again.",
+    code="no_pending_authorization",
+)
+REPLAYED = Explanation(
+    "This authorization was already used",
+    "The answer from the provider has been used once already; each one works only once.",
+    "Go to Accounts and start the authorization again.",
+    code="replayed",
+)
+EXPIRED = Explanation(
+    "This authorization took too long",
+    "The authorization was started too long ago and has expired.",
+    "Go to Accounts and start the authorization again.",
+    code="expired",
+)
+
+
+def take_pending(user: User, state: str | None) -> PendingAuthorization:
+    """The user's pending authorization for ``state``, marked used (once only)."""
+    pending = None
+    if state and len(state) <= 64:
+        pending = PendingAuthorization.get_or_none(
+            (PendingAuthorization.state == state)
+            & (PendingAuthorization.owner == user)
+            & PendingAuthorization.device_code.is_null()
+        )
+    if pending is None:
+        raise AuthorizationProblem(NO_PENDING)
+    if pending.consumed_at is not None:
+        raise AuthorizationProblem(REPLAYED)
+    if pending.expires_at < utcnow():
+        raise AuthorizationProblem(EXPIRED)
+    used = (
+        PendingAuthorization.update(consumed_at=utcnow())
+        .where((PendingAuthorization.id == pending.id) & PendingAuthorization.consumed_at.is_null())
+        .execute()
+    )
+    if not used:
+        raise AuthorizationProblem(REPLAYED)
+    return pending
+
+
+def device_pending(user: User, account: Account, state: str) -> PendingAuthorization | None:
+    return PendingAuthorization.get_or_none(
+        (PendingAuthorization.state == state)
+        & (PendingAuthorization.owner == user)
+        & (PendingAuthorization.account == account)
+        & PendingAuthorization.device_code.is_null(False)
+    )
+
+
+def forget_expired(now: dt.datetime | None = None) -> int:
+    """Delete pending authorizations that expired a day ago (housekeeping)."""
+    cutoff = (now or utcnow()) - dt.timedelta(days=1)
+    return int(
+        PendingAuthorization.delete().where(PendingAuthorization.expires_at < cutoff).execute()
+    )
+
+
+# ---------------------------------------------------------------------------------- errors
+
+_AADSTS = re.compile(r"AADSTS(\d+)")
+
+
+def explain(error: str, description: str = "", redirect: str = "") -> Explanation:
+    """The provider's error (``error`` and its description) as a cause and a fix."""
+    error = (error or "").strip()
+    description = (description or "").strip()[:1000]
+    found = _AADSTS.search(description) or _AADSTS.search(error)
+    key = f"AADSTS{found.group(1)}" if found else error
+    title, cause, fix = _MESSAGES.get(key) or _MESSAGES.get(error) or _UNKNOWN
+    fix = fix.replace("{redirect_uri}", redirect or "<public URL>/authorize")
+    return Explanation(title, cause, fix, code=key or "unknown", detail=description)
+
+
+_UNKNOWN = (
+    "The provider refused the authorization",
+    "The provider gave an error this page does not know.",
+    "Read the provider's message below, check the client's settings, and try again; "
+    "if it happens again, ask your administrator.",
+)
+
+_MESSAGES: dict[str, tuple[str, str, str]] = {
+    "access_denied": (
+        "The authorization was declined",
+        "You (or a policy of your organization) declined the access this app asked for.",
+        "Start again and accept on the provider's consent page. If your organization does "
+        "not let users consent to apps, an administrator must grant consent first.",
+    ),
+    "AADSTS50011": (
+        "The redirect URI is not registered for this app",
+        "The app registration does not list this server's redirect URI.",
+        "In the Entra admin center, open App registrations → the app → Authentication, add "
+        "a Web platform redirect URI of exactly {redirect_uri} and save; then try again.",
+    ),
+    "AADSTS7000215": (
+        "The client secret is wrong",
+        "The provider did not accept the client secret. Usually the secret's ID was entered "
+        "instead of its Value.",
+        "In App registrations → the app → Certificates & secrets, copy the secret's Value "
+        "(shown only right after creating it; create a new one if needed) into the client's "
+        "settings here.",
+    ),
+    "AADSTS7000222": (
+        "The client secret has expired",
+        "The app registration's client secret is past its expiry date.",
+        "Create a new client secret under Certificates & secrets and enter its Value in the "
+        "client's settings here.",
+    ),
+    "AADSTS65001": (
+        "Consent for this app is missing",
+        "Nobody has consented to the permissions this app asks for in your organization.",
+        "Ask an administrator to open the app's API permissions and choose \u201cGrant "
+        "admin consent\u201d, then try again.",
+    ),
+    "AADSTS700016": (
+        "The app is not known in this directory",
+        "No application with this client ID exists in the tenant you signed in to.",
+        "Check the client ID and tenant in the client's settings; an app from another "
+        "organization must be multi-tenant and consented to in yours.",
+    ),
+    "AADSTS50194": (
+        "This single-tenant app cannot use the common endpoint",
+        "The app is registered for one organization only, but was used with 'common'.",
+        "Enter the Directory (tenant) ID in the client's settings, or make the app "
+        "multi-tenant in its registration.",
+    ),
+    "AADSTS50076": (
+        "Multi-factor authentication is required",
+        "Your organization requires MFA, which the password grant cannot do.",
+        "Use Authorization Code or Device Code instead.",
+    ),
+    "invalid_client": (
+        "The client ID or secret was not accepted",
+        "The provider does not recognise this client, or its secret is wrong or expired.",
+        "Check the client ID and secret (the secret's Value) in the client's settings.",
+    ),
+    "unauthorized_client": (
+        "This client may not use this kind of authorization",
+        "The app registration does not allow the requested grant or platform.",
+        "Enable the grant in the app registration, or choose a client that has it.",
+    ),
+    "invalid_scope": (
+        "The requested permissions are not valid",
+        "The provider does not know or allow the scopes the client asks for.",
+        "Check the client's scope setting against the provider's documentation.",
+    ),
+    "invalid_grant": (
+        "The authorization is no longer valid",
+        "The provider refused the code or token: it expired, was already used, or the grant "
+        "was revoked (for example after a password change).",
+        "Start the authorization again.",
+    ),
+    "invalid_request": (
+        "The provider rejected the request",
+        "The provider found the authorization request malformed.",
+        "Check the client's settings (URLs and scope) and try again.",
+    ),
+    "server_error": (
+        "The provider had a problem",
+        "The provider failed while handling the authorization.",
+        "Wait a moment and try again.",
+    ),
+    "temporarily_unavailable": (
+        "The provider is busy",
+        "The provider is temporarily unable to handle the authorization.",
+        "Wait a moment and try again.",
+    ),
+    "expired_token": (
+        "The code expired",
+        "The device code expired before the sign-in was finished.",
+        "Start again and finish signing in within the time shown.",
+    ),
+    "no_refresh_token": (
+        "The provider gave no refresh token",
+        "Without a refresh token the mailbox would stop working within the hour.",
+        "Make sure the client's scope asks for offline access (offline_access for Microsoft; "
+        "Google clients need access_type=offline and consent), then try again.",
+    ),
+}
+
+CLIENT_CREDENTIALS_HELP = (
+    "For Exchange Online, an app using Client Credentials needs: the Office 365 Exchange Online "
+    "application permissions IMAP.AccessAsApp / POP.AccessAsApp (and SMTP.SendAsApp) with admin "
+    "consent; its service principal registered in Exchange Online (New-ServicePrincipal -AppId "
+    "<client ID> -ObjectId <enterprise app object ID>); and rights on the mailbox "
+    "(Add-MailboxPermission -Identity <mailbox> -User <service principal ID> -AccessRights "
+    "FullAccess)."
+)

@@ -1,0 +1,355 @@
+"""Provider presets: endpoints, scopes and mail servers per provider, kept as data.
+
+Everything the code needs to know about Microsoft, Google, Fastmail ... lives in ``PRESETS``; the
+functions below read it, so adding a provider is adding a ``Preset``, not another branch.
+Microsoft URLs are templates with ``{tenant}``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from mailproxy.backend import Endpoint
+
+if TYPE_CHECKING:
+    from models import OAuthClient
+
+AUTHORIZATION_CODE = "authorization_code"
+CLIENT_CREDENTIALS = "client_credentials"
+DEVICE_CODE = "device_code"
+PASSWORD = "password"  # the legacy Resource Owner Password grant
+
+GRANT_LABELS = MappingProxyType(
+    {
+        AUTHORIZATION_CODE: "Authorization Code",
+        CLIENT_CREDENTIALS: "Client Credentials",
+        DEVICE_CODE: "Device Code",
+        PASSWORD: "Resource Owner Password (legacy)",
+    }
+)
+SECURITY_LABELS = MappingProxyType({"tls": "TLS", "starttls": "STARTTLS", "plain": "Plain"})
+MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+URL_FIELDS = ("authorize_url", "token_url", "device_url")
+DEFAULT_FIELDS = (*URL_FIELDS, "scope")
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class GrantDefaults:
+    """The prefilled *Permission URL*, *Token URL*, device URL and *OAuth scope* of one grant."""
+
+    token_url: str
+    scope: str
+    authorize_url: str = ""
+    device_url: str = ""
+
+
+@dataclass(frozen=True)
+class Preset:
+    key: str
+    name: str
+    # Grant key -> defaults; the keys are the grants the provider allows.
+    grants: MappingProxyType[str, GrantDefaults]
+    imap: Endpoint | None = None
+    pop3: Endpoint | None = None
+    smtp: Endpoint | None = None
+    sasl_mechanism: str = "XOAUTH2"
+    authorize_params: MappingProxyType[str, str] = field(default_factory=lambda: _frozen({}))
+    revocation_url: str = ""
+    # The provider no longer accepts new app registrations (existing client IDs still work).
+    registrations_closed: bool = False
+    # Shows the *Directory (tenant) ID* field; ``default_tenant`` fills ``{tenant}`` otherwise.
+    has_tenant: bool = False
+    default_tenant: str = ""
+    domains: tuple[str, ...] = ()
+    # A short note shown in the editor.
+    note: str = ""
+
+    @property
+    def is_custom(self) -> bool:
+        """'Other': every URL and mail server is typed by hand."""
+        return self.key == OTHER
+
+    @property
+    def is_microsoft(self) -> bool:
+        return any("{tenant}" in d.token_url for d in self.grants.values())
+
+
+def _frozen(mapping: dict[str, Any]) -> MappingProxyType[str, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+def _microsoft(login: str, resource: str) -> MappingProxyType[str, GrantDefaults]:
+    """Entra endpoints of one cloud (global or 21Vianet); ``resource`` is its Exchange host."""
+    base = f"https://{login}/{{tenant}}/oauth2/v2.0"
+    delegated = (
+        f"https://{resource}/IMAP.AccessAsUser.All https://{resource}/POP.AccessAsUser.All "
+        f"https://{resource}/SMTP.Send offline_access"
+    )
+    return _frozen(
+        {
+            AUTHORIZATION_CODE: GrantDefaults(
+                authorize_url=f"{base}/authorize", token_url=f"{base}/token", scope=delegated
+            ),
+            CLIENT_CREDENTIALS: GrantDefaults(
+                token_url=f"{base}/token", scope=f"https://{_app_resource(resource)}/.default"
+            ),
+            DEVICE_CODE: GrantDefaults(
+                device_url=f"{base}/devicecode", token_url=f"{base}/token", scope=delegated
+            ),
+            PASSWORD: GrantDefaults(token_url=f"{base}/token", scope=delegated),
+        }
+    )
+
+
+def _app_resource(resource: str) -> str:
+    # Application permissions are requested against the Exchange Online resource itself.
+    return "outlook.office365.com" if resource == "outlook.office.com" else resource
+
+
+def _servers(imap: str, pop3: str, smtp: str, smtp_port: int = 587) -> dict[str, Endpoint]:
+    return {
+        "imap": Endpoint(imap, 993, "tls"),
+        "pop3": Endpoint(pop3, 995, "tls"),
+        "smtp": Endpoint(smtp, smtp_port, "starttls" if smtp_port == 587 else "tls"),
+    }
+
+
+_MS_GLOBAL = _microsoft("login.microsoftonline.com", "outlook.office.com")
+_MS_CHINA = _microsoft("login.chinacloudapi.cn", "partner.outlook.cn")
+
+PRESETS: MappingProxyType[str, Preset] = _frozen(
+    {
+        "microsoft365": Preset(
+            key="microsoft365",
+            name="Microsoft 365 / Entra ID",
+            grants=_MS_GLOBAL,
+            **_servers("outlook.office365.com", "outlook.office365.com", "smtp.office365.com"),
+            has_tenant=True,
+            default_tenant="organizations",
+        ),
+        "outlook": Preset(
+            key="outlook",
+            name="Outlook.com (personal Microsoft accounts)",
+            grants=_frozen(
+                {g: _MS_GLOBAL[g] for g in (AUTHORIZATION_CODE, DEVICE_CODE)},
+            ),
+            **_servers("outlook.office365.com", "outlook.office365.com", "smtp-mail.outlook.com"),
+            default_tenant="consumers",
+            domains=("outlook.com", "hotmail.com", "live.com", "msn.com"),
+        ),
+        "google": Preset(
+            key="google",
+            name="Google (Gmail, Google Workspace)",
+            grants=_frozen(
+                {
+                    AUTHORIZATION_CODE: GrantDefaults(
+                        authorize_url="https://accounts.google.com/o/oauth2/v2/auth",
+                        token_url="https://oauth2.googleapis.com/token",
+                        scope="https://mail.google.com/",
+                    )
+                }
+            ),
+            **_servers("imap.gmail.com", "pop.gmail.com", "smtp.gmail.com", 465),
+            authorize_params=_frozen({"access_type": "offline", "prompt": "consent"}),
+            revocation_url="https://oauth2.googleapis.com/revoke",
+            domains=("gmail.com", "googlemail.com"),
+        ),
+        "microsoft_china": Preset(
+            key="microsoft_china",
+            name="Microsoft 365 operated by 21Vianet (China)",
+            grants=_MS_CHINA,
+            **_servers("partner.outlook.cn", "partner.outlook.cn", "partner.outlook.cn"),
+            has_tenant=True,
+            default_tenant="organizations",
+        ),
+        "fastmail": Preset(
+            key="fastmail",
+            name="Fastmail",
+            grants=_frozen(
+                {
+                    AUTHORIZATION_CODE: GrantDefaults(
+                        authorize_url="https://api.fastmail.com/oauth/authorize",
+                        token_url="https://api.fastmail.com/oauth/refresh",
+                        scope="https://www.fastmail.com/dev/protocol-imap "
+                        "https://www.fastmail.com/dev/protocol-pop "
+                        "https://www.fastmail.com/dev/protocol-smtp",
+                    )
+                }
+            ),
+            **_servers("imap.fastmail.com", "pop.fastmail.com", "smtp.fastmail.com", 465),
+            sasl_mechanism="OAUTHBEARER",
+            revocation_url="https://api.fastmail.com/oauth/revoke",
+            registrations_closed=True,
+            domains=("fastmail.com", "fastmail.fm"),
+            note="Fastmail registers OAuth clients only on request; there is no self-service "
+            "console.",
+        ),
+        "yahoo": Preset(
+            key="yahoo",
+            name="Yahoo Mail",
+            grants=_frozen(
+                {
+                    AUTHORIZATION_CODE: GrantDefaults(
+                        authorize_url="https://api.login.yahoo.com/oauth2/request_auth",
+                        token_url="https://api.login.yahoo.com/oauth2/get_token",
+                        scope="mail-w",
+                    )
+                }
+            ),
+            **_servers("imap.mail.yahoo.com", "pop.mail.yahoo.com", "smtp.mail.yahoo.com", 465),
+            registrations_closed=True,
+            domains=("yahoo.com", "ymail.com", "rocketmail.com"),
+            note="Yahoo no longer grants mail access to new app registrations.",
+        ),
+        "aol": Preset(
+            key="aol",
+            name="AOL Mail",
+            grants=_frozen(
+                {
+                    AUTHORIZATION_CODE: GrantDefaults(
+                        authorize_url="https://api.login.aol.com/oauth2/request_auth",
+                        token_url="https://api.login.aol.com/oauth2/get_token",
+                        scope="mail-w",
+                    )
+                }
+            ),
+            **_servers("imap.aol.com", "pop.aol.com", "smtp.aol.com", 465),
+            registrations_closed=True,
+            domains=("aol.com", "aim.com"),
+            note="AOL no longer grants mail access to new app registrations.",
+        ),
+        OTHER: Preset(
+            key=OTHER,
+            name="Other (custom server)",
+            grants=_frozen({g: GrantDefaults(token_url="", scope="") for g in GRANT_LABELS}),
+            note="Enter every URL and the three mail servers by hand.",
+        ),
+    }
+)
+
+
+def get(key: str) -> Preset:
+    """The preset ``key``; KeyError for an unknown one."""
+    return PRESETS[key]
+
+
+def choices() -> list[tuple[str, str]]:
+    """(key, display name) for a select, in display order."""
+    return [(p.key, p.name) for p in PRESETS.values()]
+
+
+def grant_choices(provider_key: str | None = None) -> list[tuple[str, str]]:
+    """(grant, label) of every grant, or of those ``provider_key`` allows."""
+    allowed = PRESETS[provider_key].grants if provider_key in PRESETS else GRANT_LABELS
+    return [(g, label) for g, label in GRANT_LABELS.items() if g in allowed]
+
+
+def guess_provider(address: str) -> str | None:
+    """The preset whose domains include the address's domain (an address or a bare domain)."""
+    domain = (address or "").rsplit("@", 1)[-1].strip().lower().rstrip(".")
+    for preset in PRESETS.values():
+        if domain in preset.domains:
+            return preset.key
+    return None
+
+
+def tenant_for(preset: Preset, tenant: str = "") -> str:
+    """The value for ``{tenant}``: the typed one where the preset has the field, else its own."""
+    if preset.has_tenant and tenant.strip():
+        return tenant.strip()
+    return preset.default_tenant
+
+
+def defaults_for(provider_key: str, grant: str, tenant: str = "") -> dict[str, str]:
+    """authorize_url, token_url, device_url and scope of a provider and grant (empty if none)."""
+    preset = get(provider_key)
+    defaults = preset.grants.get(grant)
+    if defaults is None:
+        return dict.fromkeys(DEFAULT_FIELDS, "")
+    value = tenant_for(preset, tenant)
+    return {name: getattr(defaults, name).replace("{tenant}", value) for name in DEFAULT_FIELDS}
+
+
+def is_a_default(name: str, value: str) -> bool:
+    """Whether ``value`` of field ``name`` is some preset's default (for any tenant).
+
+    Such a value was not typed by the user, so it follows a change of provider, grant or tenant.
+    """
+    value = (value or "").strip()
+    if not value:
+        return True
+    return any(pattern.fullmatch(value) for pattern in _default_patterns(name))
+
+
+def _default_patterns(name: str) -> list[re.Pattern[str]]:
+    found = _PATTERNS.get(name)
+    if found is None:
+        templates = {getattr(d, name) for p in PRESETS.values() for d in p.grants.values()}
+        found = [
+            re.compile(re.escape(t).replace(re.escape("{tenant}"), r"[^/\s]+"))
+            for t in sorted(templates)
+            if t
+        ]
+        _PATTERNS[name] = found
+    return found
+
+
+_PATTERNS: dict[str, list[re.Pattern[str]]] = {}
+
+
+def editor_data() -> dict[str, Any]:
+    """The presets as the editor's script needs them (embedded as JSON in the page)."""
+    return {
+        p.key: {
+            "name": p.name,
+            "grants": {g: vars(d) for g, d in p.grants.items()},
+            "has_tenant": p.has_tenant,
+            "default_tenant": p.default_tenant,
+            "custom": p.is_custom,
+            "microsoft": p.is_microsoft,
+            "registrations_closed": p.registrations_closed,
+            "note": p.note,
+        }
+        for p in PRESETS.values()
+    }
+
+
+def endpoints_for(client: OAuthClient) -> dict[str, Endpoint]:
+    """The upstream servers, keyed 'imap', 'pop3', 'smtp': the preset's, or the client's own."""
+    preset = PRESETS.get(client.provider)
+    if preset is not None and not preset.is_custom:
+        found = {"imap": preset.imap, "pop3": preset.pop3, "smtp": preset.smtp}
+        return {name: ep for name, ep in found.items() if ep is not None}
+    servers = {}
+    for name in ("imap", "pop3", "smtp"):
+        host = getattr(client, f"{name}_host")
+        port = getattr(client, f"{name}_port")
+        if host and port:
+            servers[name] = Endpoint(host, int(port), getattr(client, f"{name}_security"))
+    return servers
+
+
+def sasl_mechanism_for(client: OAuthClient) -> str:
+    """XOAUTH2 or OAUTHBEARER: the preset's, or the one chosen for a custom server."""
+    preset = PRESETS.get(client.provider)
+    if preset is not None and not preset.is_custom:
+        return preset.sasl_mechanism
+    return client.sasl_mechanism or "XOAUTH2"
+
+
+def extra_authorize_params(client: OAuthClient) -> dict[str, str]:
+    """Parameters added to the authorize URL (Google needs offline access and consent)."""
+    preset = PRESETS.get(client.provider)
+    return dict(preset.authorize_params) if preset is not None else {}
+
+
+def revocation_url_for(client: OAuthClient) -> str:
+    """Where to revoke a refresh token on unlink; empty when the provider has none."""
+    if client.revocation_url:
+        return client.revocation_url
+    preset = PRESETS.get(client.provider)
+    return preset.revocation_url if preset is not None else ""

@@ -1,0 +1,483 @@
+"""Linking mailboxes against the real peers: the OAuth server, Dovecot (IMAP) and its CA.
+
+The product is pointed at the peers only through its normal interfaces: an "Other (custom
+server)" OAuth client with the peer's URLs and mail servers, and ``UPSTREAM_CA_FILE``. The OAuth
+server is driven over HTTP here (its login and consent forms); ``test_linking_browser.py`` does
+the same with real Chromium. Helpers in this module are shared by the other linking tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urljoin, urlsplit
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+import linking
+import tokens
+import users
+from models import Account, AuditEvent, MailPassword, OAuthClient, PendingAuthorization, User
+from tests.conftest import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    USER_PASSWORD,
+    AuthActions,
+    make_app,
+    post_form,
+)
+
+PEERS_JSON = Path("/tmp/auth-email-peers/peers.json")
+PUBLIC = "http://127.0.0.1:8080"
+REDIRECT = PUBLIC + "/authorize"
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+class PeerInfo:
+    """The peers' addresses (from the ``peers`` fixture, or a running test bed's peers.json)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __getattr__(self, name: str) -> Any:
+        source = self.__dict__["source"]
+        if isinstance(source, dict):
+            if name in source:
+                return source[name]
+        elif hasattr(source, name):
+            return getattr(source, name)
+        data = getattr(source, "info", None) or getattr(source, "data", None)
+        if isinstance(data, dict) and name in data:
+            return data[name]
+        if PEERS_JSON.exists():
+            return json.loads(PEERS_JSON.read_text())[name]
+        raise AttributeError(name)
+
+
+@pytest.fixture
+def peer(request: pytest.FixtureRequest) -> PeerInfo:
+    try:
+        return PeerInfo(request.getfixturevalue("peers"))
+    except pytest.FixtureLookupError:
+        pass
+    try:
+        data = json.loads(PEERS_JSON.read_text())
+        requests.get(data["issuer"] + "/healthz", timeout=2).raise_for_status()
+    except (OSError, ValueError, KeyError, requests.RequestException):
+        pytest.skip("the peers (tests/peers/up.sh) are not running")
+    return PeerInfo(data)
+
+
+@pytest.fixture
+def peer_app(instance: Path, peer: PeerInfo) -> Flask:
+    """An app that trusts the peers' throwaway CA (as an admin would configure it)."""
+    app = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC)
+    with app.app_context():
+        users.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)
+    return app
+
+
+def mailbox(prefix: str = "box") -> str:
+    """A fresh mailbox at the peers (any address there signs in with pw-<local part>)."""
+    return f"{prefix}{secrets.token_hex(4)}@example.test"
+
+
+ALL_GRANTS = [
+    "authorization_code",
+    "refresh_token",
+    "client_credentials",
+    "urn:ietf:params:oauth:grant-type:device_code",
+]
+
+
+def register(peer: PeerInfo, redirect: str = REDIRECT, **meta: Any) -> dict[str, Any]:
+    """Register a client at the OAuth server (RFC 7591), e.g. with ``access_token_ttl``."""
+    body = {
+        "redirect_uris": [redirect],
+        "grant_types": ALL_GRANTS,
+        "response_types": ["code"],
+        "token_endpoint_auth_method": "client_secret_basic",
+        **meta,
+    }
+    answer = requests.post(
+        peer.registration_url,
+        json=body,
+        headers={"Authorization": f"Bearer {peer.registration_token}"},
+        timeout=10,
+    )
+    assert answer.status_code == 201, answer.text
+    return dict(answer.json())
+
+
+def token_requests(peer: PeerInfo, client_id: str) -> int:
+    """How many requests reached the token endpoint for this client (counted at the server)."""
+    stats = requests.get(peer.test_stats_url, timeout=10).json()
+    return int(stats["by_client"].get(client_id, 0))
+
+
+def revoke_at_op(peer: PeerInfo, **which: str) -> None:
+    requests.post(peer.test_revoke_url, json=which, timeout=10).raise_for_status()
+
+
+def peer_client(
+    owner: User, peer: PeerInfo, reg: dict[str, Any], grant: str = "authorization_code", **over: Any
+) -> OAuthClient:
+    """An "Other (custom server)" client with the peer's URLs and Dovecot as IMAP server."""
+    values: dict[str, Any] = {
+        "owner": owner,
+        "name": f"peer-{grant}-{secrets.token_hex(2)}",
+        "provider": "other",
+        "grant": grant,
+        "authorize_url": peer.auth_url,
+        "token_url": peer.token_url,
+        "device_url": peer.device_authorization_url,
+        "revocation_url": peer.revocation_url,
+        "scope": "openid email mail",
+        "client_id": reg["client_id"],
+        "client_secret": reg.get("client_secret"),
+        "imap_host": "127.0.0.1",
+        "imap_port": peer.imaps_port,
+        "imap_security": "tls",
+        **over,
+    }
+    return OAuthClient.create(**values)
+
+
+def op_sign_in(peer: PeerInfo, url: str, email: str, approve: bool = True) -> str:
+    """Sign in and consent at the OAuth server over HTTP; returns the redirect back to us."""
+    session = requests.Session()
+    answer = session.get(url, allow_redirects=False, timeout=10)
+    for _ in range(12):
+        location = answer.headers.get("location")
+        if location is None:
+            page = answer.text
+            login = re.search(r'action="(/interaction/[^"]+/login)"', page)
+            confirm = re.search(r'action="(/interaction/[^"]+/(?:confirm|abort))"', page)
+            if login:
+                form = {"login": email, "password": "pw-" + email.split("@")[0]}
+                answer = session.post(
+                    urljoin(peer.issuer, login.group(1)), data=form, allow_redirects=False
+                )
+            elif confirm:
+                action = (
+                    confirm.group(1) if approve else confirm.group(1).replace("confirm", "abort")
+                )
+                answer = session.post(urljoin(peer.issuer, action), allow_redirects=False)
+            else:
+                raise AssertionError(f"unexpected page at the OAuth server: {page[:300]}")
+            continue
+        target = urljoin(answer.url, location)
+        if not target.startswith(peer.issuer):
+            return target
+        answer = session.get(target, allow_redirects=False, timeout=10)
+    raise AssertionError("the OAuth server kept redirecting")
+
+
+def query_of(url: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+
+
+def path_and_query(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+def signed_in_user(auth: AuthActions, email: str, custom: bool = True) -> User:
+    user = auth.create_user(email, can_custom_clients=custom)
+    auth.login(email, USER_PASSWORD)
+    return user
+
+
+def link_by_code(
+    client: FlaskClient, peer: PeerInfo, oauth_client: OAuthClient, address: str
+) -> tuple[Any, str]:
+    """Authorize ``address`` through the web routes; returns (callback response, callback URL)."""
+    start = post_form(
+        client,
+        "/accounts/new",
+        {"address": address, "provider": "other", "client": str(oauth_client.id)},
+        form_page=f"/accounts/new?address={address}",
+    )
+    assert start.status_code == 302, start.get_data(as_text=True)
+    assert start.headers["Location"].startswith(peer.auth_url)
+    back = op_sign_in(peer, start.headers["Location"], address)
+    assert back.startswith(REDIRECT + "?")
+    return client.get(path_and_query(back)), back
+
+
+# ---------------------------------------------------------------------------------- tests
+
+pytestmark = pytest.mark.peers
+
+
+def test_authorization_code_links_and_verifies(peer_app: Flask, peer: PeerInfo) -> None:
+    client = peer_app.test_client()
+    auth = AuthActions(peer_app, client)
+    user = signed_in_user(auth, "ann@example.org")
+    reg = register(peer)
+    oauth_client = peer_client(user, peer, reg)
+    address = mailbox("ann")
+
+    done, _ = link_by_code(client, peer, oauth_client, address)
+
+    assert done.status_code == 302
+    account = Account.get(Account.address == address)
+    assert done.headers["Location"].endswith(f"/accounts/{account.id}")
+    assert account.status == "active", account.status_detail
+    assert account.owner_id == user.id and account.client_id == oauth_client.id
+    assert account.refresh_token and account.access_token
+    assert account.__data__["access_token"] != account.access_token.encode()  # stored encrypted
+    page = client.get(done.headers["Location"]).get_data(as_text=True)
+    assert "Set the password your mail clients will use" in page
+    assert account.access_token not in page and account.refresh_token not in page
+    assert AuditEvent.select().where(AuditEvent.action == "account.linked").count() == 1
+
+
+def test_client_credentials_links_without_a_browser(peer_app: Flask, peer: PeerInfo) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "cc@example.org")
+    address = mailbox("cc")
+    reg = register(peer, mailbox=address)
+    oauth_client = peer_client(user, peer, reg, grant="client_credentials", scope="mail")
+
+    answer = post_form(
+        client,
+        "/accounts/new",
+        {"address": address, "provider": "other", "client": str(oauth_client.id)},
+        form_page=f"/accounts/new?address={address}",
+    )
+
+    assert answer.status_code == 302
+    account = Account.get(Account.address == address)
+    assert account.status == "active", account.status_detail
+    assert account.refresh_token is None and account.access_token
+
+
+def test_client_credentials_for_the_wrong_mailbox_explains_exchange_steps(
+    peer_app: Flask, peer: PeerInfo
+) -> None:
+    user = AuthActions(peer_app, peer_app.test_client()).create_user("w@example.org", True)
+    reg = register(peer, mailbox=mailbox("someone"))
+    oauth_client = peer_client(user, peer, reg, grant="client_credentials", scope="mail")
+    address = mailbox("other")
+
+    started = linking.start(user, address, oauth_client, REDIRECT)
+
+    assert started.done is not None and not started.done.ok
+    account = Account.get(Account.address == address)
+    assert account.status == "error"
+    assert "Add-MailboxPermission" in account.status_detail
+
+
+def test_code_replay_is_rejected_and_changes_nothing(peer_app: Flask, peer: PeerInfo) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "rep@example.org")
+    oauth_client = peer_client(user, peer, register(peer))
+    address = mailbox("rep")
+    _, back = link_by_code(client, peer, oauth_client, address)
+    before = Account.get(Account.address == address)
+
+    again = client.get(path_and_query(back))
+
+    assert again.status_code == 400
+    assert "already used" in again.get_data(as_text=True)
+    after = Account.get(Account.address == address)
+    assert after.token_version == before.token_version
+    assert after.refresh_token == before.refresh_token
+
+
+def test_reused_code_with_a_new_state_is_refused_by_the_provider(
+    peer_app: Flask, peer: PeerInfo
+) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "reuse@example.org")
+    oauth_client = peer_client(user, peer, register(peer))
+    address = mailbox("reuse")
+    _, back = link_by_code(client, peer, oauth_client, address)
+    before = Account.get(Account.address == address)
+    fresh = linking.start(user, address, oauth_client, REDIRECT)
+    state = query_of(fresh.url)["state"]
+
+    answer = client.get(f"/authorize?code={query_of(back)['code']}&state={state}")
+
+    assert answer.status_code == 400
+    assert "no longer valid" in answer.get_data(as_text=True)
+    after = Account.get(Account.address == address)
+    assert (after.status, after.token_version) == ("active", before.token_version)
+
+
+def test_tampered_state_is_rejected_and_changes_nothing(peer_app: Flask, peer: PeerInfo) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "tamper@example.org")
+    oauth_client = peer_client(user, peer, register(peer))
+    address = mailbox("tamper")
+    started = linking.start(user, address, oauth_client, REDIRECT)
+    back = op_sign_in(peer, started.url, address)
+    args = query_of(back)
+
+    answer = client.get(f"/authorize?code={args['code']}&state={args['state'][:-2]}xx")
+
+    assert answer.status_code == 400
+    assert "No authorization is waiting" in answer.get_data(as_text=True)
+    account = Account.get(Account.address == address)
+    assert account.status == "pending" and account.access_token is None
+    assert PendingAuthorization.get(PendingAuthorization.state == args["state"]).consumed_at is None
+
+
+def test_callback_without_pending_authorization(peer_app: Flask) -> None:
+    client = peer_app.test_client()
+    AuthActions(peer_app, client).login()
+    answer = client.get("/authorize?code=abc&state=nothing-pending")
+    assert answer.status_code == 400
+    assert "No authorization is waiting" in answer.get_data(as_text=True)
+    assert Account.select().count() == 0
+
+
+def test_state_of_another_user_is_not_accepted(peer_app: Flask, peer: PeerInfo) -> None:
+    client = peer_app.test_client()
+    auth = AuthActions(peer_app, client)
+    other = auth.create_user("victim@example.org", True)
+    signed_in_user(auth, "thief@example.org")
+    started = linking.start(other, mailbox("v"), peer_client(other, peer, register(peer)), REDIRECT)
+    state = query_of(started.url)["state"]
+
+    answer = client.get(f"/authorize?code=x&state={state}")
+
+    assert answer.status_code == 400
+    assert PendingAuthorization.get(PendingAuthorization.state == state).consumed_at is None
+
+
+def test_provider_denial_is_explained(peer_app: Flask, peer: PeerInfo) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "deny@example.org")
+    oauth_client = peer_client(user, peer, register(peer))
+    address = mailbox("deny")
+    started = linking.start(user, address, oauth_client, REDIRECT)
+
+    back = op_sign_in(peer, started.url, address, approve=False)
+    answer = client.get(path_and_query(back))
+
+    page = answer.get_data(as_text=True)
+    assert answer.status_code == 400 and "declined" in page
+    assert Account.get_or_none(Account.address == address) is None  # nothing left behind
+
+
+def test_token_response_without_refresh_token_changes_nothing(
+    peer_app: Flask, peer: PeerInfo
+) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "norefresh@example.org")
+    reg = register(peer, grant_types=["authorization_code"])
+    oauth_client = peer_client(user, peer, reg)
+    address = mailbox("nort")
+
+    answer, _ = link_by_code(client, peer, oauth_client, address)
+
+    assert answer.status_code == 400
+    assert "no refresh token" in answer.get_data(as_text=True)
+    assert Account.get_or_none(Account.address == address) is None
+
+
+def test_address_linked_by_another_user_is_refused(peer_app: Flask, peer: PeerInfo) -> None:
+    client = peer_app.test_client()
+    auth = AuthActions(peer_app, client)
+    first = auth.create_user("first@example.org", True)
+    address = mailbox("taken")
+    reg = register(peer, mailbox=address)
+    linking.start(first, address, peer_client(first, peer, reg, grant="client_credentials"), "")
+    second = signed_in_user(auth, "second@example.org")
+    mine = peer_client(second, peer, register(peer))
+
+    answer = post_form(
+        client,
+        "/accounts/new",
+        {"address": address, "provider": "other", "client": str(mine.id)},
+        form_page=f"/accounts/new?address={address}",
+    )
+
+    assert answer.status_code == 400
+    assert "already linked by another user" in answer.get_data(as_text=True)
+    assert Account.get(Account.address == address).owner_id == first.id
+    assert PendingAuthorization.select().count() == 0
+
+
+def test_reauthorize_after_invalid_grant_returns_to_active_and_keeps_passwords(
+    peer_app: Flask, peer: PeerInfo
+) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "again@example.org")
+    oauth_client = peer_client(user, peer, register(peer))
+    address = mailbox("again")
+    link_by_code(client, peer, oauth_client, address)
+    account = Account.get(Account.address == address)
+    linking.add_password(user, account, "laptop", "correct horse battery")
+    revoke_at_op(peer, email=address)
+    with pytest.raises(tokens.NeedsReauthorization):
+        tokens.get_access_token(account.id, force_refresh=True)
+    assert Account.get_by_id(account.id).status == "needs_reauth"
+    assert "Re-authorize" in client.get("/").get_data(as_text=True)
+
+    start = post_form(client, f"/accounts/{account.id}/reauthorize", {}, form_page="/")
+    assert start.status_code == 302
+    back = op_sign_in(peer, start.headers["Location"], address)
+    done = client.get(path_and_query(back))
+
+    assert done.status_code == 302
+    again = Account.get_by_id(account.id)
+    assert again.status == "active" and again.status_detail == ""
+    assert MailPassword.select().where(MailPassword.account == account).count() == 1
+    assert tokens.get_access_token(account.id) == again.access_token
+
+
+def test_unlink_revokes_at_the_provider_and_deletes_everything(
+    peer_app: Flask, peer: PeerInfo
+) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "bye@example.org")
+    reg = register(peer)
+    oauth_client = peer_client(user, peer, reg)
+    address = mailbox("bye")
+    link_by_code(client, peer, oauth_client, address)
+    account = Account.get(Account.address == address)
+    refresh = account.refresh_token
+    linking.add_password(user, account, "phone", "correct horse battery")
+
+    answer = post_form(
+        client, f"/accounts/{account.id}/unlink", {}, form_page=f"/accounts/{account.id}"
+    )
+
+    assert answer.status_code == 302
+    assert Account.get_or_none(Account.id == account.id) is None
+    assert MailPassword.select().count() == 0
+    gone = requests.post(
+        peer.token_url,
+        data={"grant_type": "refresh_token", "refresh_token": refresh},
+        auth=(reg["client_id"], reg["client_secret"]),
+        timeout=10,
+    )
+    assert gone.status_code == 400 and gone.json()["error"] == "invalid_grant"
+    event = AuditEvent.get(AuditEvent.action == "account.unlinked")
+    assert event.target == address and refresh not in event.detail
+
+
+def test_verification_fails_when_the_mail_server_refuses(peer_app: Flask, peer: PeerInfo) -> None:
+    user = AuthActions(peer_app, peer_app.test_client()).create_user("v@example.org", True)
+    address = mailbox("verify")
+    reg = register(peer, mailbox=address)
+    # Right token, wrong server port: the IMAP check must fail and say so.
+    oauth_client = peer_client(
+        user, peer, reg, grant="client_credentials", imap_port=peer.pop3s_port
+    )
+
+    started = linking.start(user, address, oauth_client, REDIRECT)
+
+    assert started.done is not None and not started.done.ok
+    assert Account.get(Account.address == address).status == "error"

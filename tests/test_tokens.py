@@ -1,0 +1,342 @@
+"""The token lifecycle against the real OAuth server (counted at the server), and its failures."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+
+import linking
+import tokens
+import upkeep
+from models import Account, OAuthClient, User, utcnow
+from tests.conftest import make_app
+from tests.test_linking import (
+    REDIRECT,
+    PeerInfo,
+    mailbox,
+    op_sign_in,
+    peer,  # noqa: F401  (fixture)
+    peer_app,  # noqa: F401  (fixture)
+    peer_client,
+    query_of,
+    register,
+    revoke_at_op,
+    token_requests,
+)
+
+
+def link(
+    user: User,
+    peer: PeerInfo,  # noqa: F811
+    **meta: Any,
+) -> tuple[Account, dict[str, Any]]:
+    """An account linked by Authorization Code (driven over HTTP at the OAuth server)."""
+    reg = register(peer, **meta)
+    client = peer_client(user, peer, reg)
+    address = mailbox("tok")
+    started = linking.start(user, address, client, REDIRECT)
+    back = op_sign_in(peer, started.url, address)
+    account, result = linking.complete_callback(user, query_of(back), REDIRECT)
+    assert result.ok, result.message
+    return Account.get_by_id(account.id), reg
+
+
+@pytest.fixture
+def owner(peer_app: Flask) -> User:  # noqa: F811
+    import users
+
+    with peer_app.app_context():
+        return users.create_user("owner@example.org", "owner-password-1", True)
+
+
+def expire(account: Account) -> None:
+    Account.update(token_expires_at=utcnow() - dt.timedelta(minutes=1)).where(
+        Account.id == account.id
+    ).execute()
+
+
+@pytest.mark.peers
+def test_cached_token_is_used_without_a_request(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+    account, reg = link(owner, peer)
+    before = token_requests(peer, reg["client_id"])
+
+    assert tokens.get_access_token(account.id) == account.access_token
+    assert tokens.get_access_token(account.id) == account.access_token
+    assert token_requests(peer, reg["client_id"]) == before
+
+
+@pytest.mark.peers
+def test_refresh_rotates_and_stores_the_new_refresh_token(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+    account, reg = link(owner, peer)
+    old_refresh, old_access = account.refresh_token, account.access_token
+    expire(account)
+
+    fresh = tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert fresh != old_access and fresh == stored.access_token
+    assert stored.refresh_token and stored.refresh_token != old_refresh
+    assert stored.token_expires_at > utcnow() + dt.timedelta(minutes=5)
+    assert stored.status == "active" and stored.last_error == ""
+    old = requests.post(
+        peer.token_url,
+        data={"grant_type": "refresh_token", "refresh_token": old_refresh},
+        auth=(reg["client_id"], reg["client_secret"]),
+        timeout=10,
+    )
+    assert old.status_code == 400 and old.json()["error"] == "invalid_grant"
+
+
+@pytest.mark.peers
+def test_invalid_grant_needs_reauthorization_and_keeps_tokens(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+    account, reg = link(owner, peer)
+    revoke_at_op(peer, email=account.address)
+
+    with pytest.raises(tokens.NeedsReauthorization) as raised:
+        tokens.get_access_token(account.id, force_refresh=True)
+
+    stored = Account.get_by_id(account.id)
+    assert stored.status == "needs_reauth"
+    assert "invalid_grant" in stored.status_detail and "invalid_grant" in raised.value.message
+    assert stored.refresh_token == account.refresh_token
+    assert stored.access_token == account.access_token
+    before = token_requests(peer, reg["client_id"])
+    with pytest.raises(tokens.NeedsReauthorization):
+        tokens.get_access_token(account.id)
+    assert token_requests(peer, reg["client_id"]) == before  # no pointless retries
+
+
+@pytest.mark.peers
+def test_twenty_concurrent_callers_cause_one_token_request(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+    account, reg = link(owner, peer)
+    expire(account)
+    before = token_requests(peer, reg["client_id"])
+    barrier = threading.Barrier(20)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        barrier.wait()
+        try:
+            results.append(tokens.get_access_token(account.id))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert not errors, errors
+    assert len(results) == 20 and len(set(results)) == 1
+    assert results[0] == Account.get_by_id(account.id).access_token != account.access_token
+    assert token_requests(peer, reg["client_id"]) == before + 1
+
+
+@pytest.mark.peers
+def test_force_refresh_gets_a_new_token(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+    account, reg = link(owner, peer)
+    before = token_requests(peer, reg["client_id"])
+
+    fresh = tokens.get_access_token(account.id, force_refresh=True)
+
+    assert fresh != account.access_token
+    assert token_requests(peer, reg["client_id"]) == before + 1
+
+
+@pytest.mark.peers
+def test_client_credentials_renewal_requests_a_new_token(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+    address = mailbox("ccr")
+    reg = register(peer, mailbox=address, access_token_ttl=3600)
+    client = peer_client(owner, peer, reg, grant="client_credentials", scope="mail")
+    started = linking.start(owner, address, client, REDIRECT)
+    assert started.done is not None and started.done.ok, started.done
+    account = Account.get(Account.address == address)
+    expire(account)
+    before = token_requests(peer, reg["client_id"])
+
+    fresh = tokens.get_access_token(account.id)
+
+    assert fresh != account.access_token
+    assert token_requests(peer, reg["client_id"]) == before + 1
+    assert linking.verify(Account.get_by_id(account.id)).ok
+
+
+@pytest.mark.peers
+def test_upkeep_refreshes_only_idle_accounts(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+    account, reg = link(owner, peer)
+    assert upkeep.refresh_idle_accounts() == 0
+
+    later = utcnow() + dt.timedelta(days=upkeep.IDLE_DAYS + 1)
+    assert upkeep.refresh_idle_accounts(now=later) == 1
+
+    stored = Account.get_by_id(account.id)
+    assert stored.refresh_token != account.refresh_token
+    assert stored.last_refresh_at > account.last_refresh_at
+
+
+# ---------------------------------------------------------------------------------- failures
+
+
+class FlakyTokenEndpoint:
+    """A local token endpoint that answers 503 (or too slowly): the one failure peers lack."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.hits = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                outer.hits += 1
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                if delay:
+                    time.sleep(delay)
+                body = b"<html>Service Unavailable</html>"
+                try:
+                    self.send_response(503)
+                    self.send_header("content-type", "text/html")
+                    self.send_header("content-length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fast_app(instance: Path) -> Flask:
+    return make_app(instance, TOKEN_HTTP_TIMEOUT=0.5, TOKEN_BACKOFF=0.01, TOKEN_ATTEMPTS=3)
+
+
+def broken_account(app: Flask, token_url: str) -> Account:
+    import users
+
+    with app.app_context():
+        user = users.create_user("flaky@example.org", "flaky-password-1", True)
+    client = OAuthClient.create(
+        owner=user,
+        name="flaky",
+        provider="other",
+        token_url=token_url,
+        scope="mail",
+        client_id="id",
+        client_secret="secret",
+    )
+    account = Account.create(
+        owner=user, address="flaky@example.test", provider="other", client=client, status="active"
+    )
+    tokens.store_tokens(account, {"access_token": "a1", "refresh_token": "r1", "expires_in": 0})
+    return Account.get_by_id(account.id)
+
+
+@pytest.fixture
+def endpoint_503() -> Iterator[FlakyTokenEndpoint]:
+    server = FlakyTokenEndpoint()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def endpoint_slow() -> Iterator[FlakyTokenEndpoint]:
+    server = FlakyTokenEndpoint(delay=2.0)
+    yield server
+    server.close()
+
+
+def test_5xx_retries_then_keeps_the_account_active(
+    fast_app: Flask, endpoint_503: FlakyTokenEndpoint
+) -> None:
+    account = broken_account(fast_app, endpoint_503.url)
+
+    with pytest.raises(tokens.TokenUnavailable, match="503"):
+        tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert endpoint_503.hits == 3  # retried with backoff
+    assert stored.status == "active" and "503" in stored.last_error
+    assert stored.refresh_token == "r1" and stored.refresh_claimed_until is None
+    assert "secret" not in stored.last_error and "r1" not in stored.last_error
+
+
+def test_timeout_keeps_the_account_active(
+    fast_app: Flask, endpoint_slow: FlakyTokenEndpoint
+) -> None:
+    account = broken_account(fast_app, endpoint_slow.url)
+
+    with pytest.raises(tokens.TokenUnavailable, match="in time"):
+        tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert stored.status == "active" and "in time" in stored.last_error
+
+
+def test_waiters_do_not_pile_on_after_a_failed_refresh(
+    fast_app: Flask, endpoint_503: FlakyTokenEndpoint
+) -> None:
+    account = broken_account(fast_app, endpoint_503.url)
+    barrier = threading.Barrier(8)
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        barrier.wait()
+        try:
+            tokens.get_access_token(account.id)
+        except tokens.TokenUnavailable as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert len(failures) == 8
+    assert endpoint_503.hits == 3  # one refresh (with its retries), not eight
+
+
+def test_a_stale_claim_is_taken_over(fast_app: Flask, endpoint_503: FlakyTokenEndpoint) -> None:
+    """A process that died while refreshing does not block the account for good."""
+    account = broken_account(fast_app, endpoint_503.url)
+    Account.update(refresh_claimed_until=utcnow() - dt.timedelta(seconds=1)).where(
+        Account.id == account.id
+    ).execute()
+
+    with pytest.raises(tokens.TokenUnavailable):
+        tokens.get_access_token(account.id)
+    assert endpoint_503.hits == 3
+
+
+def test_plain_http_token_endpoint_is_refused_off_loopback() -> None:
+    with pytest.raises(tokens.GrantError, match="https"):
+        tokens.check_endpoint("http://login.example.com/token")
+    tokens.check_endpoint("http://127.0.0.1:9/token")
+    tokens.check_endpoint("https://login.example.com/token")
+
+
+def test_disabled_and_pending_accounts_get_no_token(fast_app: Flask) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    for status in ("disabled", "pending"):
+        tokens.set_status(account.id, status)
+        with pytest.raises(tokens.AccountUnusable):
+            tokens.get_access_token(account.id)
