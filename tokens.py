@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import requests
 from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
+from prometheus_client import Counter
 from requests.adapters import HTTPAdapter
 
 from config import is_loopback_host
@@ -36,6 +37,12 @@ from models import Account, OAuthClient, utcnow
 log = logging.getLogger("auth_email.tokens")
 # The primary key column (peewee declares ``id`` implicitly, which type checkers cannot see).
 _ID: Any = Account._meta.primary_key
+
+REFRESHES = Counter(
+    "auth_email_token_refreshes_total",
+    "Access token renewals by outcome (ok, needs_reauth, unavailable, error)",
+    ["result"],
+)
 
 CLIENT_CREDENTIALS = "client_credentials"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -486,7 +493,26 @@ def _refresh(account: Account) -> str:
     mine = (_ID == account.get_id()) & (Account.token_version == claim)
     try:
         token = _request_with_retries(account)
-    except GrantError as exc:
+    except BaseException as exc:
+        REFRESHES.labels(_outcome(exc)).inc()
+        _end_failed_claim(account, claim, mine, exc)
+        raise
+    REFRESHES.labels("ok").inc()
+    return str(token["access_token"])
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, GrantError | NeedsReauthorization):
+        return "needs_reauth"
+    if isinstance(exc, TokenUnavailable):
+        return "unavailable"
+    return "error"
+
+
+def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseException) -> None:
+    """Record why a refresh failed and release the claim. A refused grant (raised here as
+    NeedsReauthorization) marks the account but keeps its tokens."""
+    if isinstance(exc, GrantError):
         detail = _reauth_message(exc)
         Account.update(
             status="needs_reauth",
@@ -497,7 +523,7 @@ def _refresh(account: Account) -> str:
         ).where(mine).execute()
         log.warning("account %s needs re-authorization: %s", account.get_id(), exc.error)
         raise NeedsReauthorization(detail) from None
-    except NeedsReauthorization as exc:
+    elif isinstance(exc, NeedsReauthorization):
         Account.update(
             status="needs_reauth",
             status_detail=exc.message,
@@ -505,19 +531,15 @@ def _refresh(account: Account) -> str:
             token_version=claim + 1,
             refresh_claimed_until=None,
         ).where(mine).execute()
-        raise
-    except TokenUnavailable as exc:
+    elif isinstance(exc, TokenUnavailable):
         Account.update(
             last_error=f"{utcnow():%Y-%m-%d %H:%M} UTC: {exc.message}",
             token_version=claim + 1,
             refresh_claimed_until=None,
         ).where(mine).execute()
         log.warning("token refresh for account %s failed: %s", account.get_id(), exc.message)
-        raise
-    except BaseException:
+    else:
         Account.update(token_version=claim + 1, refresh_claimed_until=None).where(mine).execute()
-        raise
-    return str(token["access_token"])
 
 
 def _reauth_message(exc: GrantError) -> str:

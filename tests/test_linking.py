@@ -8,7 +8,6 @@ the same with real Chromium. Helpers in this module are shared by the other link
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from pathlib import Path
@@ -33,7 +32,6 @@ from tests.conftest import (
     post_form,
 )
 
-PEERS_JSON = Path("/tmp/auth-email-peers/peers.json")
 PUBLIC = "http://127.0.0.1:8080"
 REDIRECT = PUBLIC + "/authorize"
 
@@ -42,7 +40,7 @@ REDIRECT = PUBLIC + "/authorize"
 
 
 class PeerInfo:
-    """The peers' addresses (from the ``peers`` fixture, or a running test bed's peers.json)."""
+    """The peers' addresses and helpers, from the ``peers`` fixture."""
 
     def __init__(self, source: Any) -> None:
         self.source = source
@@ -57,23 +55,12 @@ class PeerInfo:
         data = getattr(source, "info", None) or getattr(source, "data", None)
         if isinstance(data, dict) and name in data:
             return data[name]
-        if PEERS_JSON.exists():
-            return json.loads(PEERS_JSON.read_text())[name]
         raise AttributeError(name)
 
 
 @pytest.fixture
-def peer(request: pytest.FixtureRequest) -> PeerInfo:
-    try:
-        return PeerInfo(request.getfixturevalue("peers"))
-    except pytest.FixtureLookupError:
-        pass
-    try:
-        data = json.loads(PEERS_JSON.read_text())
-        requests.get(data["issuer"] + "/healthz", timeout=2).raise_for_status()
-    except (OSError, ValueError, KeyError, requests.RequestException):
-        pytest.skip("the peers (tests/peers/up.sh) are not running")
-    return PeerInfo(data)
+def peer(peers: Any) -> PeerInfo:
+    return PeerInfo(peers)
 
 
 @pytest.fixture

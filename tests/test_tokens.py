@@ -20,12 +20,12 @@ import upkeep
 from models import Account, OAuthClient, User, utcnow
 from tests.conftest import make_app
 from tests.test_linking import (
+    PUBLIC,
     REDIRECT,
     PeerInfo,
     mailbox,
     op_sign_in,
     peer,  # noqa: F401  (fixture)
-    peer_app,  # noqa: F401  (fixture)
     peer_client,
     query_of,
     register,
@@ -50,11 +50,17 @@ def link(
     return Account.get_by_id(account.id), reg
 
 
-@pytest.fixture
-def owner(peer_app: Flask) -> User:  # noqa: F811
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def owner(request: pytest.FixtureRequest, instance: Path, peer: PeerInfo) -> User:  # noqa: F811
+    """A user of an app on SQLite, and again on PostgreSQL (instances sharing a database)."""
     import users
 
-    with peer_app.app_context():
+    database = {}
+    if request.param == "postgres":
+        database["DATABASE_URL"] = request.getfixturevalue("pg_url")
+    app = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC, **database)
+    with app.app_context():
+        users.create_admin("admin@example.org", "admin-password-1")
         return users.create_user("owner@example.org", "owner-password-1", True)
 
 
