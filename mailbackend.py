@@ -26,7 +26,7 @@ import throttle
 import tokens
 from db import database
 from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings
-from mailproxy.settings import LISTENER_NAMES
+from mailproxy.settings import LISTENER_NAMES, parse_hostport
 from models import Account, MailPassword, utcnow
 from passwords import verify_password
 
@@ -101,7 +101,7 @@ class AppBackend:
                     f"Too many failed logins; try again in {throttle.describe_wait(wait)}",
                     retry_after=wait,
                 )
-            account = self._check_password(address, password)
+            account = self._check_password(address, password, client_ip)
             if account is None:
                 throttle.failure(keys[0], self.policy_address)
                 throttle.failure(keys[1], self.policy_ip)
@@ -110,13 +110,14 @@ class AppBackend:
             throttle.success(keys[0])
             return self._grant(account, protocol, client_ip)
 
-    def _check_password(self, address: str, password: str) -> Account | None:
+    def _check_password(self, address: str, password: str, client_ip: str) -> Account | None:
         hit = self.cache.get(address, password)
         if hit is not None:
             still = MailPassword.get_or_none(
                 (MailPassword.id == hit.password_id) & (MailPassword.account == hit.account_id)
             )
             if still is not None:
+                self._password_used(still.id, client_ip)
                 return Account.get_by_id(hit.account_id)
         account = Account.get_or_none(Account.address == address)
         candidates = (
@@ -130,11 +131,16 @@ class AppBackend:
         for candidate in candidates:
             if verify_password(candidate.password_hash, password):
                 self.cache.put(address, password, account.id, candidate.id)
-                MailPassword.update(last_used_at=utcnow()).where(
-                    MailPassword.id == candidate.id
-                ).execute()
+                self._password_used(candidate.id, client_ip)
                 return account
         return None
+
+    @staticmethod
+    def _password_used(password_id: int, client_ip: str) -> None:
+        """Last use and IP of the device's password (the account page shows them)."""
+        MailPassword.update(last_used_at=utcnow(), last_used_ip=client_ip[:64]).where(
+            MailPassword.id == password_id
+        ).execute()
 
     def _grant(self, account: Account, protocol: str, client_ip: str) -> Grant:
         page = f"{self.public_url}/accounts/{account.id}"
@@ -228,6 +234,7 @@ class MailProxyService:
     """The mail proxy as a service of the serving process (see serve.py)."""
 
     def __init__(self, app: Flask) -> None:
+        self.app = app
         self.backend = AppBackend(app.config)
         app.extensions["mail_backend"] = self.backend
         self.controller = Controller(self.backend, proxy_settings(app))
@@ -236,7 +243,11 @@ class MailProxyService:
     def start(self) -> None:
         self.controller.start()
         for name, (host, port) in self.controller.listening.items():
-            log.info("mail proxy %s listening on %s:%s", name, host, port)
+            # A listener on port 0 got a free port: /healthz and the mail-client setup pages
+            # read the listener settings, so they must name the port actually bound.
+            key = f"{name.upper()}_LISTEN"
+            if parse_hostport(self.app.config[key])[1] == 0:
+                self.app.config[key] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def stop(self) -> None:
         self.controller.stop()

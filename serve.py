@@ -50,6 +50,15 @@ def main() -> int:
         level=app.config["LOG_LEVEL"],
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
+    # The web UI's port first: a busy port is reported before anything else has started.
+    host, port = split_bind(app.config["BIND"])
+    try:
+        server = create_server(app, host=host, port=port, threads=8, ident="auth-email")
+    except OSError as error:
+        log.error(
+            "cannot start: the web UI cannot listen on %s (BIND): %s", app.config["BIND"], error
+        )
+        return 2
     running: list[Service] = []
     try:
         for service in services(app):
@@ -59,10 +68,8 @@ def main() -> int:
         log.error("cannot start: %s", error)
         for service in reversed(running):
             service.stop()
+        server.close()
         return 2
-
-    host, port = split_bind(app.config["BIND"])
-    server = create_server(app, host=host, port=port, threads=8, ident="auth-email")
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)

@@ -168,15 +168,21 @@ class Controller:
                 def serve(r: Any, w: Any, cls: type[Session] = cls, tls: bool = tls) -> Any:
                     return hub.serve(cls, tls, r, w)
 
-                server = await asyncio.start_server(
-                    serve,
-                    host,
-                    port,
-                    ssl=hub.server_ssl if tls else None,
-                    ssl_handshake_timeout=self.settings.idle_timeout_prelogin if tls else None,
-                    limit=65536,
-                    backlog=1024,
-                )
+                try:
+                    server = await asyncio.start_server(
+                        serve,
+                        host,
+                        port,
+                        ssl=hub.server_ssl if tls else None,
+                        ssl_handshake_timeout=self.settings.idle_timeout_prelogin if tls else None,
+                        limit=65536,
+                        backlog=1024,
+                    )
+                except OSError as exc:
+                    # Name the listener, so the person knows which setting to change.
+                    raise OSError(
+                        exc.errno, f"the {name} listener cannot use {host}:{port}: {exc.strerror}"
+                    ) from None
                 self._servers[name] = server
                 sock = server.sockets[0].getsockname()
                 self._listening[name] = (sock[0], sock[1])

@@ -1,0 +1,669 @@
+"""The mail proxy with the app's own Backend, in front of the real peers.
+
+Mailboxes are linked through the product's own code (``linking``: Client Credentials, or
+Authorization Code with the OAuth server's login and consent forms played over HTTP); the proxy
+is ``mailbackend.MailProxyService`` on the same app, so the passwords, auth cache, throttling,
+tokens and accounting are the ones users get. Mail clients are the stdlib's.
+"""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import logging
+import poplib
+import re
+import secrets
+import smtplib
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+
+import clients
+import linking
+import mailbackend
+import tokens
+import users
+from mailbackend import MailProxyService
+from mailproxy.settings import LISTENER_NAMES
+from mailsetup import tls_files
+from models import Account, AuditEvent, MailPassword, OAuthClient, User
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
+
+pytestmark = pytest.mark.peers
+
+PUBLIC = "http://127.0.0.1:8080"
+REDIRECT = PUBLIC + "/authorize"
+PASSWORD = "laptop-" + secrets.token_hex(6)
+WRONG = "not-the-password-" + secrets.token_hex(3)
+EVERY_LISTENER_ON_A_FREE_PORT = {f"{n.upper()}_LISTEN": "127.0.0.1:0" for n in LISTENER_NAMES}
+
+# How each protocol says it: wrong password / re-authorize / try later.
+WORDS = {
+    "credentials": {"imap": "[AUTHENTICATIONFAILED]", "pop3": "-ERR [AUTH]", "smtp": "535 5.7.8"},
+    "reauth": {"imap": "[AUTHORIZATIONFAILED]", "pop3": "-ERR [AUTH]", "smtp": "535 5.7.8"},
+    "unavailable": {"imap": "[UNAVAILABLE]", "pop3": "-ERR [SYS/TEMP]", "smtp": "454 4.7.0"},
+}
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def app(instance: Path, peers: Any) -> Flask:
+    """The app as an admin would configure it for the peers (their CA), proxy on free ports."""
+    app = make_app(
+        instance,
+        PUBLIC_URL=PUBLIC,
+        UPSTREAM_CA_FILE=peers.ca_file,
+        LOGIN_FAILURE_LIMIT=3,
+        LOGIN_BLOCK_SECONDS=2,
+        LOGIN_FAILURE_LIMIT_PER_IP=1000,
+        **EVERY_LISTENER_ON_A_FREE_PORT,
+    )
+    with app.app_context():
+        users.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)
+    return app
+
+
+@pytest.fixture
+def owner(app: Flask) -> User:
+    return User.get(User.email == ADMIN_EMAIL)
+
+
+@pytest.fixture
+def web(app: Flask) -> FlaskClient:
+    """The owner signed in to the web UI."""
+    client = app.test_client()
+    AuthActions(app, client).login()
+    return client
+
+
+@pytest.fixture
+def service(app: Flask) -> Iterator[MailProxyService]:
+    proxy = MailProxyService(app)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+    assert proxy.controller.errors == 0, "an unexpected exception reached the proxy"
+
+
+class MailClients:
+    """Stdlib mail clients at the running proxy, trusting its self-signed certificate."""
+
+    def __init__(self, app: Flask, service: MailProxyService) -> None:
+        self.service = service
+        self.cert = tls_files(app)[0]
+
+    def port(self, listener: str) -> int:
+        return self.service.controller.listening[listener][1]
+
+    def tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cert)  # checks the host name too
+
+    def imap(self, address: str, password: str, listener: str = "imap") -> imaplib.IMAP4:
+        if listener == "imaps":
+            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(
+                "127.0.0.1", self.port("imaps"), ssl_context=self.tls(), timeout=20
+            )
+        else:
+            conn = imaplib.IMAP4("127.0.0.1", self.port("imap"), timeout=20)
+            conn.starttls(ssl_context=self.tls())
+        conn.login(address, password)
+        return conn
+
+    def pop3(self, address: str, password: str, listener: str = "pop3") -> poplib.POP3:
+        if listener == "pop3s":
+            conn: poplib.POP3 = poplib.POP3_SSL(
+                "127.0.0.1", self.port("pop3s"), context=self.tls(), timeout=20
+            )
+        else:
+            conn = poplib.POP3("127.0.0.1", self.port("pop3"), timeout=20)
+            conn.stls(context=self.tls())
+        conn.user(address)
+        conn.pass_(password)
+        return conn
+
+    def smtp(self, address: str, password: str, listener: str = "submission") -> smtplib.SMTP:
+        if listener == "smtps":
+            conn: smtplib.SMTP = smtplib.SMTP_SSL(
+                "127.0.0.1", self.port("smtps"), context=self.tls(), timeout=20
+            )
+        else:
+            conn = smtplib.SMTP("127.0.0.1", self.port("submission"), timeout=20)
+            conn.starttls(context=self.tls())
+        conn.login(address, password)
+        return conn
+
+    def refusal(self, protocol: str, address: str, password: str) -> str:
+        """The text a client gets when its login is refused ('imap', 'pop3' or 'smtp')."""
+        try:
+            if protocol == "imap":
+                self.imap(address, password).logout()
+            elif protocol == "pop3":
+                self.pop3(address, password).quit()
+            else:
+                conn = smtplib.SMTP("127.0.0.1", self.port("submission"), timeout=20)
+                conn.starttls(context=self.tls())
+                conn.ehlo()
+                conn.user, conn.password = address, password
+                conn.auth("PLAIN", conn.auth_plain)  # login() would go on to AUTH LOGIN
+                conn.quit()
+        except (imaplib.IMAP4.error, poplib.error_proto) as exc:
+            return str(exc)
+        except smtplib.SMTPResponseException as exc:
+            said = exc.smtp_error
+            return f"{exc.smtp_code} {said.decode() if isinstance(said, bytes) else said}"
+        raise AssertionError(f"the {protocol} login of {address} was accepted")
+
+
+@pytest.fixture
+def mail(app: Flask, service: MailProxyService) -> MailClients:
+    return MailClients(app, service)
+
+
+# ---------------------------------------------------------------------------------- linking
+
+
+def other_client(
+    owner: User, peers: Any, client_id: str, secret: str, grant: str, **servers: Any
+) -> OAuthClient:
+    """An "Other (custom server)" client with the peer's URLs and mail servers."""
+    values: dict[str, Any] = {
+        "name": f"peer {grant} {secrets.token_hex(3)}",
+        "provider": "other",
+        "grant": grant,
+        "tenant": "",
+        "authorize_url": peers.auth_url,
+        "token_url": peers.token_url,
+        "device_url": "",
+        "scope": "openid email mail" if grant == "authorization_code" else "mail",
+        "revocation_url": peers.revocation_url,
+        "client_id": client_id,
+        "secret_expires_on": None,
+        "imap_host": "127.0.0.1",
+        "imap_port": peers.imaps_port,
+        "imap_security": "tls",
+        "pop3_host": "127.0.0.1",
+        "pop3_port": peers.pop3s_port,
+        "pop3_security": "tls",
+        "smtp_host": "127.0.0.1",
+        "smtp_port": peers.submission_port,
+        "smtp_security": "starttls",
+        "sasl_mechanism": "XOAUTH2",
+        **servers,
+    }
+    return clients.save_client(owner, values, secret)
+
+
+def with_password(owner: User, account: Account, password: str = PASSWORD) -> Account:
+    linking.add_password(owner, account, "Laptop", password)
+    return Account.get_by_id(account.id)
+
+
+def link_with_client_credentials(owner: User, peers: Any, prefix: str) -> Account:
+    """A mailbox linked with Client Credentials (no browser), with the mail password set."""
+    address, _ = peers.new_mailbox(prefix, messages=2)
+    client_id, secret = peers.register_client(grant_types=["client_credentials"], mailbox=address)
+    client = other_client(owner, peers, client_id, secret, "client_credentials")
+    started = linking.start(owner, address, client, REDIRECT)
+    assert started.done is not None and started.done.ok, started.done
+    return with_password(owner, Account.get(Account.address == address))
+
+
+def link_with_code(owner: User, peers: Any, prefix: str, **registration: Any) -> Account:
+    """A mailbox linked with Authorization Code + PKCE (the OP's forms over HTTP)."""
+    address, _ = peers.new_mailbox(prefix, messages=2)
+    client_id, secret = peers.register_client(redirect_uris=[REDIRECT], **registration)
+    client = other_client(owner, peers, client_id, secret, "authorization_code")
+    started = linking.start(owner, address, client, REDIRECT)
+    back = peers.user_agent_login(started.url, address)
+    args = {k: v[0] for k, v in parse_qs(urlsplit(back).query).items()}
+    account, result = linking.complete_callback(owner, args, REDIRECT)
+    assert result.ok, result.message
+    return with_password(owner, account)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        time.sleep(0.05)
+
+
+def wait_for_accounting(account: Account) -> Account:
+    """Session end is accounted just after the client's connection closes."""
+    return wait_until(
+        lambda: (a := Account.get_by_id(account.id)).bytes_relayed > 0 and a, what="accounting"
+    )
+
+
+def read_first_message(conn: imaplib.IMAP4) -> bytes:
+    typ, data = conn.select("INBOX", readonly=True)
+    assert typ == "OK" and int(data[0] or 0) >= 1
+    typ, fetched = conn.fetch("1", "(BODY.PEEK[])")
+    part: Any = fetched[0]
+    assert typ == "OK"
+    return bytes(part[1])
+
+
+def message(address: str, subject: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = msg["To"] = address
+    msg["Subject"] = subject
+    msg.set_content("Sent through Auth-Email with the mail-client password.\n")
+    return msg
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric(web: FlaskClient, name: str, **labels: str) -> float:
+    """One sample of /metrics (summed over label values not given)."""
+    answer = web.get("/metrics")
+    assert answer.status_code == 200
+    total = 0.0
+    for family in text_string_to_metric_families(answer.get_data(as_text=True)):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def account_row(page: str, account: Account) -> str:
+    found = re.search(rf'<tr data-account="{account.id}">(.*?)</tr>', page, re.S)
+    assert found, f"no row for {account.address}"
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", found.group(1)))
+
+
+# ---------------------------------------------------------------------------- reading and sending
+
+
+@pytest.mark.parametrize("listener", ["imap", "imaps"])
+def test_imap_reads_the_seeded_message_with_the_mail_password(
+    owner: User, peers: Any, mail: MailClients, listener: str
+) -> None:
+    account = link_with_client_credentials(owner, peers, f"app-{listener}")
+
+    conn = mail.imap(account.address, PASSWORD, listener)
+    body = read_first_message(conn)
+    conn.logout()
+
+    assert b"Subject: Seed message 1" in body
+
+
+@pytest.mark.parametrize("listener", ["pop3", "pop3s"])
+def test_pop3_reads_the_seeded_message_with_the_mail_password(
+    owner: User, peers: Any, mail: MailClients, listener: str
+) -> None:
+    account = link_with_client_credentials(owner, peers, f"app-{listener}")
+
+    conn = mail.pop3(account.address, PASSWORD, listener)
+    count, _ = conn.stat()
+    lines = conn.retr(1)[1]
+    conn.quit()
+
+    assert count == 2
+    assert b"Subject: Seed message 1" in lines
+
+
+@pytest.mark.parametrize("listener", ["submission", "smtps"])
+def test_smtp_sends_a_message_that_arrives(
+    owner: User, peers: Any, mail: MailClients, listener: str
+) -> None:
+    account = link_with_client_credentials(owner, peers, f"app-{listener}")
+    subject = f"through the app {secrets.token_hex(4)}"
+
+    conn = mail.smtp(account.address, PASSWORD, listener)
+    conn.send_message(message(account.address, subject))
+    conn.quit()
+
+    assert peers.wait_for_message(account.address, subject)
+
+
+# ---------------------------------------------------------------------------------- passwords
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3", "smtp"])
+def test_wrong_password_is_refused_in_the_protocols_words(
+    owner: User, peers: Any, mail: MailClients, protocol: str
+) -> None:
+    account = link_with_client_credentials(owner, peers, f"wrong-{protocol}")
+
+    said = mail.refusal(protocol, account.address, WRONG)
+
+    assert WORDS["credentials"][protocol] in said
+    failed = AuditEvent.get(AuditEvent.action == "mail.login_failed")
+    assert (failed.target, failed.detail, failed.ip) == (account.address, protocol, "127.0.0.1")
+
+
+def test_unknown_address_is_refused_like_a_wrong_password(mail: MailClients) -> None:
+    said = mail.refusal("imap", "nobody-here@example.test", PASSWORD)
+    assert WORDS["credentials"]["imap"] in said
+
+
+def test_revoked_password_is_refused_at_once_though_the_auth_cache_had_it(
+    app: Flask, owner: User, peers: Any, mail: MailClients, web: FlaskClient
+) -> None:
+    account = link_with_client_credentials(owner, peers, "revoked")
+    mail.imap(account.address, PASSWORD).logout()  # now in the auth cache
+    assert app.extensions["mail_backend"].cache.get(account.address, PASSWORD) is not None
+    row = MailPassword.get(MailPassword.account == account)
+
+    answer = post_form(
+        web,
+        f"/accounts/{account.id}/passwords/{row.id}/revoke",
+        {},
+        form_page=f"/accounts/{account.id}",
+    )
+
+    assert answer.status_code == 302
+    for protocol in ("imap", "pop3", "smtp"):
+        assert WORDS["credentials"][protocol] in mail.refusal(protocol, account.address, PASSWORD)
+
+
+def test_a_second_device_password_works_too_and_each_shows_its_last_use(
+    owner: User, peers: Any, mail: MailClients, web: FlaskClient
+) -> None:
+    account = link_with_client_credentials(owner, peers, "devices")
+    phone = "phone-" + secrets.token_hex(6)
+    added = post_form(
+        web,
+        f"/accounts/{account.id}/passwords",
+        {"label": "Phone", "password": phone, "confirm": phone},
+        form_page=f"/accounts/{account.id}",
+    )
+    assert added.status_code == 302
+
+    read_first_message(mail.imap(account.address, PASSWORD))
+    conn = mail.pop3(account.address, phone)
+    assert conn.stat()[0] == 2
+    conn.quit()
+
+    used = {p.label: p for p in MailPassword.select().where(MailPassword.account == account)}
+    assert set(used) == {"Laptop", "Phone"}
+    for row in used.values():
+        assert row.last_used_at is not None and row.last_used_ip == "127.0.0.1"
+    page = web.get(f"/accounts/{account.id}").get_data(as_text=True)
+    assert page.count("from 127.0.0.1") >= 3  # the account, and each of the two passwords
+
+
+def test_warm_login_skips_the_hash_but_a_changed_password_is_refused(
+    owner: User, peers: Any, mail: MailClients, web: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = link_with_client_credentials(owner, peers, "warm")
+    hashed: list[str] = []
+    real = mailbackend.verify_password
+
+    def counting(stored: str | None, password: str) -> bool:
+        hashed.append(password)
+        return real(stored, password)
+
+    monkeypatch.setattr(mailbackend, "verify_password", counting)
+
+    mail.imap(account.address, PASSWORD).logout()
+    cold = len(hashed)
+    mail.imap(account.address, PASSWORD).logout()
+    mail.pop3(account.address, PASSWORD).quit()
+    warm = len(hashed) - cold
+
+    # The user replaces the password: a new one added, the old one revoked.
+    new = "new-laptop-" + secrets.token_hex(6)
+    post_form(
+        web,
+        f"/accounts/{account.id}/passwords",
+        {"label": "New laptop", "password": new, "confirm": new},
+        form_page=f"/accounts/{account.id}",
+    )
+    old = MailPassword.get((MailPassword.account == account) & (MailPassword.label == "Laptop"))
+    post_form(
+        web,
+        f"/accounts/{account.id}/passwords/{old.id}/revoke",
+        {},
+        form_page=f"/accounts/{account.id}",
+    )
+    before_refusal = len(hashed)
+    said = mail.refusal("imap", account.address, PASSWORD)
+    mail.imap(account.address, new).logout()
+
+    assert cold >= 1 and warm == 0
+    assert WORDS["credentials"]["imap"] in said
+    assert len(hashed) > before_refusal  # the stale cache entry led to a real check
+
+
+def test_failed_logins_throttle_the_address_with_a_retry_time_and_lift(
+    owner: User, peers: Any, mail: MailClients
+) -> None:
+    account = link_with_client_credentials(owner, peers, "throttled")
+    other = link_with_client_credentials(owner, peers, "bystander")
+    for _ in range(3):  # LOGIN_FAILURE_LIMIT
+        assert WORDS["credentials"]["imap"] in mail.refusal("imap", account.address, WRONG)
+
+    said = {p: mail.refusal(p, account.address, PASSWORD) for p in ("imap", "pop3", "smtp")}
+    mail.imap(other.address, PASSWORD).logout()  # per address: others are not blocked
+
+    for protocol, text in said.items():
+        assert WORDS["unavailable"][protocol] in text, text
+        assert "Too many failed logins" in text
+    wait = int(re.search(r"retry in (\d+) seconds", said["imap"]).group(1))  # type: ignore[union-attr]
+    assert 1 <= wait <= 3
+    time.sleep(wait + 0.2)
+    read_first_message(mail.imap(account.address, PASSWORD))
+
+
+# ---------------------------------------------------------------------------------- account state
+
+
+def test_needs_reauthorization_names_the_page_keeps_tokens_and_shows_on_the_accounts_page(
+    owner: User, peers: Any, mail: MailClients, web: FlaskClient
+) -> None:
+    # Access tokens of 30 s are never fresh enough (60 s margin): each login refreshes.
+    account = link_with_code(owner, peers, "reauth", access_token_ttl=30)
+    mail.imap(account.address, PASSWORD).logout()  # works, with a refresh behind it
+    kept = Account.get_by_id(account.id)
+    peers.revoke_grants(email=account.address)
+
+    said = {p: mail.refusal(p, account.address, PASSWORD) for p in ("imap", "pop3", "smtp")}
+
+    page_url = f"{PUBLIC}/accounts/{account.id}"
+    for protocol, text in said.items():
+        assert WORDS["reauth"][protocol] in text and page_url in text, text
+    assert "invalid_grant" in said["imap"]
+    after = Account.get_by_id(account.id)
+    assert after.status == "needs_reauth"
+    assert after.refresh_token == kept.refresh_token  # kept until a new authorization
+    assert after.access_token == kept.access_token
+    page = web.get("/").get_data(as_text=True)
+    assert "needs re-authorization" in page
+    assert "Needs re-authorization" in account_row(page, account)
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3", "smtp"])
+def test_upstream_down_is_unavailable_naming_the_server(
+    owner: User, peers: Any, mail: MailClients, protocol: str
+) -> None:
+    account = link_with_client_credentials(owner, peers, f"down-{protocol}")
+    port = closed_port()
+    client = account.client
+    values = {name: getattr(client, name) for name in clients.EDITABLE}
+    values.update({f"{p}_port": port for p in ("imap", "pop3", "smtp")})
+    clients.save_client(owner, values, client=client)  # the admin points it at a dead server
+
+    said = mail.refusal(protocol, account.address, PASSWORD)
+
+    assert WORDS["unavailable"][protocol] in said and str(port) in said, said
+    assert Account.get_by_id(account.id).status == "active"  # nothing for the user to fix
+
+
+# ---------------------------------------------------------------------------------- accounting
+
+
+def test_a_session_is_accounted_on_the_accounts_page_and_in_the_audit_log(
+    owner: User, peers: Any, mail: MailClients, web: FlaskClient
+) -> None:
+    account = link_with_client_credentials(owner, peers, "accounting")
+    assert account.last_used_at is None and account.bytes_relayed == 0
+    assert "never" in account_row(web.get("/").get_data(as_text=True), account)
+
+    conn = mail.imap(account.address, PASSWORD)
+    read_first_message(conn)
+    conn.logout()
+    mail.refusal("smtp", account.address, WRONG)
+
+    used = wait_for_accounting(account)
+    assert used.last_used_at is not None and used.last_used_ip == "127.0.0.1"
+    assert used.bytes_relayed > 200  # at least the message it read
+    row = account_row(web.get("/").get_data(as_text=True), account)
+    assert "from 127.0.0.1" in row and "never" not in row
+    assert "0 bytes" not in row and re.search(r"\d+(\.\d)? (bytes|kB)", row)
+    detail = web.get(f"/accounts/{account.id}").get_data(as_text=True)
+    assert "from 127.0.0.1" in detail
+
+    login = AuditEvent.get(AuditEvent.action == "mail.login")
+    assert (login.target, login.detail, login.ip) == (account.address, "imap", "127.0.0.1")
+    assert login.actor_id == owner.id
+    assert AuditEvent.get(AuditEvent.action == "mail.login_failed").detail == "smtp"
+    for event in AuditEvent.select():
+        text = " ".join(str(v) for v in event.__data__.values())
+        assert PASSWORD not in text and WRONG not in text
+    audit_page = web.get("/admin/audit").get_data(as_text=True)
+    assert "mail.login" in audit_page and PASSWORD not in audit_page
+
+
+def test_metrics_move_after_a_proxied_session(
+    owner: User, peers: Any, mail: MailClients, web: FlaskClient
+) -> None:
+    account = link_with_client_credentials(owner, peers, "metrics")
+
+    def snapshot() -> dict[str, float]:
+        return {
+            "ok": metric(web, "mailproxy_logins_total", protocol="imap", result="ok"),
+            "failed": metric(web, "mailproxy_logins_total", protocol="imap", result="credentials"),
+            "in": metric(web, "mailproxy_relayed_bytes_total", protocol="imap", direction="in"),
+            "out": metric(web, "mailproxy_relayed_bytes_total", protocol="imap", direction="out"),
+            "open": metric(web, "mailproxy_sessions_open", protocol="imap"),
+        }
+
+    before = snapshot()
+    conn = mail.imap(account.address, PASSWORD)
+    during = snapshot()
+    read_first_message(conn)
+    conn.logout()
+    mail.refusal("imap", account.address, WRONG)
+    wait_for_accounting(account)
+    after = wait_until(
+        lambda: (s := snapshot())["open"] == before["open"] and s, what="sessions to close"
+    )
+
+    assert during["open"] == before["open"] + 1
+    assert during["ok"] == before["ok"] + 1
+    assert after["ok"] == before["ok"] + 1
+    assert after["failed"] == before["failed"] + 1
+    assert after["in"] > before["in"] and after["out"] > before["out"] + 200
+    text = web.get("/metrics").get_data(as_text=True)
+    assert account.address not in text and PASSWORD not in text
+
+
+def test_a_whole_session_at_debug_level_logs_no_password_and_no_token(
+    owner: User,
+    peers: Any,
+    mail: MailClients,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for name in [None, *logging.root.manager.loggerDict]:
+        caplog.set_level(logging.DEBUG, logger=name)
+    handed_out: list[str] = []
+    real_get = tokens.get_access_token
+
+    def recording(account_id: int, force_refresh: bool = False) -> str:
+        token = real_get(account_id, force_refresh=force_refresh)
+        handed_out.append(token)
+        handed_out.append(str(Account.get_by_id(account_id).refresh_token))
+        return token
+
+    monkeypatch.setattr(tokens, "get_access_token", recording)
+    # Linking inside the capture too: code exchange, verification, rotating refreshes.
+    account = link_with_code(owner, peers, "debuglog", access_token_ttl=30)
+    linked = Account.get_by_id(account.id)
+    handed_out += [str(linked.access_token), str(linked.refresh_token)]
+    address = account.address
+
+    read_first_message(mail.imap(address, PASSWORD, "imaps"))
+    conn = imaplib.IMAP4("127.0.0.1", mail.port("imap"), timeout=20)
+    conn.starttls(ssl_context=mail.tls())
+    conn.authenticate("PLAIN", lambda _: f"\0{address}\0{PASSWORD}".encode())
+    conn.logout()
+    pop = mail.pop3(address, PASSWORD)
+    pop.retr(1)
+    pop.quit()
+    smtp = smtplib.SMTP("127.0.0.1", mail.port("submission"), timeout=20)
+    smtp.starttls(context=mail.tls())
+    smtp.ehlo()
+    smtp.user, smtp.password = address, PASSWORD
+    smtp.auth("LOGIN", smtp.auth_login)
+    smtp.send_message(message(address, f"debug log {secrets.token_hex(4)}"))
+    smtp.quit()
+    mail.refusal("imap", address, WRONG)
+    wait_for_accounting(account)
+    final = Account.get_by_id(account.id)
+    handed_out += [str(final.access_token), str(final.refresh_token)]
+
+    text = caplog.text
+    assert "LOGIN ****" in text or "AUTHENTICATE XOAUTH2 ****" in text  # the talk is logged
+    assert len(set(handed_out)) >= 6  # several refreshes with rotation happened
+    forbidden = {PASSWORD, WRONG, account.client.client_secret}
+    forbidden.add(base64.b64encode(f"\0{address}\0{PASSWORD}".encode()).decode())
+    forbidden.add(base64.b64encode(PASSWORD.encode()).decode())
+    for token in set(handed_out):
+        forbidden.add(token)
+        raw = f"user={address}\x01auth=Bearer {token}\x01\x01".encode()
+        forbidden.add(base64.b64encode(raw).decode())
+    leaked = [s[:12] + "..." for s in forbidden if s and s in text]
+    assert not leaked, f"secrets in the DEBUG log: {leaked}"
+
+
+# ---------------------------------------------------------------------------------- health
+
+
+def test_healthz_is_ok_while_the_proxy_runs_and_503_after_it_stops(app: Flask) -> None:
+    web = app.test_client()
+    service = MailProxyService(app)
+    service.start()
+    try:
+        running = web.get("/healthz")
+    finally:
+        service.stop()
+    stopped = web.get("/healthz")
+
+    assert running.status_code == 200, running.get_json()
+    checks = running.get_json()["checks"]
+    assert checks == {"database": True, **dict.fromkeys(LISTENER_NAMES, True)}
+    assert stopped.status_code == 503
+    assert stopped.get_json()["checks"]["imap"] is False
+
+
+def test_mail_client_settings_show_the_ports_the_proxy_listens_on(
+    owner: User, peers: Any, mail: MailClients, web: FlaskClient
+) -> None:
+    account = link_with_client_credentials(owner, peers, "settings")
+    page = web.get(f"/accounts/{account.id}/mail-client").get_data(as_text=True)
+    for listener in LISTENER_NAMES:
+        assert f"<td>{mail.port(listener)}</td>" in page

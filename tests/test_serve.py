@@ -1,0 +1,138 @@
+"""The serving entry point as an operator runs it: ``python serve.py`` in its own process.
+
+Configured only through AUTH_EMAIL_* variables (a fresh instance folder, the web UI and every mail
+listener on free loopback ports); stopped with SIGTERM as systemd stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from mailproxy.settings import LISTENER_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_env(instance: Path, **settings: str) -> dict[str, str]:
+    """The environment of ``python serve.py``: nothing inherited from AUTH_EMAIL_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTH_EMAIL_")}
+    env.update({"AUTH_EMAIL_INSTANCE": str(instance), "PYTHONUNBUFFERED": "1"})
+    env.update({f"AUTH_EMAIL_{name}": value for name, value in settings.items()})
+    return env
+
+
+def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:  # a file, not a pipe: nothing can block on a full pipe
+        return subprocess.Popen(
+            [sys.executable, "serve.py"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@pytest.fixture
+def ports() -> dict[str, int]:
+    return {name: free_port() for name in ("web", *LISTENER_NAMES)}
+
+
+@pytest.fixture
+def served(tmp_path: Path, ports: dict[str, int]) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    listeners = {f"{n.upper()}_LISTEN": f"127.0.0.1:{ports[n]}" for n in LISTENER_NAMES}
+    env = serve_env(
+        tmp_path / "instance",
+        BIND=f"127.0.0.1:{ports['web']}",
+        PUBLIC_URL=f"http://127.0.0.1:{ports['web']}",
+        **listeners,
+    )
+    log = tmp_path / "serve.log"
+    process = start(env, log)
+    try:
+        yield process, log
+    finally:
+        if process.poll() is None:
+            process.kill()  # only if the test failed before stopping it
+            process.wait(10)
+
+
+def wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path) -> requests.Response:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve.py exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            answer = requests.get(base + "/healthz", timeout=2)
+            if answer.status_code == 200:
+                return answer
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"serve.py did not become healthy:\n{log.read_text()}")
+
+
+def test_serve_runs_web_ui_and_mail_proxy_and_stops_cleanly_on_sigterm(
+    served: tuple[subprocess.Popen[bytes], Path], ports: dict[str, int]
+) -> None:
+    process, log = served
+    base = f"http://127.0.0.1:{ports['web']}"
+
+    health = wait_healthy(base, process, log)
+    first_visit = requests.get(base + "/", timeout=5)
+    with socket.create_connection(("127.0.0.1", ports["imap"]), timeout=5) as imap:
+        greeting = imap.makefile("rb").readline()
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=10)
+
+    assert health.json()["checks"] == {"database": True, **dict.fromkeys(LISTENER_NAMES, True)}
+    assert first_visit.url == base + "/setup"  # a fresh instance leads to the setup page
+    assert "Create the administrator" in first_visit.text
+    assert greeting.startswith(b"* OK") and b"IMAP4rev1" in greeting
+    assert code == 0, log.read_text()
+    output = log.read_text()
+    assert "shutting down" in output and "Traceback" not in output
+    with pytest.raises(requests.ConnectionError):
+        requests.get(base + "/healthz", timeout=2)
+
+
+@pytest.mark.parametrize("busy", ["IMAP_LISTEN", "BIND"])
+def test_busy_port_makes_serve_exit_with_the_bind_error(tmp_path: Path, busy: str) -> None:
+    settings = {f"{n.upper()}_LISTEN": "127.0.0.1:0" for n in LISTENER_NAMES}
+    settings["BIND"] = "127.0.0.1:0"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings[busy] = f"127.0.0.1:{port}"
+        log = tmp_path / "serve.log"
+        process = start(serve_env(tmp_path / "instance", **settings), log)
+        try:
+            code = process.wait(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+    output = log.read_text()
+    assert code not in (0, None), output
+    assert "cannot start" in output and str(port) in output and "in use" in output, output
+    assert "Traceback" not in output
+    if busy == "BIND":
+        assert "listening on" not in output  # nothing else started before the web UI's port
