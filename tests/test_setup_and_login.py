@@ -166,3 +166,17 @@ def test_disabled_user_cannot_sign_in_and_is_signed_out(app, auth, client):
         bob_client, "/login", {"email": "bob@example.org", "password": USER_PASSWORD}
     )
     assert "disabled" in response.get_data(as_text=True)
+
+
+def test_expired_invite_link_is_refused(app, auth):
+    import users
+
+    auth.setup_admin()
+    with app.app_context():
+        token = users.create_invite("late@example.org", User.by_email(ADMIN_EMAIL), False, hours=-1)
+    visitor = app.test_client()
+    assert visitor.get(f"/invite/{token}").status_code == 404
+    response = visitor.post(f"/invite/{token}", data={"password": "x" * 12, "confirm": "x" * 12})
+    assert response.status_code in (400, 404)
+    with app.app_context():
+        assert User.by_email("late@example.org") is None

@@ -346,3 +346,74 @@ def test_disabled_and_pending_accounts_get_no_token(fast_app: Flask) -> None:
         tokens.set_status(account.id, status)
         with pytest.raises(tokens.AccountUnusable):
             tokens.get_access_token(account.id)
+
+
+_HERD_WORKER = """
+import hashlib, sys, threading, time
+sys.path.insert(0, {root!r})
+from app import create_app
+import tokens
+create_app({config!r})
+start_at, account_id = float(sys.argv[1]), int(sys.argv[2])
+results, errors = [], []
+def call():
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        results.append(tokens.get_access_token(account_id))
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=call) for _ in range(5)]
+[t.start() for t in threads]
+[t.join(60) for t in threads]
+digests = {{hashlib.sha256(r.encode()).hexdigest()[:16] for r in results}}
+print(len(results), len(digests), len(errors), *sorted(digests), errors[:1])
+"""
+
+
+@pytest.mark.peers
+@pytest.mark.postgres
+def test_processes_sharing_postgres_cause_one_token_request(
+    instance: Path,
+    peer: PeerInfo,  # noqa: F811
+    pg_url: str,
+) -> None:
+    """Three serving processes on one database, five callers each: one refresh in all."""
+    import hashlib
+    import subprocess
+    import sys
+
+    import users
+
+    config = {
+        "INSTANCE_PATH": str(instance),
+        "DATABASE_URL": pg_url,
+        "UPSTREAM_CA_FILE": peer.ca_file,
+        "PUBLIC_URL": PUBLIC,
+        "ARGON2_MEMORY_KIB": 1024,
+        "ARGON2_TIME_COST": 1,
+        "ARGON2_PARALLELISM": 1,
+    }
+    app = make_app(instance, **{k: v for k, v in config.items() if k != "INSTANCE_PATH"})
+    with app.app_context():
+        owner = users.create_user("herd@example.org", "owner-password-1", True)
+    account, reg = link(owner, peer)
+    expire(account)
+    before = token_requests(peer, reg["client_id"])
+    script = _HERD_WORKER.format(root=str(Path(__file__).parents[1]), config=config)
+    start_at = str(time.time() + 4)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, start_at, str(account.id)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [w.communicate(timeout=90) for w in workers]
+    fresh = Account.get_by_id(account.id).access_token
+    assert fresh != account.access_token
+    digest = hashlib.sha256(fresh.encode()).hexdigest()[:16]
+    for out, err in outputs:
+        assert out.split()[:4] == ["5", "1", "0", digest], (out, err[-2000:])
+    assert token_requests(peer, reg["client_id"]) == before + 1
