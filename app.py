@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 import config
+import grants
 import passwords
-import tokens
 from db import database, has_ciphertext, open_database, vault
 from migrations import migrate
 from models import SECRET_MODELS
@@ -57,7 +57,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         WTF_CSRF_TIME_LIMIT=None,
     )
     passwords.configure(app.config)
-    tokens.configure(app.config)
+    grants.configure(app.config)
     init_database(app)
 
     import security

@@ -18,6 +18,7 @@ import peewee as pw
 
 import audit
 import clients
+import grants
 import oauth
 import providers
 import tokens
@@ -156,12 +157,12 @@ def start(
         if grant == providers.AUTHORIZATION_CODE:
             return Started(account, url=oauth.begin(user, account, client, redirect))
         if grant == providers.DEVICE_CODE:
-            begun = tokens.device_code_start(client)
+            begun = grants.device_code_start(client)
             return Started(account, pending=oauth.begin_device(user, account, client, begun))
         if grant == providers.CLIENT_CREDENTIALS:
-            token = tokens.client_credentials(client)
+            token = grants.client_credentials(client)
         elif grant == providers.PASSWORD:
-            token = tokens.password_grant(client, username or account.address, password)
+            token = grants.password_grant(client, username or account.address, password)
         else:
             raise LinkError("This client's grant is not supported.")
     except tokens.GrantError as exc:
@@ -227,7 +228,7 @@ def complete_callback(
     if not code:
         raise AuthorizationProblem(oauth.NO_PENDING)
     try:
-        token = tokens.exchange_code(client, code, redirect, str(pending.code_verifier))
+        token = grants.exchange_code(client, code, redirect, str(pending.code_verifier))
     except tokens.GrantError as exc:
         _discard_if_unlinked(account)
         raise AuthorizationProblem(oauth.explain(exc.error, exc.description, redirect)) from None
@@ -247,7 +248,7 @@ def poll_device(user: User, account: Account, state: str, *, ip: str = "") -> Ve
     if pending.expires_at < utcnow():
         raise AuthorizationProblem(oauth.EXPIRED)
     try:
-        token = tokens.device_code_poll(pending.client, str(pending.device_code))
+        token = grants.device_code_poll(pending.client, str(pending.device_code))
     except tokens.GrantError as exc:
         PendingAuthorization.update(consumed_at=utcnow()).where(
             PendingAuthorization.id == pending.id
@@ -275,7 +276,7 @@ def finish(
     if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
         _discard_if_unlinked(account)
         raise AuthorizationProblem(oauth.explain("no_refresh_token"))
-    identity = tokens.identity_from(token)
+    identity = grants.identity_from(token)
     with database.atomic():
         Account.update(
             client=client,
@@ -351,7 +352,7 @@ def check_imap(
     """Authenticate at ``endpoint`` and SELECT INBOX; raises ``VerificationFailed``."""
     if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
         raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
-    context = tokens.ssl_context()
+    context = grants.ssl_context()
     calls = 0
 
     def respond(_challenge: bytes) -> bytes:
@@ -422,9 +423,9 @@ def unlink(user: User, account: Account, *, ip: str = "") -> bool:
         refresh = account.refresh_token
         access = account.access_token
         if refresh:
-            revoked = tokens.revoke(client, url, str(refresh), "refresh_token")
+            revoked = grants.revoke(client, url, str(refresh), "refresh_token")
         if access:
-            revoked = tokens.revoke(client, url, str(access), "access_token") or revoked
+            revoked = grants.revoke(client, url, str(access), "access_token") or revoked
     address = account.address
     with database.atomic():
         account.delete_instance(recursive=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from authlib.common.security import generate_token
 
+import grants
 import providers
-import tokens
 from models import Account, OAuthClient, PendingAuthorization, User, utcnow
 
 PENDING_LIFETIME = dt.timedelta(minutes=15)
@@ -57,7 +57,7 @@ def begin(user: User, account: Account, client: OAuthClient, redirect: str) -> s
                 "Edit the client and fill in its authorization URL, or choose another client.",
             )
         )
-    tokens.check_endpoint(client.authorize_url)
+    grants.check_endpoint(client.authorize_url)
     verifier = generate_token(64)
     state = secrets.token_urlsafe(32)
     PendingAuthorization.create(
@@ -68,7 +68,7 @@ def begin(user: User, account: Account, client: OAuthClient, redirect: str) -> s
         code_verifier=verifier,
         expires_at=utcnow() + PENDING_LIFETIME,
     )
-    session = tokens.session_for(client, redirect_uri=redirect)
+    session = grants.session_for(client, redirect_uri=redirect)
     params = {"login_hint": account.address, **providers.extra_authorize_params(client)}
     url, _ = session.create_authorization_url(
         client.authorize_url, state=state, code_verifier=verifier, **params
@@ -77,7 +77,7 @@ def begin(user: User, account: Account, client: OAuthClient, redirect: str) -> s
 
 
 def begin_device(
-    user: User, account: Account, client: OAuthClient, start: tokens.DeviceStart
+    user: User, account: Account, client: OAuthClient, start: grants.DeviceStart
 ) -> PendingAuthorization:
     """Record a Device Code flow in progress (the device code is stored encrypted)."""
     pending = PendingAuthorization(

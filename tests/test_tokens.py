@@ -14,6 +14,7 @@ import pytest
 import requests
 from flask import Flask
 
+import grants
 import linking
 import tokens
 import upkeep
@@ -335,9 +336,9 @@ def test_a_stale_claim_is_taken_over(fast_app: Flask, endpoint_503: FlakyTokenEn
 
 def test_plain_http_token_endpoint_is_refused_off_loopback() -> None:
     with pytest.raises(tokens.GrantError, match="https"):
-        tokens.check_endpoint("http://login.example.com/token")
-    tokens.check_endpoint("http://127.0.0.1:9/token")
-    tokens.check_endpoint("https://login.example.com/token")
+        grants.check_endpoint("http://login.example.com/token")
+    grants.check_endpoint("http://127.0.0.1:9/token")
+    grants.check_endpoint("https://login.example.com/token")
 
 
 def test_disabled_and_pending_accounts_get_no_token(fast_app: Flask) -> None:

@@ -1,0 +1,331 @@
+"""Requests to a provider's OAuth endpoints: code exchange, client credentials, device code,
+password grant, refresh and revocation, all through one TLS setup (system CAs plus the
+configured upstream CA file) and one mapping of failures to errors a person can act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from authlib.integrations.base_client.errors import OAuthError
+from authlib.integrations.requests_client import OAuth2Session
+from requests.adapters import HTTPAdapter
+
+from config import is_loopback_host
+from models import OAuthClient
+
+log = logging.getLogger("auth_email.grants")
+
+CLIENT_CREDENTIALS = "client_credentials"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the module needs from the configuration; set by ``configure``."""
+
+    ca_file: str = ""
+    timeout: float = 15.0  # seconds per HTTP request
+    attempts: int = 3  # tries per refresh on timeouts and 5xx
+    backoff: float = 0.5  # first pause between tries; doubles
+    margin: int = 60  # a cached token must stay valid this many seconds more
+    poll: float = 0.1  # how often a waiting caller looks at the row again
+
+    @property
+    def claim_seconds(self) -> float:
+        """How long a refresh claim holds before another caller may take over (a crash)."""
+        return self.attempts * self.timeout + self.backoff * 2**self.attempts + 10
+
+
+_settings = Settings()
+_ssl_lock = threading.Lock()
+_ssl_context: ssl.SSLContext | None = None
+
+
+def configure(config: Mapping[str, Any]) -> None:
+    """Take the settings from the app's config (called by the app factory, or by tests)."""
+    global _settings, _ssl_context
+    _settings = Settings(
+        ca_file=str(config.get("UPSTREAM_CA_FILE") or ""),
+        timeout=float(config.get("TOKEN_HTTP_TIMEOUT", 15.0)),
+        attempts=int(config.get("TOKEN_ATTEMPTS", 3)),
+        backoff=float(config.get("TOKEN_BACKOFF", 0.5)),
+    )
+    with _ssl_lock:
+        _ssl_context = None
+
+
+def settings() -> Settings:
+    return _settings
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+class TokenError(Exception):
+    """A token could not be had; ``message`` says why in words a person can act on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NeedsReauthorization(TokenError):
+    """The grant is gone (revoked, expired, password changed): the user must authorize again."""
+
+
+class TokenUnavailable(TokenError):
+    """A temporary failure (timeout, 5xx, another refresh that failed): try again later."""
+
+
+class AccountUnusable(TokenError):
+    """The account is disabled, not linked yet, or gone."""
+
+
+class GrantError(TokenError):
+    """The token endpoint refused a grant; ``error`` and ``description`` are the provider's."""
+
+    def __init__(self, error: str, description: str = "") -> None:
+        self.error = error or "unknown_error"
+        self.description = description or ""
+        super().__init__(f"{self.error}: {self.description}" if description else self.error)
+
+
+# ---------------------------------------------------------------------------------- HTTP
+
+
+def ssl_context() -> ssl.SSLContext:
+    """System CAs plus ``UPSTREAM_CA_FILE``: for token endpoints and upstream mail servers."""
+    global _ssl_context
+    with _ssl_lock:
+        if _ssl_context is None:
+            context = ssl.create_default_context()
+            if _settings.ca_file:
+                context.load_verify_locations(cafile=_settings.ca_file)
+            _ssl_context = context
+        return _ssl_context
+
+
+class _VerifyingAdapter(HTTPAdapter):
+    """Verifies servers against ``ssl_context()`` (requests alone takes one CA bundle)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = ssl_context()
+        super().init_poolmanager(*args, **kwargs)
+
+
+def check_endpoint(url: str) -> None:
+    """Token endpoints must use https; plain http only on loopback (test servers)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname)):
+        return
+    raise GrantError("insecure_endpoint", f"the endpoint {url!r} must use https")
+
+
+def session_for(
+    client: OAuthClient,
+    *,
+    redirect_uri: str | None = None,
+    update_token: Callable[..., None] | None = None,
+) -> OAuth2Session:
+    """An Authlib session built for this client (never a global registry entry)."""
+    secret = client.client_secret or None
+    session = OAuth2Session(
+        client_id=client.client_id,
+        client_secret=secret,
+        token_endpoint_auth_method="client_secret_basic" if secret else "none",
+        scope=client.scope or None,
+        redirect_uri=redirect_uri,
+        update_token=update_token,
+        code_challenge_method="S256",
+    )
+    session.mount("https://", _VerifyingAdapter())
+    return session
+
+
+def call_endpoint(request: Callable[[], Any]) -> dict[str, Any]:
+    """Run one token request; map every failure to a GrantError or TokenUnavailable."""
+    try:
+        token = request()
+    except OAuthError as exc:
+        raise GrantError(str(exc.error or ""), str(exc.description or "")) from None
+    except requests.Timeout:
+        raise TokenUnavailable("the token endpoint did not answer in time") from None
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        if status >= 500 or status == 429:
+            raise TokenUnavailable(f"the token endpoint answered HTTP {status}") from None
+        raise GrantError("http_error", f"the token endpoint answered HTTP {status}") from None
+    except requests.exceptions.SSLError as exc:
+        raise TokenUnavailable(f"TLS failure at the token endpoint: {_reason(exc)}") from None
+    except requests.RequestException as exc:
+        raise TokenUnavailable(f"the token endpoint is unreachable: {_reason(exc)}") from None
+    except ValueError as exc:
+        raise TokenUnavailable(f"the token endpoint gave no usable answer ({exc})") from None
+    return dict(token)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause without URLs or bodies (which never hold secrets here, but stay short)."""
+    while exc.__context__ is not None and not isinstance(exc, OSError | ssl.SSLError):
+        exc = exc.__context__
+    return type(exc).__name__ if not str(exc) else str(exc).split("\n")[0][:200]
+
+
+def _post(client: OAuthClient, url: str, data: dict[str, str]) -> dict[str, Any]:
+    """A plain form POST to an endpoint with the client's credentials (device, revocation)."""
+    check_endpoint(url)
+    session = session_for(client)
+
+    def send() -> dict[str, Any]:
+        auth = session.client_auth(session.token_endpoint_auth_method)
+        body = {**data}
+        if not client.client_secret:
+            body["client_id"] = client.client_id
+        response = session.post(url, data=body, auth=auth, timeout=_settings.timeout)
+        if response.status_code >= 500:
+            response.raise_for_status()
+        try:
+            payload = response.json() if response.content else {}
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            response.raise_for_status()
+            raise ValueError(f"HTTP {response.status_code}, not JSON")
+        if "error" in payload:
+            raise OAuthError(payload.get("error"), payload.get("error_description"))
+        return payload
+
+    return call_endpoint(send)
+
+
+# ---------------------------------------------------------------------------------- grants
+
+
+def exchange_code(
+    client: OAuthClient, code: str, redirect_uri: str, code_verifier: str
+) -> dict[str, Any]:
+    """Authorization Code grant with PKCE: the code from the callback for tokens."""
+    check_endpoint(client.token_url)
+    session = session_for(client, redirect_uri=redirect_uri)
+    return call_endpoint(
+        lambda: session.fetch_token(
+            client.token_url,
+            grant_type="authorization_code",
+            code=code,
+            code_verifier=code_verifier,
+            redirect_uri=redirect_uri,
+            timeout=_settings.timeout,
+        )
+    )
+
+
+def client_credentials(client: OAuthClient) -> dict[str, Any]:
+    """Client Credentials grant (no user): the scope is the client's, e.g. ``.../.default``."""
+    check_endpoint(client.token_url)
+    session = session_for(client)
+    return call_endpoint(
+        lambda: session.fetch_token(
+            client.token_url,
+            grant_type=CLIENT_CREDENTIALS,
+            scope=client.scope,
+            timeout=_settings.timeout,
+        )
+    )
+
+
+def password_grant(client: OAuthClient, username: str, password: str) -> dict[str, Any]:
+    """Resource Owner Password grant (legacy; fails with MFA). The password is not kept."""
+    check_endpoint(client.token_url)
+    session = session_for(client)
+    return call_endpoint(
+        lambda: session.fetch_token(
+            client.token_url,
+            grant_type="password",
+            username=username,
+            password=password,
+            scope=client.scope,
+            timeout=_settings.timeout,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class DeviceStart:
+    device_code: str
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str
+    expires_in: int
+    interval: int
+
+
+def device_code_start(client: OAuthClient) -> DeviceStart:
+    """Start a Device Code flow: the code the user types at the provider's page."""
+    if not client.device_url:
+        raise GrantError("unsupported_grant_type", "this client has no device authorization URL")
+    data = {"scope": client.scope} if client.scope else {}
+    answer = _post(client, client.device_url, data)
+    try:
+        return DeviceStart(
+            device_code=str(answer["device_code"]),
+            user_code=str(answer["user_code"]),
+            verification_uri=str(answer.get("verification_uri") or answer["verification_url"]),
+            verification_uri_complete=str(answer.get("verification_uri_complete") or ""),
+            expires_in=int(answer.get("expires_in") or 900),
+            interval=int(answer.get("interval") or 5),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise TokenUnavailable("the device authorization answer is incomplete") from None
+
+
+def device_code_poll(client: OAuthClient, device_code: str) -> dict[str, Any] | None:
+    """One poll of a Device Code flow: the tokens, or None while the user has not finished."""
+    try:
+        return _post(
+            client,
+            client.token_url,
+            {"grant_type": DEVICE_GRANT, "device_code": device_code},
+        )
+    except GrantError as exc:
+        if exc.error in {"authorization_pending", "slow_down"}:
+            return None
+        raise
+
+
+def revoke(client: OAuthClient, url: str, token: str, hint: str) -> bool:
+    """RFC 7009 revocation; True when the provider accepted it. Failures are not fatal."""
+    try:
+        _post(client, url, {"token": token, "token_type_hint": hint})
+    except TokenError as exc:
+        log.info("revocation at the provider failed: %s", exc.message)
+        return False
+    return True
+
+
+def identity_from(token: Mapping[str, Any]) -> str:
+    """Who signed in, from the id_token's claims (display only; came straight from TLS)."""
+    raw = token.get("id_token")
+    if not isinstance(raw, str) or raw.count(".") < 2:
+        return ""
+    try:
+        part = raw.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (ValueError, TypeError):
+        return ""
+    if not isinstance(claims, dict):
+        return ""
+    for key in ("email", "preferred_username", "upn", "unique_name"):
+        value = claims.get(key)
+        if isinstance(value, str) and "@" in value:
+            return value.lower()
+    return ""
