@@ -22,9 +22,9 @@ from flask import (
 from flask_login import current_user, login_required
 from werkzeug.wrappers import Response
 
-import clients
 import linking
 import oauth
+import oauth_clients
 import providers
 from account_forms import AddressForm, AuthorizeForm, MailPasswordForm
 from forms import EmptyForm
@@ -60,7 +60,7 @@ def dashboard(user: User) -> dict[str, Any]:
     return {
         "accounts": accounts,
         "attention": [a for a in accounts if a.status in ("needs_reauth", "error")],
-        "secret_warnings": clients.secret_expiry_warnings(user),
+        "secret_warnings": oauth_clients.secret_expiry_warnings(user),
         "provider_names": dict(providers.choices()),
     }
 

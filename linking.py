@@ -17,9 +17,9 @@ from typing import Any
 import peewee as pw
 
 import audit
-import clients
 import grants
 import oauth
+import oauth_clients
 import providers
 import tokens
 from config import is_loopback_host
@@ -68,12 +68,12 @@ def usable_client(user: User, client_id: int) -> OAuthClient | None:
 
 
 def _is_default(client: OAuthClient) -> bool:
-    default = clients.default_client(client.provider)
+    default = oauth_clients.default_client(client.provider)
     return default is not None and default.id == client.id
 
 
 def default_client(provider: str) -> OAuthClient | None:
-    return clients.default_client(provider) if provider else None
+    return oauth_clients.default_client(provider) if provider else None
 
 
 def choose_client(user: User, provider: str, choice: str) -> OAuthClient:

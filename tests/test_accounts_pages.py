@@ -8,9 +8,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-import clients
 import linking
 import oauth
+import oauth_clients
 import tokens
 import upkeep
 import users
@@ -93,7 +93,7 @@ def test_authorization_page_main_button_uses_the_default_client(
 ) -> None:
     admin = User.by_email("admin@example.org")
     google = make_client(admin, name="Company Google", provider="google", shared=True)
-    clients.set_default_client("google", google)
+    oauth_clients.set_default_client("google", google)
     own = make_client(alice, name="My own app")
 
     page = client.get("/accounts/new?address=someone@gmail.com").get_data(as_text=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-import clients
+import oauth_clients
 import providers
 from models import Account, AuditEvent, OAuthClient, Setting, User
 from tests.conftest import USER_PASSWORD, post_form
@@ -609,10 +609,12 @@ def test_delete_client_function(app, admin_client):
         account = Account.create(
             owner=client.owner_id, address="x@contoso.com", provider="microsoft365", client=client
         )
-        with pytest.raises(clients.ClientInUse) as raised:
-            clients.delete_client(client)
+        with pytest.raises(oauth_clients.ClientInUse) as raised:
+            oauth_clients.delete_client(client)
         assert [a.id for a in raised.value.accounts] == [account.id]
-        assert [a.id for a in clients.delete_client(client, reauth_accounts=True)] == [account.id]
+        assert [a.id for a in oauth_clients.delete_client(client, reauth_accounts=True)] == [
+            account.id
+        ]
         assert Account.get_by_id(account.id).status == "needs_reauth"
 
 
@@ -625,7 +627,7 @@ def test_delete_client_function(app, admin_client):
 )
 def test_expiry_levels(days, level):
     today = dt.date(2030, 6, 1)
-    found = clients.expiry_level(today + dt.timedelta(days=days), today)
+    found = oauth_clients.expiry_level(today + dt.timedelta(days=days), today)
     assert (found[0] if found else None) == level
 
 
@@ -643,7 +645,7 @@ def test_expiry_warnings_list_the_dependent_accounts(app, people):
         Account.create(
             owner=alice.id, address="dep@contoso.com", provider="microsoft365", client=gone
         )
-        warnings = clients.secret_expiry_warnings(alice)
+        warnings = oauth_clients.secret_expiry_warnings(alice)
     assert [(w.client.name, w.level) for w in warnings] == [
         ("Gone", "expired"),
         ("Very soon", "7"),
@@ -672,8 +674,8 @@ def test_a_shared_clients_expiry_warns_the_users_whose_accounts_depend_on_it(app
         Account.create(
             owner=carol.id, address="c@contoso.com", provider="microsoft365", client=saved
         )
-        for_bob = clients.secret_expiry_warnings(bob)
-        for_admin = clients.secret_expiry_warnings(user(app, "admin@example.org"))
+        for_bob = oauth_clients.secret_expiry_warnings(bob)
+        for_admin = oauth_clients.secret_expiry_warnings(user(app, "admin@example.org"))
     assert [a.address for a in for_bob[0].accounts] == ["bob@contoso.com"]
     assert {a.address for a in for_admin[0].accounts} == {"bob@contoso.com", "c@contoso.com"}
 
@@ -691,7 +693,7 @@ def test_admin_picks_the_default_client_per_provider(app, people):
     assert f'<option value="{admin_app.id}">' in page
     assert f'<option value="{alice_app.id}">' not in page  # private to alice
     with app.app_context():
-        assert clients.default_client("microsoft365") is None
+        assert oauth_clients.default_client("microsoft365") is None
     response = post_form(
         people["admin"],
         "/settings/clients/defaults",
@@ -700,8 +702,8 @@ def test_admin_picks_the_default_client_per_provider(app, people):
     )
     assert response.status_code == 302
     with app.app_context():
-        assert clients.default_client("microsoft365").id == admin_app.id
-        assert clients.default_client("google") is None
+        assert oauth_clients.default_client("microsoft365").id == admin_app.id
+        assert oauth_clients.default_client("google") is None
         assert Setting.read("default_client.microsoft365") == str(admin_app.id)
     page = people["admin"].get("/admin/settings").get_data(as_text=True)
     assert f'<option selected value="{admin_app.id}">' in page
@@ -744,10 +746,10 @@ def test_deleting_the_default_client_clears_the_default(app, admin_client):
     add(admin_client)
     saved = one_client(app, name="Contoso Entra")
     with app.app_context():
-        clients.set_default_client("microsoft365", OAuthClient.get_by_id(saved.id))
-        assert clients.default_client("microsoft365").id == saved.id
-        clients.delete_client(OAuthClient.get_by_id(saved.id))
-        assert clients.default_client("microsoft365") is None
+        oauth_clients.set_default_client("microsoft365", OAuthClient.get_by_id(saved.id))
+        assert oauth_clients.default_client("microsoft365").id == saved.id
+        oauth_clients.delete_client(OAuthClient.get_by_id(saved.id))
+        assert oauth_clients.default_client("microsoft365") is None
         assert Setting.read("default_client.microsoft365") is None
 
 
@@ -756,13 +758,13 @@ def test_a_default_that_stops_being_shared_stops_serving(app, people):
     saved = one_client(app, name="Contoso Entra")
     with app.app_context():
         client = OAuthClient.get_by_id(saved.id)
-        clients.set_shared(client, True)
-        clients.set_default_client("microsoft365", client)
-        assert clients.default_client("microsoft365").id == saved.id
-        clients.set_shared(client, False)
-        assert clients.default_client("microsoft365") is None
-        with pytest.raises(clients.ClientError):
-            clients.set_default_client("microsoft365", client)
+        oauth_clients.set_shared(client, True)
+        oauth_clients.set_default_client("microsoft365", client)
+        assert oauth_clients.default_client("microsoft365").id == saved.id
+        oauth_clients.set_shared(client, False)
+        assert oauth_clients.default_client("microsoft365") is None
+        with pytest.raises(oauth_clients.ClientError):
+            oauth_clients.set_default_client("microsoft365", client)
 
 
 # --- plain functions --------------------------------------------------------------------------
@@ -770,16 +772,16 @@ def test_a_default_that_stops_being_shared_stops_serving(app, people):
 
 def test_save_client_needs_a_secret_on_create_and_clears_preset_fields(app, admin_client):
     admin = user(app, "admin@example.org")
-    values = {k: v for k, v in MICROSOFT_FORM.items() if k in clients.EDITABLE}
+    values = {k: v for k, v in MICROSOFT_FORM.items() if k in oauth_clients.EDITABLE}
     values.update(imap_host="evil.example", imap_port=1, secret_expires_on=None)
     with app.app_context():
-        with pytest.raises(clients.ClientError):
-            clients.save_client(admin, values)
-        saved = clients.save_client(admin, values, secret="s")
+        with pytest.raises(oauth_clients.ClientError):
+            oauth_clients.save_client(admin, values)
+        saved = oauth_clients.save_client(admin, values, secret="s")
         assert saved.imap_host == "" and saved.imap_port is None
         assert saved.client_secret == "s"
-        with pytest.raises(clients.ClientError):
-            clients.save_client(admin, values, secret="s")  # same name, same owner
+        with pytest.raises(oauth_clients.ClientError):
+            oauth_clients.save_client(admin, values, secret="s")  # same name, same owner
 
 
 def test_load_defaults_on_other_keeps_typed_urls_and_drops_preset_ones(app, admin_client):

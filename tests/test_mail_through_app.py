@@ -29,9 +29,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-import clients
 import linking
 import mailbackend
+import oauth_clients
 import tokens
 import users
 from mailbackend import MailProxyService
@@ -203,7 +203,7 @@ def other_client(
         "sasl_mechanism": "XOAUTH2",
         **servers,
     }
-    return clients.save_client(owner, values, secret)
+    return oauth_clients.save_client(owner, values, secret)
 
 
 def with_password(owner: User, account: Account, password: str = PASSWORD) -> Account:
@@ -502,9 +502,9 @@ def test_upstream_down_is_unavailable_naming_the_server(
     account = link_with_client_credentials(owner, peers, f"down-{protocol}")
     port = closed_port()
     client = account.client
-    values = {name: getattr(client, name) for name in clients.EDITABLE}
+    values = {name: getattr(client, name) for name in oauth_clients.EDITABLE}
     values.update({f"{p}_port": port for p in ("imap", "pop3", "smtp")})
-    clients.save_client(owner, values, client=client)  # the admin points it at a dead server
+    oauth_clients.save_client(owner, values, client=client)  # the admin points it at a dead server
 
     said = mail.refusal(protocol, account.address, PASSWORD)
 

@@ -1,0 +1,246 @@
+"""Custom OAuth clients as data: queries, changes, sharing, instance defaults and secret expiry.
+
+Plain functions that take no request; the editor's views are in ``clients.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import peewee as pw
+
+import providers
+from db import database
+from models import Account, OAuthClient, Setting, User, utcnow
+
+WARN_DAYS = (30, 7)
+DEFAULT_KEY = "default_client.{}"
+# Columns the editor writes; the secret goes separately, as it is write-only.
+EDITABLE = (
+    "name",
+    "provider",
+    "grant",
+    "tenant",
+    *providers.DEFAULT_FIELDS,
+    "revocation_url",
+    "client_id",
+    "secret_expires_on",
+    *(f"{p}_{a}" for p in ("imap", "pop3", "smtp") for a in ("host", "port", "security")),
+    "sasl_mechanism",
+)
+SERVER_DEFAULTS = {"host": "", "port": None}
+
+
+class ClientError(Exception):
+    """A change that cannot be made; the message says why."""
+
+
+class ClientInUse(ClientError):
+    """Accounts use the client: deleting it needs the choice to mark them for re-authorization."""
+
+    def __init__(self, accounts: list[Account]) -> None:
+        super().__init__(f"{len(accounts)} account(s) use this client.")
+        self.accounts = accounts
+
+
+# --- Queries ------------------------------------------------------------------------------
+
+
+def can_edit(user: User, client: OAuthClient) -> bool:
+    """Owners edit their own clients; a shared client only the admin edits."""
+    if user.is_admin:
+        return client.owner_id == user.id or bool(client.shared)
+    return client.owner_id == user.id and not client.shared and user.may_use_custom_clients
+
+
+def visible_clients(user: User) -> list[OAuthClient]:
+    """The user's own clients; the admin also sees every shared one."""
+    query = OAuthClient.select().where(OAuthClient.owner == user)
+    if user.is_admin:
+        query = OAuthClient.select().where(
+            (OAuthClient.owner == user) | (OAuthClient.shared == True)  # noqa: E712
+        )
+    return list(query.order_by(OAuthClient.name))
+
+
+def accounts_using(client: OAuthClient, viewer: User | None = None) -> list[Account]:
+    """Accounts that depend on ``client``; a viewer who is not the admin sees only their own."""
+    query = Account.select().where(Account.client == client)
+    if viewer is not None and not viewer.is_admin:
+        query = query.where(Account.owner == viewer)
+    return list(query.order_by(Account.address))
+
+
+# --- Changes --------------------------------------------------------------------------------
+
+
+def save_client(
+    owner: User,
+    values: dict[str, Any],
+    secret: str | None = None,
+    client: OAuthClient | None = None,
+) -> OAuthClient:
+    """Create (``client`` None) or update a client from validated ``values``.
+
+    A blank ``secret`` keeps the stored one. Fields the preset supplies are cleared so that the
+    preset stays the single source; fields the grant does not use are cleared too.
+    """
+    values = normalized(values)
+    if client is None:
+        if not secret:
+            raise ClientError("A new client needs its secret.")
+        client = OAuthClient(owner=owner)
+    for name, value in values.items():
+        setattr(client, name, value)
+    if secret:
+        client.client_secret = secret
+        client.secret_set_at = utcnow()
+    client.updated_at = utcnow()
+    try:
+        with database.atomic():
+            client.save()
+    except pw.IntegrityError:
+        raise ClientError(f"There is already a client named “{values['name']}”.") from None
+    return client
+
+
+def normalized(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` restricted to editable columns and made consistent with preset and grant."""
+    values = {k: v for k, v in values.items() if k in EDITABLE}
+    preset = providers.get(values["provider"])
+    grant = values["grant"]
+    if not preset.has_tenant:
+        values["tenant"] = ""
+    if grant != providers.AUTHORIZATION_CODE:
+        values["authorize_url"] = ""
+    if grant != providers.DEVICE_CODE:
+        values["device_url"] = ""
+    if not preset.is_custom:
+        for proto in ("imap", "pop3", "smtp"):
+            values[f"{proto}_host"], values[f"{proto}_port"] = "", None
+            values[f"{proto}_security"] = getattr(OAuthClient, f"{proto}_security").default
+        values["sasl_mechanism"] = preset.sasl_mechanism
+        values["revocation_url"] = ""
+    return {k: ("" if v is None and k not in _NULLABLE else v) for k, v in values.items()}
+
+
+_NULLABLE = {"imap_port", "pop3_port", "smtp_port", "secret_expires_on"}
+
+
+def delete_client(client: OAuthClient, *, reauth_accounts: bool = False) -> list[Account]:
+    """Delete ``client``; returns the accounts that used it, now marked for re-authorization.
+
+    Raises ``ClientInUse`` when accounts use it and ``reauth_accounts`` is not set.
+    """
+    with database.atomic():
+        accounts = accounts_using(client)
+        if accounts and not reauth_accounts:
+            raise ClientInUse(accounts)
+        detail = f"The OAuth client “{client.name}” was deleted; authorize this account again."
+        Account.update(status="needs_reauth", status_detail=detail, client=None).where(
+            Account.client == client
+        ).execute()
+        Setting.delete().where(
+            (Setting.key == DEFAULT_KEY.format(client.provider)) & (Setting.value == str(client.id))
+        ).execute()
+        client.delete_instance()
+    return accounts
+
+
+def set_shared(client: OAuthClient, shared: bool) -> None:
+    """Shared clients appear on everyone's authorization page; only the admin edits them."""
+    OAuthClient.update(shared=shared, updated_at=utcnow()).where(
+        OAuthClient.id == client.id
+    ).execute()
+    client.shared = shared
+
+
+# --- Instance defaults ----------------------------------------------------------------------
+
+
+def default_candidates(provider: str) -> list[OAuthClient]:
+    """Clients that may serve as the instance default for ``provider``: shared or an admin's."""
+    return list(
+        OAuthClient.select()
+        .join(User)
+        .where(
+            (OAuthClient.provider == provider)
+            & ((OAuthClient.shared == True) | (User.is_admin == True))  # noqa: E712
+        )
+        .order_by(OAuthClient.name)
+    )
+
+
+def default_client(provider: str) -> OAuthClient | None:
+    """The client behind the authorization page's main button for ``provider``, if any."""
+    value = Setting.read(DEFAULT_KEY.format(provider))
+    if not value or not value.isdigit():
+        return None
+    client = OAuthClient.get_or_none(OAuthClient.id == int(value))
+    if client is None or client.provider != provider:
+        return None
+    if not (client.shared or client.owner.is_admin):
+        return None
+    return client
+
+
+def set_default_client(provider: str, client: OAuthClient | None) -> None:
+    """Pick (or clear, with None) the default client of ``provider``."""
+    providers.get(provider)
+    if client is not None and client.id not in {c.id for c in default_candidates(provider)}:
+        raise ClientError("This client cannot be the default for that provider.")
+    Setting.write(DEFAULT_KEY.format(provider), str(client.id) if client else None)
+
+
+# --- Secret expiry --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpiryWarning:
+    """A client whose secret expires within 30 or 7 days, or has expired."""
+
+    client: OAuthClient
+    level: str  # "expired", "7" or "30"
+    days_left: int
+    accounts: list[Account] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        date = self.client.secret_expires_on.isoformat()
+        name = self.client.name
+        if self.level == "expired":
+            return f"The secret of “{name}” expired on {date}; set a new one."
+        if self.days_left == 0:
+            return f"The secret of “{name}” expires today ({date})."
+        days = "1 day" if self.days_left == 1 else f"{self.days_left} days"
+        return f"The secret of “{name}” expires in {days}, on {date}."
+
+
+def expiry_level(expires_on: dt.date | None, today: dt.date) -> tuple[str, int] | None:
+    """("expired" | "7" | "30", days left) or None when no warning is due."""
+    if expires_on is None:
+        return None
+    days = (expires_on - today).days
+    if days < 0:
+        return "expired", days
+    for limit in sorted(WARN_DAYS):
+        if days <= limit:
+            return str(limit), days
+    return None
+
+
+def secret_expiry_warnings(user: User, today: dt.date | None = None) -> list[ExpiryWarning]:
+    """Warnings for the clients the user manages or whose accounts depend on, soonest first."""
+    today = today or dt.date.today()
+    seen = {c.id: c for c in visible_clients(user)}
+    for account in Account.owned_by(user).where(Account.client.is_null(False)):
+        seen.setdefault(account.client_id, account.client)
+    warnings = []
+    for client in seen.values():
+        level = expiry_level(client.secret_expires_on, today)
+        if level:
+            accounts = accounts_using(client, user)
+            warnings.append(ExpiryWarning(client, level[0], level[1], accounts))
+    return sorted(warnings, key=lambda w: (w.days_left, w.client.name))
