@@ -41,6 +41,11 @@ class LiteralTooLarge(Exception):
 
 class IMAPSession(Session):
     protocol = "imap"
+    REFUSAL = {
+        "credentials": "NO [AUTHENTICATIONFAILED]",
+        "denied": "NO [AUTHORIZATIONFAILED]",
+        "temporary": "NO [UNAVAILABLE]",
+    }
     log = logging.getLogger("mailproxy.imap")
 
     tag = "*"
@@ -205,16 +210,7 @@ class IMAPSession(Session):
 
     # ---- login outcome ---------------------------------------------------------------------
     async def refuse(self, err: ProxyAuthError) -> None:
-        msg = one_line(err.message)
-        if err.kind == "credentials":
-            line = f"NO [AUTHENTICATIONFAILED] {msg or 'Invalid address or password'}"
-        elif err.kind in ("reauth", "disabled"):
-            line = f"NO [AUTHORIZATIONFAILED] {msg}"
-        elif err.kind == "throttled" and err.retry_after:
-            line = f"NO [UNAVAILABLE] {msg} (retry in {err.retry_after} seconds)"
-        else:
-            line = f"NO [UNAVAILABLE] {msg or 'Temporary failure, try again later'}"
-        await self.push(f"{self.tag} {line}")
+        await self.push(f"{self.tag} {self.refusal(err)}")
 
     async def accept_login(self, up: Upstream) -> None:
         await self.push(f"{self.tag} OK [CAPABILITY {self.upstream_caps}] Logged in")

@@ -7,7 +7,7 @@ import binascii
 import logging
 from collections.abc import Awaitable, Callable
 
-from .backend import Grant, ProxyAuthError
+from .backend import Grant
 from .common import (
     Upstream,
     UpstreamError,
@@ -21,6 +21,11 @@ from .session import Session, one_line
 
 class POP3Session(Session):
     protocol = "pop3"
+    REFUSAL = {
+        "credentials": "-ERR [AUTH]",
+        "denied": "-ERR [AUTH]",
+        "temporary": "-ERR [SYS/TEMP]",
+    }
     log = logging.getLogger("mailproxy.pop3")
 
     user: str | None = None
@@ -113,18 +118,6 @@ class POP3Session(Session):
         await self.login(user, password)
 
     # ---- login outcome ---------------------------------------------------------------------
-    async def refuse(self, err: ProxyAuthError) -> None:
-        msg = one_line(err.message)
-        if err.kind == "credentials":
-            line = f"-ERR [AUTH] {msg or 'Invalid address or password'}"
-        elif err.kind in ("reauth", "disabled"):
-            line = f"-ERR [AUTH] {msg}"
-        elif err.kind == "throttled" and err.retry_after:
-            line = f"-ERR [SYS/TEMP] {msg} (retry in {err.retry_after} seconds)"
-        else:
-            line = f"-ERR [SYS/TEMP] {msg or 'Temporary failure, try again later'}"
-        await self.push(line)
-
     async def accept_login(self, up: Upstream) -> None:
         await self.push("+OK Logged in")
 

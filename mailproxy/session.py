@@ -65,9 +65,24 @@ class Session:
         """Tell the client the connection ends (idle timeout, line too long, busy)."""
         raise NotImplementedError
 
+    #: The protocol's words for a refused login: wrong credentials, an account that needs a
+    #: person to act (re-authorize, enable), and a temporary failure.
+    REFUSAL: ClassVar[dict[str, str]] = {}
+
+    def refusal(self, err: ProxyAuthError) -> str:
+        """The reply to a failed login, with a reason a person can act on."""
+        msg = one_line(err.message)
+        if err.kind == "credentials":
+            return f"{self.REFUSAL['credentials']} {msg or 'Invalid address or password'}"
+        if err.kind in ("reauth", "disabled"):
+            return f"{self.REFUSAL['denied']} {msg}"
+        if err.kind == "throttled" and err.retry_after:
+            return f"{self.REFUSAL['temporary']} {msg} (retry in {err.retry_after} seconds)"
+        return f"{self.REFUSAL['temporary']} {msg or 'Temporary failure, try again later'}"
+
     async def refuse(self, err: ProxyAuthError) -> None:
         """Answer a failed login in the protocol's own words."""
-        raise NotImplementedError
+        await self.push(self.refusal(err))
 
     async def open_upstream(self, grant: Grant) -> Upstream:
         """Connect, read the greeting and start TLS where the endpoint wants it."""

@@ -8,7 +8,7 @@ import binascii
 import logging
 from collections.abc import Awaitable, Callable
 
-from .backend import Grant, ProxyAuthError
+from .backend import Grant
 from .common import (
     Upstream,
     UpstreamError,
@@ -24,6 +24,7 @@ NEED_AUTH = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "ETRN", "EXPN"})
 
 class SMTPSession(Session):
     protocol = "smtp"
+    REFUSAL = {"credentials": "535 5.7.8", "denied": "535 5.7.8", "temporary": "454 4.7.0"}
     log = logging.getLogger("mailproxy.smtp")
 
     greeted = False
@@ -140,18 +141,6 @@ class SMTPSession(Session):
         return response
 
     # ---- login outcome ---------------------------------------------------------------------
-    async def refuse(self, err: ProxyAuthError) -> None:
-        msg = one_line(err.message)
-        if err.kind == "credentials":
-            line = f"535 5.7.8 {msg or 'Invalid address or password'}"
-        elif err.kind in ("reauth", "disabled"):
-            line = f"535 5.7.8 {msg}"
-        elif err.kind == "throttled" and err.retry_after:
-            line = f"454 4.7.0 {msg} (retry in {err.retry_after} seconds)"
-        else:
-            line = f"454 4.7.0 {msg or 'Temporary failure, try again later'}"
-        await self.push(line)
-
     async def accept_login(self, up: Upstream) -> None:
         await self.push("235 2.7.0 Authentication successful")
 
