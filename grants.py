@@ -211,51 +211,39 @@ def _post(client: OAuthClient, url: str, data: dict[str, str]) -> dict[str, Any]
 # ---------------------------------------------------------------------------------- grants
 
 
+def _fetch(client: OAuthClient, redirect_uri: str | None = None, **params: Any) -> dict[str, Any]:
+    """One request to the client's token endpoint with the given grant parameters."""
+    check_endpoint(client.token_url)
+    session = session_for(client, redirect_uri=redirect_uri)
+    if redirect_uri:
+        params["redirect_uri"] = redirect_uri
+    return call_endpoint(
+        lambda: session.fetch_token(client.token_url, timeout=_settings.timeout, **params)
+    )
+
+
 def exchange_code(
     client: OAuthClient, code: str, redirect_uri: str, code_verifier: str
 ) -> dict[str, Any]:
     """Authorization Code grant with PKCE: the code from the callback for tokens."""
-    check_endpoint(client.token_url)
-    session = session_for(client, redirect_uri=redirect_uri)
-    return call_endpoint(
-        lambda: session.fetch_token(
-            client.token_url,
-            grant_type="authorization_code",
-            code=code,
-            code_verifier=code_verifier,
-            redirect_uri=redirect_uri,
-            timeout=_settings.timeout,
-        )
+    return _fetch(
+        client,
+        redirect_uri=redirect_uri,
+        grant_type="authorization_code",
+        code=code,
+        code_verifier=code_verifier,
     )
 
 
 def client_credentials(client: OAuthClient) -> dict[str, Any]:
     """Client Credentials grant (no user): the scope is the client's, e.g. ``.../.default``."""
-    check_endpoint(client.token_url)
-    session = session_for(client)
-    return call_endpoint(
-        lambda: session.fetch_token(
-            client.token_url,
-            grant_type=CLIENT_CREDENTIALS,
-            scope=client.scope,
-            timeout=_settings.timeout,
-        )
-    )
+    return _fetch(client, grant_type=CLIENT_CREDENTIALS, scope=client.scope)
 
 
 def password_grant(client: OAuthClient, username: str, password: str) -> dict[str, Any]:
     """Resource Owner Password grant (legacy; fails with MFA). The password is not kept."""
-    check_endpoint(client.token_url)
-    session = session_for(client)
-    return call_endpoint(
-        lambda: session.fetch_token(
-            client.token_url,
-            grant_type="password",
-            username=username,
-            password=password,
-            scope=client.scope,
-            timeout=_settings.timeout,
-        )
+    return _fetch(
+        client, grant_type="password", username=username, password=password, scope=client.scope
     )
 
 
