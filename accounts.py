@@ -101,6 +101,13 @@ def _ropc_allowed() -> bool:
     return bool(admin.ropc_allowed())
 
 
+@bp.app_template_global()
+def sessions_open(account_id: int) -> int | None:
+    """Mail sessions this serving process holds open for the account (None: no proxy here)."""
+    backend = current_app.extensions.get("mail_backend")
+    return backend.sessions_open(account_id) if backend is not None else None
+
+
 @bp.get("/accounts/new")
 @login_required
 def new() -> tuple[str, int]:

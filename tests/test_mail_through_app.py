@@ -524,6 +524,14 @@ def test_a_session_is_accounted_on_the_accounts_page_and_in_the_audit_log(
 
     conn = mail.imap(account.address, PASSWORD)
     read_first_message(conn)
+    wait_until(
+        lambda: (
+            "Mail sessions open</th><td>1<"
+            in web.get(f"/accounts/{account.id}").get_data(as_text=True)
+        ),
+        what="the open session on the account page",
+    )
+    assert "· 1 open" in account_row(web.get("/").get_data(as_text=True), account)
     conn.logout()
     mail.refusal("smtp", account.address, WRONG)
 
@@ -535,6 +543,7 @@ def test_a_session_is_accounted_on_the_accounts_page_and_in_the_audit_log(
     assert "0 bytes" not in row and re.search(r"\d+(\.\d)? (bytes|kB)", row)
     detail = web.get(f"/accounts/{account.id}").get_data(as_text=True)
     assert "from 127.0.0.1" in detail
+    assert "Mail sessions open</th><td>0<" in detail
 
     login = AuditEvent.get(AuditEvent.action == "mail.login")
     assert (login.target, login.detail, login.ip) == (account.address, "imap", "127.0.0.1")
