@@ -1,0 +1,568 @@
+"""The six benchmarks. Each runs its contenders interleaved over several rounds and returns rows
+for the results table plus the targets it checks."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import Any
+
+from bench.bed import ADMIN_EMAIL, ADMIN_PASSWORD, Bed, log
+from bench.clients import IdleSession, Target, bulk_fetch, login_cycle, smtp_send
+
+
+@dataclass
+class Result:
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (label, value)
+    targets: list[tuple[str, str, bool]] = field(default_factory=list)  # (target, measured, met)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, label: str, value: str) -> None:
+        self.rows.append((label, value))
+        log(f"  {label}: {value}")
+
+    def target(self, what: str, measured: str, met: bool) -> None:
+        self.targets.append((what, measured, met))
+        log(f"  TARGET {'met' if met else 'MISSED'}: {what} ({measured})")
+
+
+@dataclass
+class Options:
+    rounds: int = 3
+    bulk_messages: int = 2000
+    bulk_size: int = 25_000
+    logins: int = 20  # login cycles per contender and round
+    cold_logins: int = 5  # cold-cache logins per round
+    burst: int = 50
+    idle: int = 1000
+    smtp_messages: int = 500
+    smtp_size: int = 50_000
+    smtp_nagle_rounds: int = 1
+    herd: int = 100
+    web_clients: int = 20
+    web_requests: int = 40  # per client and page
+    emailproxy: bool = True
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×"
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.1f} ms"
+
+
+def rotate(items: list[Any], r: int) -> list[Any]:
+    """Round ``r``'s order: every contender goes first in some round."""
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+# ------------------------------------------------------------------------------------ 1 bulk
+
+
+def bulk(bed: Bed, o: Options) -> Result:
+    res = Result()
+    names = ["direct", "proxy"] + (["emailproxy"] if o.emailproxy else [])
+    targets: dict[str, Target] = {
+        "direct": bed.direct("bulk"),
+        "proxy": bed.proxy("bulk"),
+    }
+    if o.emailproxy:
+        targets["emailproxy"] = bed.emailproxy_target("bulk")
+    times: dict[str, list[float]] = {n: [] for n in names}
+    size = 0
+    for n in names:  # warm-up: page cache, Dovecot's index, caches of both proxies
+        bulk_fetch(targets[n], bed.ctx, o.bulk_messages)
+    for r in range(o.rounds):
+        for n in rotate(names, r):
+            t, size = bulk_fetch(targets[n], bed.ctx, o.bulk_messages)
+            times[n].append(t)
+        log(f"  bulk round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names))
+    med = {n: statistics.median(times[n]) for n in names}
+    mb = size / 1e6
+    res.data = {"times": times, "bytes": size, "messages": o.bulk_messages}
+    res.row(
+        "Bulk IMAP, messages × size",
+        f"{o.bulk_messages} × {size // o.bulk_messages:,} B "
+        f"({mb:.1f} MB literal data), {o.rounds} rounds",
+    )
+    for n in names:
+        res.row(f"Bulk IMAP, {n}", f"{med[n]:.3f} s, {mb / med[n]:.1f} MB/s")
+    res.row("Bulk IMAP, proxy / direct", ratio(med["proxy"], med["direct"]))
+    res.target(
+        "Bulk IMAP proxy ≤ 1.10× direct",
+        ratio(med["proxy"], med["direct"]),
+        med["proxy"] <= 1.10 * med["direct"],
+    )
+    if o.emailproxy:
+        res.row("Bulk IMAP, emailproxy / direct", ratio(med["emailproxy"], med["direct"]))
+        res.row("Bulk IMAP, proxy / emailproxy", ratio(med["proxy"], med["emailproxy"]))
+        res.target(
+            "Bulk IMAP proxy faster than emailproxy",
+            ratio(med["proxy"], med["emailproxy"]),
+            med["proxy"] < med["emailproxy"],
+        )
+    return res
+
+
+# ------------------------------------------------------------------------------------ 2 logins
+
+
+def logins(bed: Bed, o: Options) -> Result:
+    res = Result()
+    names = ["direct", "proxy warm"] + (["emailproxy"] if o.emailproxy else [])
+    targets = {"direct": bed.direct("small"), "proxy warm": bed.proxy("small")}
+    if o.emailproxy:
+        targets["emailproxy"] = bed.emailproxy_target("small")
+    samples: dict[str, list[float]] = {n: [] for n in [*names, "proxy cold"]}
+    for n in names:  # warm-up (fills the auth cache, emailproxy's token)
+        login_cycle(targets[n], bed.ctx)
+    for r in range(o.rounds):
+        for n in rotate(names, r):
+            for _ in range(o.logins):
+                samples[n].append(login_cycle(targets[n], bed.ctx))
+        for _ in range(o.cold_logins):  # a new password each time: the auth cache misses
+            password = bed.new_password("small")
+            samples["proxy cold"].append(
+                login_cycle(bed.proxy("small", password=password), bed.ctx)
+            )
+        # the warm target's password again (a new row: one untimed login warms the cache)
+        restore_password(bed, "small")
+        login_cycle(targets["proxy warm"], bed.ctx)
+    p50 = {n: pct(v, 50) for n, v in samples.items()}
+    p95 = {n: pct(v, 95) for n, v in samples.items()}
+    res.data = {"samples": samples}
+    for n in ["direct", "proxy cold", "proxy warm", *(["emailproxy"] if o.emailproxy else [])]:
+        res.row(
+            f"Login (connect+TLS, LOGIN, SELECT, LOGOUT), {n}",
+            f"p50 {ms(p50[n])}, p95 {ms(p95[n])} (n={len(samples[n])})",
+        )
+    extra = p50["proxy warm"] - p50["direct"]
+    res.row(
+        "Login, proxy warm − direct (p50)",
+        f"{extra * 1000:+.1f} ms ({ratio(p50['proxy warm'], p50['direct'])})",
+    )
+    res.row(
+        "Login, proxy cold − direct (p50)", f"{(p50['proxy cold'] - p50['direct']) * 1000:+.1f} ms"
+    )
+    if o.emailproxy:
+        res.row("Login, emailproxy / proxy warm (p50)", ratio(p50["emailproxy"], p50["proxy warm"]))
+    res.target("Warm login adds ≤ 10 ms p50 over direct", f"{extra * 1000:+.1f} ms", extra <= 0.010)
+    return res
+
+
+def restore_password(bed: Bed, box: str) -> None:
+    """Put the standard bench password back (the other benchmarks log in with it)."""
+    import linking
+    from bench.bed import MAIL_PASSWORD
+    from models import Account, MailPassword
+
+    with bed.app.app_context():
+        account = Account.get_by_id(bed.boxes[box].account_id)
+        MailPassword.delete().where(MailPassword.account == account).execute()
+        linking.add_password(bed.user, account, "bench", MAIL_PASSWORD)
+
+
+def run_burst(target: Target, ctx: Any, n: int) -> tuple[int, float, list[str]]:
+    """``n`` threads start a login cycle at the same moment: (succeeded, total seconds, errors)."""
+    barrier = threading.Barrier(n + 1)
+    errors: list[str] = []
+    ends: list[float] = []
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            login_cycle(target, ctx)
+            ends.append(time.perf_counter())
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            errors.append(f"{type(exc).__name__}: {exc}"[:200])
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    total = (max(ends) - t0) if ends else float("nan")
+    return len(ends), total, errors
+
+
+def burst(bed: Bed, o: Options) -> Result:
+    res = Result()
+    names = ["direct", "proxy warm"] + (["emailproxy"] if o.emailproxy else [])
+    targets = {"direct": bed.direct("small"), "proxy warm": bed.proxy("small")}
+    if o.emailproxy:
+        targets["emailproxy"] = bed.emailproxy_target("small")
+    for n in names:
+        login_cycle(targets[n], bed.ctx)  # warm
+    runs: dict[str, list[tuple[int, float, list[str]]]] = {n: [] for n in [*names, "proxy cold"]}
+    for r in range(o.rounds):
+        for n in rotate(names, r):
+            runs[n].append(run_burst(targets[n], bed.ctx, o.burst))
+        password = bed.new_password("small")  # all 50 with a password not checked yet
+        runs["proxy cold"].append(
+            run_burst(bed.proxy("small", password=password), bed.ctx, o.burst)
+        )
+        restore_password(bed, "small")
+        login_cycle(targets["proxy warm"], bed.ctx)
+    res.data = {n: [(ok, t, e[:3]) for ok, t, e in v] for n, v in runs.items()}
+    for n, v in runs.items():
+        oks = [ok for ok, _, _ in v]
+        med = statistics.median(t for _, t, _ in v)
+        errs = sorted({e for _, _, es in v for e in es})
+        res.row(
+            f"Burst of {o.burst} logins, {n}",
+            f"{min(oks)}–{max(oks)}/{o.burst} ok, all done in {med:.2f} s (median of {len(v)})"
+            + (f"; errors: {errs[:2]}" if errs else ""),
+        )
+    warm = runs["proxy warm"]
+    worst_ok = min(ok for ok, _, _ in warm)
+    worst_t = max(t for _, t, _ in warm)
+    res.target(
+        f"All {o.burst} burst logins (proxy, warm cache) succeed within 1 s",
+        f"{worst_ok}/{o.burst} ok, slowest round {worst_t:.2f} s",
+        worst_ok == o.burst and worst_t <= 1.0,
+    )
+    cold = runs["proxy cold"]
+    res.target(
+        f"All {o.burst} burst logins (proxy, cold cache: new password) within 1 s",
+        f"{min(ok for ok, _, _ in cold)}/{o.burst} ok, slowest round "
+        f"{max(t for _, t, _ in cold):.2f} s",
+        min(ok for ok, _, _ in cold) == o.burst and max(t for _, t, _ in cold) <= 1.0,
+    )
+    return res
+
+
+# ------------------------------------------------------------------------------------ 3 IDLE
+
+
+class RSSWatch:
+    """Samples a process's RSS (and its children's none: serve.py has none) every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.start_rss = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except Exception:  # noqa: BLE001 - process gone
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+def vm_hwm(pid: int) -> int:
+    text = open(f"/proc/{pid}/status").read()
+    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(m.group(1)) * 1024 if m else 0
+
+
+async def hold_idle(bed: Bed, target: Target, n: int, box: str) -> dict[str, Any]:
+    sessions = [IdleSession(target, bed.ctx) for _ in range(n)]
+    gate = asyncio.Semaphore(64)  # TLS handshakes in flight at once from this client
+
+    async def open_one(s: IdleSession) -> None:
+        async with gate:
+            try:
+                await asyncio.wait_for(s.open(), 120)
+            except Exception as exc:  # noqa: BLE001 - counted
+                s.error = f"{type(exc).__name__}: {exc}"[:200]
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(open_one(s) for s in sessions))
+    established = time.perf_counter() - t0
+    up = [s for s in sessions if not s.error]
+    await asyncio.sleep(1.0)  # let every IDLE settle on the server side
+    subject = f"IDLE wake-up {time.time()}"
+    t_deliver = time.perf_counter()
+    await asyncio.to_thread(bed.peers.seed, bed.boxes[box].address, [_small(bed, box, subject)])
+    t_saved = time.perf_counter()
+    waiting = [s.done.wait() for s in up]
+    try:
+        await asyncio.wait_for(asyncio.gather(*waiting), 60)
+    except TimeoutError:
+        pass
+    seen = [s.notified_at - t_deliver for s in up if s.notified_at is not None]
+    errors = sorted({s.error for s in sessions if s.error and s.notified_at is None})
+    await asyncio.gather(*(s.close() for s in sessions))
+    return {
+        "established_s": established,
+        "up": len(up),
+        "notified": len(seen),
+        "save_s": t_saved - t_deliver,
+        "all_notified_s": max(seen) if len(seen) == len(up) and seen else float("nan"),
+        "p50_notified_s": pct(seen, 50) if seen else float("nan"),
+        "errors": errors[:5],
+    }
+
+
+def _small(bed: Bed, box: str, subject: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "seed@example.test"
+    msg["To"] = bed.boxes[box].address
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid(domain="example.test")
+    msg.set_content("new mail for the IDLE benchmark\n")
+    return msg.as_bytes()
+
+
+def inotify_limit() -> int:
+    try:
+        return int(open("/proc/sys/fs/inotify/max_user_instances").read())
+    except OSError:
+        return 0
+
+
+def idle(bed: Bed, o: Options) -> Result:
+    res = Result()
+    limit = inotify_limit()
+    if limit < o.idle + 50:
+        res.row(
+            "IDLE, note",
+            f"fs.inotify.max_user_instances = {limit} < {o.idle}: Dovecot's imap "
+            "processes beyond it fall back to polling every 30 s (mailbox_idle_check_interval); "
+            "run with --raise-inotify",
+        )
+    assert bed.serve is not None
+    out: dict[str, dict[str, Any]] = {}
+    for n in ["direct", "proxy"]:
+        target = bed.direct("idle") if n == "direct" else bed.proxy("idle")
+        if n == "proxy":
+            login_cycle(target, bed.ctx)  # warm auth cache, as a running instance would be
+            before = RSSWatch(bed.serve.pid)
+            base = before.start_rss
+        out[n] = asyncio.run(hold_idle(bed, target, o.idle, "idle"))
+        if n == "proxy":
+            peak = before.stop()
+            out[n]["rss_base"] = base
+            out[n]["rss_peak"] = max(peak, 0)
+            out[n]["vmhwm"] = vm_hwm(bed.serve.pid)
+        time.sleep(2)  # sessions wind down at Dovecot before the next contender
+    res.data = out
+    for n, d in out.items():
+        res.row(
+            f"{o.idle} IDLE sessions, {n}",
+            f"{d['up']}/{o.idle} up in {d['established_s']:.2f} s; "
+            f"{d['notified']}/{d['up']} notified, all within {d['all_notified_s']:.2f} s "
+            f"(p50 {d['p50_notified_s']:.2f} s; doveadm save took {d['save_s']:.2f} s)"
+            + (f"; errors: {d['errors'][:2]}" if d["errors"] else ""),
+        )
+    p = out["proxy"]
+    mib = 1024 * 1024
+    res.row(
+        "IDLE, serve.py RSS",
+        f"{p['rss_base'] / mib:.0f} MiB before → peak {p['rss_peak'] / mib:.0f} "
+        f"MiB with {p['up']} sessions (VmHWM since start {p['vmhwm'] / mib:.0f} MiB); "
+        f"≈{(p['rss_peak'] - p['rss_base']) / max(p['up'], 1) / 1024:.0f} KiB per session",
+    )
+    res.row(
+        "IDLE, establish proxy / direct", ratio(p["established_s"], out["direct"]["established_s"])
+    )
+    res.target(
+        f"{o.idle} IDLE sessions under 200 MB RSS (serve.py peak)",
+        f"{p['rss_peak'] / 1e6:.0f} MB",
+        p["up"] == o.idle and p["rss_peak"] < 200e6,
+    )
+    res.target(
+        f"All {o.idle} IDLE sessions notified within 2 s",
+        f"{p['notified']}/{p['up']} in {p['all_notified_s']:.2f} s",
+        p["notified"] == o.idle and p["all_notified_s"] <= 2.0,
+    )
+    return res
+
+
+# ------------------------------------------------------------------------------------ 4 SMTP
+
+
+def smtp(bed: Bed, o: Options) -> Result:
+    res = Result()
+    names = ["direct", "proxy"] + (["emailproxy"] if o.emailproxy else [])
+    sender = bed.boxes["small"].address
+    rcpt = bed.boxes["sink"].address
+    targets = {"direct": bed.direct("small", smtp=True), "proxy": bed.proxy("small", smtp=True)}
+    if o.emailproxy:
+        targets["emailproxy"] = bed.emailproxy_target("small", smtp=True)
+    from bench.bed import base64_lines
+
+    body = base64_lines(o.smtp_size // 78, 76).replace(b"\n", b"\r\n")
+    messages = [
+        (
+            f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: bench {i}\r\n"
+            f"Message-ID: <smtp-bench-{i}-{time.time_ns()}@example.test>\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        ).encode()
+        + body
+        for i in range(o.smtp_messages)
+    ]
+    for n in names:
+        smtp_send(targets[n], bed.ctx, sender, rcpt, messages[:3])  # warm-up
+    mb = len(messages) * len(messages[0]) / 1e6
+    # Two clients: smtplib as it is (Nagle on, like many mail clients) and with TCP_NODELAY.
+    # The Nagle client gets fewer rounds: it is slow through either proxy (see README).
+    variants = [
+        ("client TCP_NODELAY", True, o.rounds),
+        ("client with Nagle", False, o.smtp_nagle_rounds),
+    ]
+    all_times: dict[str, dict[str, list[float]]] = {}
+    for label, nodelay, rounds in variants:
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            for n in rotate(names, r):
+                times[n].append(smtp_send(targets[n], bed.ctx, sender, rcpt, messages, nodelay))
+            log(
+                f"  smtp ({label}) round {r + 1}: "
+                + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names)
+            )
+        all_times[label] = times
+        med = {n: statistics.median(v) for n, v in times.items()}
+        for n in names:
+            res.row(
+                f"SMTP {o.smtp_messages} × {len(messages[0]) // 1000} KB, {label}, {n}",
+                f"{med[n]:.2f} s ({o.smtp_messages / med[n]:.0f} msg/s, {mb / med[n]:.1f} MB/s)",
+            )
+        res.row(f"SMTP, {label}, proxy / direct", ratio(med["proxy"], med["direct"]))
+        if o.emailproxy:
+            res.row(f"SMTP, {label}, emailproxy / direct", ratio(med["emailproxy"], med["direct"]))
+        res.target(
+            f"SMTP proxy ≤ 1.10× direct ({label})",
+            ratio(med["proxy"], med["direct"]),
+            med["proxy"] <= 1.10 * med["direct"],
+        )
+    res.data = {"times": all_times}
+    return res
+
+
+# ------------------------------------------------------------------------------------ 5 herd
+
+
+def herd(bed: Bed, o: Options) -> Result:
+    res = Result()
+    box = bed.boxes["herd"]
+    target = bed.proxy("herd")
+    login_cycle(target, bed.ctx)  # the auth cache is warm: the herd is about the token
+    before = bed.peers.token_requests(box.product_client_id)
+    bed.expire_token("herd")
+    ok, total, errors = run_burst(target, bed.ctx, o.herd)
+    time.sleep(0.5)
+    after = bed.peers.token_requests(box.product_client_id)
+    requests_made = after - before
+    res.data = {"ok": ok, "total_s": total, "token_requests": requests_made, "errors": errors[:5]}
+    res.row(
+        f"Refresh herd: {o.herd} concurrent logins, expired token",
+        f"{ok}/{o.herd} ok in {total:.2f} s; {requests_made} token request(s) at the OAuth server"
+        + (f"; errors: {sorted(set(errors))[:2]}" if errors else ""),
+    )
+    res.target(
+        "Refresh herd causes exactly 1 token request",
+        f"{requests_made} request(s), {ok}/{o.herd} logins ok",
+        requests_made == 1 and ok == o.herd,
+    )
+    return res
+
+
+# ------------------------------------------------------------------------------------ 6 web
+
+
+def web(bed: Bed, o: Options) -> Result:
+    import requests
+
+    res = Result()
+    base = f"http://127.0.0.1:{bed.ports['web']}"
+    s = requests.Session()
+    page = s.get(f"{base}/login", timeout=30).text
+    token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page)
+    assert token, "no CSRF token on the login page"
+    answer = s.post(
+        f"{base}/login",
+        data={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD, "csrf_token": token.group(1)},
+        timeout=30,
+    )
+    assert answer.ok and "/login" not in answer.url, f"sign-in failed: {answer.status_code}"
+    cookies = s.cookies.get_dict()
+    account = bed.boxes["small"]
+    pages = {
+        "accounts page (/)": "/",
+        "authorization page (/accounts/new)": f"/accounts/new?address={account.address}",
+        "account page (/accounts/<id>)": f"/accounts/{account.account_id}",
+    }
+    for path in pages.values():  # warm-up, and check each answers 200 signed in
+        r = s.get(base + path, timeout=30, allow_redirects=False)
+        assert r.status_code == 200, f"{path}: {r.status_code}"
+    lat: dict[str, list[float]] = {k: [] for k in pages}
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        sess = requests.Session()
+        sess.cookies.update(cookies)
+        mine: dict[str, list[float]] = {k: [] for k in pages}
+        for j in range(o.web_requests):
+            for name, path in rotate(list(pages.items()), i + j):
+                t0 = time.perf_counter()
+                r = sess.get(base + path, timeout=30, allow_redirects=False)
+                mine[name].append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{path}: {r.status_code}")
+        with lock:
+            for k, v in mine.items():
+                lat[k].extend(v)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(o.web_clients) as pool:
+        list(pool.map(client, range(o.web_clients)))
+    wall = time.perf_counter() - t0
+    total = sum(len(v) for v in lat.values())
+    res.data = {"latency": lat}
+    for name, v in lat.items():
+        res.row(
+            f"Web at {o.web_clients} clients, {name}", f"p50 {ms(pct(v, 50))}, p95 {ms(pct(v, 95))}"
+        )
+    res.row(
+        "Web, throughput", f"{total / wall:.0f} requests/s over {wall:.1f} s ({total} requests)"
+    )
+    worst = max(pct(v, 95) for v in lat.values())
+    res.target("Web p95 < 50 ms (accounts and authorization pages)", ms(worst), worst < 0.050)
+    return res
+
+
+BENCHES: dict[str, Callable[[Bed, Options], Result]] = {
+    "bulk": bulk,
+    "logins": logins,
+    "burst": burst,
+    "idle": idle,
+    "smtp": smtp,
+    "herd": herd,
+    "web": web,
+}
