@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import peewee as pw
 from flask import (
     Blueprint,
     abort,
@@ -56,7 +57,12 @@ def _own(account_id: int) -> Account:
 
 def dashboard(user: User) -> dict[str, Any]:
     """What the home page shows: the accounts, and what needs the user's attention."""
-    accounts = list(Account.owned_by(user).order_by(Account.address))
+    accounts = list(
+        Account.owned_by(user)
+        .select(Account, OAuthClient)
+        .join(OAuthClient, pw.JOIN.LEFT_OUTER)
+        .order_by(Account.address)
+    )
     return {
         "accounts": accounts,
         "attention": [a for a in accounts if a.status in ("needs_reauth", "error")],

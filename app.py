@@ -17,7 +17,7 @@ from flask import Flask
 import config
 import grants
 import passwords
-from db import database, has_ciphertext, open_database, vault
+from db import database, has_ciphertext, open_database, use_database, vault
 from migrations import migrate
 from models import SECRET_MODELS
 from vault import load_keyring, load_or_create_secret_key
@@ -96,7 +96,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 def init_database(app: Flask) -> None:
     """Open the database, bring its schema up to date and load the vault key."""
-    database.initialize(open_database(app.config["DATABASE_URL"]))
+    use_database(open_database(app.config["DATABASE_URL"]))
     with database.connection_context():
         migrate()
         _private_sqlite_files(app.config["DATABASE_URL"])

@@ -55,10 +55,11 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def _first_run() -> Response | None:
         """Until an administrator exists, every page leads to the setup page."""
-        if request.endpoint in OPEN_BEFORE_SETUP:
+        if request.endpoint in OPEN_BEFORE_SETUP or app.extensions.get("setup_done"):
             return None
         if not User.select().exists():
             return redirect(url_for("auth.setup"))
+        app.extensions["setup_done"] = True  # users are never all deleted: ask only until then
         return None
 
 

@@ -38,11 +38,27 @@ class _VaultHolder:
 vault = _VaultHolder()
 
 
+# Connections are pooled: a request or a proxy login "opens" one without paying for a new
+# connection and its pragmas each time; a waiting caller gets one within ``timeout`` seconds.
+POOL = {"max_connections": 64, "stale_timeout": 600, "timeout": 30}
+
+
 def open_database(url: str) -> pw.Database:
-    """A peewee database for ``url`` (sqlite:///path or postgresql://...)."""
-    if url.startswith("sqlite"):
-        return connect(url, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
-    return connect(url)
+    """A pooled peewee database for ``url`` (sqlite:///path or postgresql://...)."""
+    scheme, _, rest = url.partition("://")
+    if not scheme.endswith("+pool"):
+        url = f"{scheme}+pool://{rest}"
+    if scheme.startswith("sqlite"):
+        return connect(url, pragmas=SQLITE_PRAGMAS, check_same_thread=False, **POOL)
+    return connect(url, **POOL)
+
+
+def use_database(db: pw.Database) -> None:
+    """Point the models at ``db``, releasing the pool of the one used before (tests make many)."""
+    previous = database.obj
+    if previous is not None and previous is not db and hasattr(previous, "close_all"):
+        previous.close_all()
+    database.initialize(db)
 
 
 class Ciphertext(bytes):

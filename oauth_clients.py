@@ -235,7 +235,13 @@ def secret_expiry_warnings(user: User, today: dt.date | None = None) -> list[Exp
     """Warnings for the clients the user manages or whose accounts depend on, soonest first."""
     today = today or dt.date.today()
     seen = {c.id: c for c in visible_clients(user)}
-    for account in Account.owned_by(user).where(Account.client.is_null(False)):
+    dependent = (
+        Account.owned_by(user)
+        .select(Account, OAuthClient)
+        .join(OAuthClient)
+        .where(OAuthClient.secret_expires_on.is_null(False))
+    )
+    for account in dependent:
         seen.setdefault(account.client_id, account.client)
     warnings = []
     for client in seen.values():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import migrations
-from db import database, open_database
+from db import database, open_database, use_database
 from models import OAuthClient, User
 from tests.conftest import make_app
 
@@ -13,7 +13,7 @@ from tests.conftest import make_app
 def test_database_at_first_version_is_upgraded(instance):
     instance.mkdir(parents=True)
     path = instance / "auth-email.db"
-    database.initialize(open_database(f"sqlite:///{path}"))
+    use_database(open_database(f"sqlite:///{path}"))
     with database.connection_context():
         assert migrations.migrate(target=1) == [1]
         User.create(email="old@example.org", password_hash="h")
