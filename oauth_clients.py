@@ -234,17 +234,20 @@ def expiry_level(expires_on: dt.date | None, today: dt.date) -> tuple[str, int] 
 def secret_expiry_warnings(user: User, today: dt.date | None = None) -> list[ExpiryWarning]:
     """Warnings for the clients the user manages or whose accounts depend on, soonest first."""
     today = today or dt.date.today()
-    seen = {c.id: c for c in visible_clients(user)}
-    dependent = (
-        Account.owned_by(user)
-        .select(Account, OAuthClient)
-        .join(OAuthClient)
-        .where(OAuthClient.secret_expires_on.is_null(False))
+    mine = OAuthClient.owner == user
+    if user.is_admin:
+        mine = mine | (OAuthClient.shared == True)  # noqa: E712
+    depended_on = OAuthClient.id.in_(
+        Account.select(Account.client).where(Account.owner == user, Account.client.is_null(False))
     )
-    for account in dependent:
-        seen.setdefault(account.client_id, account.client)
+    # One query, and only for secrets that expire within the warning window (or have expired).
+    soon = OAuthClient.select().where(
+        OAuthClient.secret_expires_on.is_null(False),
+        OAuthClient.secret_expires_on <= today + dt.timedelta(days=max(WARN_DAYS)),
+        mine | depended_on,
+    )
     warnings = []
-    for client in seen.values():
+    for client in soon:
         level = expiry_level(client.secret_expires_on, today)
         if level:
             accounts = accounts_using(client, user)
