@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import peewee as pw
 from flask import Flask
 
 import audit
@@ -27,7 +30,7 @@ import tokens
 from db import database
 from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings
 from mailproxy.settings import LISTENER_NAMES, parse_hostport
-from models import Account, MailPassword, utcnow
+from models import Account, MailPassword, OAuthClient, User, utcnow
 from passwords import verify_password
 
 log = logging.getLogger("auth_email.mail")
@@ -51,11 +54,11 @@ class AuthCache:
         self._entries: dict[tuple[str, bytes], _Cached] = {}
         self._lock = threading.Lock()
 
-    def _key(self, address: str, password: str) -> tuple[str, bytes]:
+    def key(self, address: str, password: str) -> tuple[str, bytes]:
         return address, hmac.new(self._salt, password.encode(), hashlib.sha256).digest()
 
     def get(self, address: str, password: str) -> _Cached | None:
-        key = self._key(address, password)
+        key = self.key(address, password)
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and hit.until < time.monotonic():
@@ -66,12 +69,23 @@ class AuthCache:
     def put(self, address: str, password: str, account_id: int, password_id: int) -> None:
         entry = _Cached(account_id, password_id, time.monotonic() + self.ttl)
         with self._lock:
-            self._entries[self._key(address, password)] = entry
+            self._entries[self.key(address, password)] = entry
 
     def drop_account(self, account_id: int) -> None:
         with self._lock:
             for key in [k for k, v in self._entries.items() if v.account_id == account_id]:
                 del self._entries[key]
+
+
+def _with_owner_and_client(query: Any) -> Account | None:
+    """The first account of ``query`` with its owner and client loaded in the same query."""
+    return (
+        query.switch(Account)
+        .join(User, on=Account.owner == User.id)
+        .switch(Account)
+        .join(OAuthClient, pw.JOIN.LEFT_OUTER, on=Account.client == OAuthClient.id)
+        .first()
+    )
 
 
 class AppBackend:
@@ -86,6 +100,13 @@ class AppBackend:
             config["LOGIN_FAILURE_LIMIT_PER_IP"], config["LOGIN_BLOCK_SECONDS"]
         )
         self.cache = AuthCache()
+        self._flights: dict[tuple[str, bytes], threading.Event] = {}
+        self._flights_lock = threading.Lock()
+        self._hashing = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self._last_use: dict[int, tuple[str, float]] = {}
+        # Writes nobody waits for (audit rows, last use, accounting) go to one thread, in order,
+        # off the login's critical path; one writer also spares SQLite lock contention.
+        self._bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mail-bookkeeping")
         self._open: dict[int, int] = {}
         self._open_lock = threading.Lock()
 
@@ -94,7 +115,7 @@ class AppBackend:
         address = address.strip().lower()
         with database.connection_context():
             keys = [f"mail:addr:{address}", f"mail:ip:{client_ip}"]
-            wait = throttle.retry_after(keys)
+            wait, failed_before = throttle.check(keys)
             if wait:
                 raise ProxyAuthError(
                     "throttled",
@@ -105,49 +126,112 @@ class AppBackend:
             if account is None:
                 throttle.failure(keys[0], self.policy_address)
                 throttle.failure(keys[1], self.policy_ip)
-                audit.record("mail.login_failed", ip=client_ip, target=address, detail=protocol)
+                self.later(
+                    audit.record, "mail.login_failed", ip=client_ip, target=address, detail=protocol
+                )
                 raise ProxyAuthError("credentials", "Wrong address or password")
-            throttle.success(keys[0])
+            if keys[0] in failed_before:
+                throttle.success(keys[0])
             return self._grant(account, protocol, client_ip)
 
     def _check_password(self, address: str, password: str, client_ip: str) -> Account | None:
+        """The account if ``password`` is one of its mail-client passwords.
+
+        A cache hit costs one query. On a miss, identical logins in flight wait for the first
+        one's answer instead of hashing again, and at most one hash per core runs at a time
+        (each takes the configured memory, 64 MiB by default).
+        """
         hit = self.cache.get(address, password)
         if hit is not None:
-            still = MailPassword.get_or_none(
-                (MailPassword.id == hit.password_id) & (MailPassword.account == hit.account_id)
+            row = _with_owner_and_client(
+                Account.select(Account, User, OAuthClient, MailPassword)
+                .join(MailPassword)
+                .where(MailPassword.id == hit.password_id, Account.id == hit.account_id)
             )
-            if still is not None:
-                self._password_used(still.id, client_ip)
-                return Account.get_by_id(hit.account_id)
-        account = Account.get_or_none(Account.address == address)
+            if row is not None:
+                self._password_used(hit.password_id, client_ip)
+                return row
+        key = self.cache.key(address, password)
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = threading.Event()
+        assert flight is not None
+        if not leader:
+            flight.wait(30)
+            if self.cache.get(address, password) is not None:
+                return self._check_password(address, password, client_ip)
+        try:
+            return self._verify(address, password, client_ip)
+        finally:
+            if leader:
+                with self._flights_lock:
+                    self._flights.pop(key, None)
+                flight.set()
+
+    def _verify(self, address: str, password: str, client_ip: str) -> Account | None:
+        account = _with_owner_and_client(
+            Account.select(Account, User, OAuthClient).where(Account.address == address)
+        )
         candidates = (
             list(MailPassword.select().where(MailPassword.account == account))
             if account is not None
             else []
         )
-        if account is None or not candidates:
-            verify_password(None, password)  # same cost as a wrong password
-            return None
-        for candidate in candidates:
-            if verify_password(candidate.password_hash, password):
-                self.cache.put(address, password, account.id, candidate.id)
-                self._password_used(candidate.id, client_ip)
-                return account
+        with self._hashing:
+            if account is None or not candidates:
+                verify_password(None, password)  # same cost as a wrong password
+                return None
+            for candidate in candidates:
+                if verify_password(candidate.password_hash, password):
+                    self.cache.put(address, password, account.id, candidate.id)
+                    self._password_used(candidate.id, client_ip)
+                    return account
         return None
 
-    @staticmethod
-    def _password_used(password_id: int, client_ip: str) -> None:
-        """Last use and IP of the device's password (the account page shows them)."""
-        MailPassword.update(last_used_at=utcnow(), last_used_ip=client_ip[:64]).where(
-            MailPassword.id == password_id
-        ).execute()
+    def later(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run a bookkeeping write in the bookkeeping thread."""
+
+        def run() -> None:
+            try:
+                with database.connection_context():
+                    write(*args, **kwargs)
+            except Exception:
+                log.exception("bookkeeping write failed")
+
+        self._bookkeeping.submit(run)
+
+    def flush(self) -> None:
+        """Wait for the bookkeeping writes submitted so far (at shutdown, and in tests)."""
+        self._bookkeeping.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._bookkeeping.shutdown(wait=True)
+
+    def _password_used(self, password_id: int, client_ip: str) -> None:
+        """Last use and IP of the device's password (the account page shows them).
+
+        Written when the IP changes or a minute has passed, not on every poll of a busy client.
+        """
+        now = time.monotonic()
+        last = self._last_use.get(password_id)
+        if last is not None and last[0] == client_ip and now - last[1] < 60:
+            return
+        self._last_use[password_id] = (client_ip, now)
+        self.later(
+            MailPassword.update(last_used_at=utcnow(), last_used_ip=client_ip[:64])
+            .where(MailPassword.id == password_id)
+            .execute
+        )
 
     def _grant(self, account: Account, protocol: str, client_ip: str) -> Grant:
         page = f"{self.public_url}/accounts/{account.id}"
         if not account.owner.is_enabled or account.status == "disabled":
             raise ProxyAuthError("disabled", "This account is disabled in Auth-Email")
         if account.status in ("needs_reauth", "pending") or account.client is None:
-            audit.record(
+            self.later(
+                audit.record,
                 "mail.login_needs_reauth",
                 actor=account.owner,
                 ip=client_ip,
@@ -156,8 +240,13 @@ class AppBackend:
             )
             raise ProxyAuthError("reauth", f"Re-authorize this account in Auth-Email: {page}")
         endpoint = providers.endpoints_for(account.client)[protocol]
-        audit.record(
-            "mail.login", actor=account.owner, ip=client_ip, target=account.address, detail=protocol
+        self.later(
+            audit.record,
+            "mail.login",
+            actor=account.owner,
+            ip=client_ip,
+            target=account.address,
+            detail=protocol,
         )
         return Grant(
             account_id=account.id,
@@ -192,18 +281,20 @@ class AppBackend:
     def session_opened(self, account_id: int, protocol: str, client_ip: str) -> None:
         with self._open_lock:
             self._open[account_id] = self._open.get(account_id, 0) + 1
-        with database.connection_context():
-            Account.update(last_used_at=utcnow(), last_used_ip=client_ip).where(
-                Account.id == account_id
-            ).execute()
+        self.later(
+            Account.update(last_used_at=utcnow(), last_used_ip=client_ip)
+            .where(Account.id == account_id)
+            .execute
+        )
 
     def session_closed(self, account_id: int, protocol: str, bytes_in: int, bytes_out: int) -> None:
         with self._open_lock:
             self._open[account_id] = max(0, self._open.get(account_id, 0) - 1)
-        with database.connection_context():
-            Account.update(bytes_relayed=Account.bytes_relayed + bytes_in + bytes_out).where(
-                Account.id == account_id
-            ).execute()
+        self.later(
+            Account.update(bytes_relayed=Account.bytes_relayed + bytes_in + bytes_out)
+            .where(Account.id == account_id)
+            .execute
+        )
 
     def sessions_open(self, account_id: int) -> int:
         with self._open_lock:
@@ -251,3 +342,4 @@ class MailProxyService:
 
     def stop(self) -> None:
         self.controller.stop()
+        self.backend.close()

@@ -25,12 +25,19 @@ class Policy:
 
 def retry_after(keys: list[str]) -> int:
     """Seconds until every key may try again; 0 when none is blocked."""
+    return check(keys)[0]
+
+
+def check(keys: list[str]) -> tuple[int, set[str]]:
+    """Seconds until every key may try again (0: none blocked), and the keys with failures."""
     now = utcnow()
-    rows = Throttle.select().where(Throttle.key.in_(keys), Throttle.blocked_until > now)
+    rows = list(Throttle.select().where(Throttle.key.in_(keys)))
     waits = [
-        int((row.blocked_until - now).total_seconds()) + 1 for row in rows if row.blocked_until
+        int((row.blocked_until - now).total_seconds()) + 1
+        for row in rows
+        if row.blocked_until and row.blocked_until > now
     ]
-    return max(waits, default=0)
+    return max(waits, default=0), {row.key for row in rows}
 
 
 def failure(key: str, policy: Policy) -> None:

@@ -108,6 +108,10 @@ class MailClients:
     def port(self, listener: str) -> int:
         return self.service.controller.listening[listener][1]
 
+    def flush(self) -> None:
+        """Wait for the proxy's bookkeeping writes (audit, last use), which run after replies."""
+        self.service.backend.flush()
+
     def tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.cert)  # checks the host name too
 
@@ -350,6 +354,7 @@ def test_wrong_password_is_refused_in_the_protocols_words(
     said = mail.refusal(protocol, account.address, WRONG)
 
     assert WORDS["credentials"][protocol] in said
+    mail.flush()
     failed = AuditEvent.get(AuditEvent.action == "mail.login_failed")
     assert (failed.target, failed.detail, failed.ip) == (account.address, protocol, "127.0.0.1")
 
@@ -396,6 +401,7 @@ def test_a_second_device_password_works_too_and_each_shows_its_last_use(
     conn = mail.pop3(account.address, phone)
     assert conn.stat()[0] == 2
     conn.quit()
+    mail.flush()
 
     used = {p.label: p for p in MailPassword.select().where(MailPassword.account == account)}
     assert set(used) == {"Laptop", "Phone"}
@@ -545,6 +551,7 @@ def test_a_session_is_accounted_on_the_accounts_page_and_in_the_audit_log(
     assert "from 127.0.0.1" in detail
     assert "Mail sessions open</th><td>0<" in detail
 
+    mail.flush()
     login = AuditEvent.get(AuditEvent.action == "mail.login")
     assert (login.target, login.detail, login.ip) == (account.address, "imap", "127.0.0.1")
     assert login.actor_id == owner.id
