@@ -170,6 +170,8 @@ def start(
         explanation = oauth.explain(exc.error, exc.description, redirect)
         if grant == providers.CLIENT_CREDENTIALS:
             explanation = _with_cc_help(explanation)
+        elif grant == providers.PASSWORD and exc.error == "invalid_grant":
+            explanation = _password_refused(exc.description)
         raise AuthorizationProblem(explanation) from None
     except tokens.TokenUnavailable as exc:
         _discard_if_unlinked(account)
@@ -183,6 +185,19 @@ def _unreachable(exc: tokens.TokenError) -> Explanation:
         exc.message,
         "Try again in a moment; if it persists, check the client's URLs.",
         code="unavailable",
+    )
+
+
+def _password_refused(description: str) -> Explanation:
+    return Explanation(
+        "The user name or password was refused",
+        "The provider did not accept this user name and password for the legacy password "
+        "grant. It also refuses every account that needs multi-factor authentication, which "
+        "this grant cannot do.",
+        "Check the password and try again, or link the mailbox with a client that uses "
+        "Authorization Code or Device Code.",
+        code="invalid_grant",
+        detail=description,
     )
 
 

@@ -468,3 +468,64 @@ def test_verification_fails_when_the_mail_server_refuses(peer_app: Flask, peer: 
 
     assert started.done is not None and not started.done.ok
     assert Account.get(Account.address == address).status == "error"
+
+
+def test_password_grant_links_when_the_admin_allows_it(peer_app: Flask, peer: PeerInfo) -> None:
+    """The legacy Resource Owner Password grant, at a real token endpoint, verified by IMAP."""
+    admin_web = peer_app.test_client()
+    AuthActions(peer_app, admin_web).login(ADMIN_EMAIL, ADMIN_PASSWORD)
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "ropc@example.org")
+    reg = register(peer, grant_types=["password", "refresh_token"])
+    oauth_client = peer_client(user, peer, reg, grant="password", scope="openid email mail")
+    address = mailbox("ropc")
+    form = {"address": address, "provider": "other", "client": str(oauth_client.id)}
+    page = f"/accounts/new?address={address}"
+
+    assert 'name="password"' not in client.get(page).get_data(as_text=True)
+    refused = post_form(client, "/accounts/new", {**form, "password": "pw-x"}, form_page=page)
+    assert refused.status_code in (400, 404)
+    assert Account.get_or_none(Account.address == address) is None
+
+    allowed = post_form(
+        admin_web,
+        "/admin/settings",
+        {"allow_ropc": "y", "new_users_custom_clients": "y"},
+        form_page="/admin/settings",
+    )
+    assert allowed.status_code == 302
+    assert 'name="password"' in client.get(page).get_data(as_text=True)
+    wrong = post_form(client, "/accounts/new", {**form, "password": "not-it"}, form_page=page)
+    assert Account.get_or_none(Account.address == address) is None
+    assert "The user name or password was refused" in wrong.get_data(as_text=True)
+    assert "not-it" not in wrong.get_data(as_text=True)
+
+    local = address.split("@")[0]
+    linked = post_form(client, "/accounts/new", {**form, "password": f"pw-{local}"}, form_page=page)
+
+    assert linked.status_code == 302
+    account = Account.get(Account.address == address)
+    assert account.status == "active", account.status_detail
+    assert account.refresh_token and account.access_token
+    assert f"pw-{local}" not in client.get(f"/accounts/{account.id}").get_data(as_text=True)
+
+
+def test_shared_mailbox_is_linked_with_a_delegates_sign_in(peer_app: Flask, peer: PeerInfo) -> None:
+    """The mailbox address differs from who signed in; it is what goes into XOAUTH2's user=."""
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "deleg@example.org")
+    delegate, shared = mailbox("delegate"), mailbox("shared")
+    reg = register(peer, delegate=delegate, delegated_mailbox=shared)
+    oauth_client = peer_client(user, peer, reg)
+    started = linking.start(user, shared, oauth_client, REDIRECT)
+    assert started.url
+
+    back = op_sign_in(peer, started.url, delegate)
+    account, result = linking.complete_callback(user, query_of(back), REDIRECT)
+
+    assert result.ok, result.message
+    account = Account.get_by_id(account.id)
+    assert account.address == shared and account.signed_in_as == delegate
+    assert account.status == "active"
+    page = client.get(f"/accounts/{account.id}").get_data(as_text=True)
+    assert delegate in page

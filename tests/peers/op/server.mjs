@@ -80,12 +80,14 @@ const configuration = {
     },
   ],
   extraClientMetadata: {
-    // mailbox: whose mail a client_credentials token may read; *_ttl: lifetimes in seconds
-    properties: ['mailbox', 'access_token_ttl', 'refresh_token_ttl'],
+    // mailbox: whose mail a client_credentials token may read; *_ttl: lifetimes in seconds;
+    // delegate + delegated_mailbox: tokens of that signed-in user are good for that (shared)
+    // mailbox, as an Exchange mailbox permission would make them.
+    properties: ['mailbox', 'access_token_ttl', 'refresh_token_ttl', 'delegate', 'delegated_mailbox'],
     validator(ctx, key, value) {
       if (value === undefined || value === null) return;
-      if (key === 'mailbox' && (typeof value !== 'string' || !value.includes('@'))) {
-        throw new errors.InvalidClientMetadata('mailbox must be an email address');
+      if (['mailbox', 'delegate', 'delegated_mailbox'].includes(key) && (typeof value !== 'string' || !value.includes('@'))) {
+        throw new errors.InvalidClientMetadata(`${key} must be an email address`);
       }
       if (key.endsWith('_ttl') && !positiveInt(value)) {
         throw new errors.InvalidClientMetadata(`${key} must be a positive integer (seconds)`);
@@ -96,6 +98,9 @@ const configuration = {
   claims: { openid: ['sub'], email: ['email', 'email_verified'], profile: ['name'] },
   pkce: { required: () => true },
   rotateRefreshToken: true,
+  // Like Entra and Google, put the signed-in user's email into the id_token itself, so the
+  // product can tell who signed in (a delegate of a shared mailbox, say).
+  conformIdTokenClaims: false,
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
@@ -130,7 +135,11 @@ ${form}<button id="device-confirm" type="submit" form="op.deviceConfirmForm">Con
   },
   // Dovecot needs to know which mailbox a token is good for: `email` in the token.
   extraTokenClaims: async (ctx, token) => {
-    if (token.kind === 'AccessToken' && token.accountId) return { email: token.accountId };
+    if (token.kind === 'AccessToken' && token.accountId) {
+      const client = await ctx.oidc.provider.Client.find(token.clientId);
+      if (client?.delegated_mailbox && client.delegate === token.accountId) return { email: client.delegated_mailbox };
+      return { email: token.accountId };
+    }
     if (token.kind === 'ClientCredentials') {
       const client = await ctx.oidc.provider.Client.find(token.clientId);
       if (client?.mailbox) return { email: client.mailbox };
@@ -174,6 +183,32 @@ const provider = new Provider(ISSUER, configuration);
 const stats = { total: 0, byClient: {}, byGrantType: {}, recent: [] };
 const grants = new Map(); // grantId -> { accountId, clientId }
 const ccTokens = new Map(); // ClientCredentials jti -> { clientId, email }
+// The legacy Resource Owner Password grant (oidc-provider has none built in): the product
+// offers it for Microsoft accounts when an admin allows it, so the test bed needs a real one.
+provider.registerGrantType('password', async (ctx) => {
+  const { username, password } = ctx.oidc.params;
+  const { client } = ctx.oidc;
+  const email = String(username || '').toLowerCase();
+  if (!client.grantTypeAllowed('password')) {
+    throw new errors.UnauthorizedClient('the password grant is not allowed for this client');
+  }
+  if (!passwordFor(email) || passwordFor(email) !== password) {
+    throw new errors.InvalidGrant('invalid username or password');
+  }
+  const { Grant, AccessToken, RefreshToken } = ctx.oidc.provider;
+  const scope = 'openid email offline_access';
+  const grant = new Grant({ accountId: email, clientId: client.clientId });
+  grant.addOIDCScope(scope);
+  const grantId = await grant.save();
+  const at = new AccessToken({ accountId: email, client, grantId, scope, gty: 'password' });
+  const body = { access_token: await at.save(), token_type: 'Bearer', expires_in: at.expiration, scope };
+  if (client.grantTypeAllowed('refresh_token')) {
+    const rt = new RefreshToken({ accountId: email, client, grantId, scope, gty: 'password' });
+    body.refresh_token = await rt.save();
+  }
+  ctx.body = body;
+}, ['username', 'password', 'scope']);
+
 provider.on('grant.saved', (g) => grants.set(g.jti, { accountId: g.accountId, clientId: g.clientId }));
 provider.on('grant.destroyed', (g) => grants.delete(g.jti));
 provider.on('client_credentials.saved', (t) => ccTokens.set(t.jti, { clientId: t.clientId, email: t.extra?.email }));
