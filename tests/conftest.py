@@ -81,6 +81,23 @@ def post_form(
     return client.post(path, data={"csrf_token": token, **data}, **kwargs)
 
 
+def stored_client(owner: User, name: str, secret: str) -> Any:
+    """A minimal saved OAuth client holding ``secret`` (for tests of the encrypted storage)."""
+    from models import OAuthClient
+
+    client = OAuthClient(
+        owner=owner,
+        name=name,
+        provider="other",
+        token_url="https://t.example/token",
+        scope="mail",
+        client_id="cid",
+        client_secret=secret,
+    )
+    client.save()
+    return client
+
+
 class AuthActions:
     def __init__(self, app: Flask, client: FlaskClient) -> None:
         self.app = app

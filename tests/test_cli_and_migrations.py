@@ -7,7 +7,7 @@ import sqlite3
 import migrations
 from db import database, open_database, use_database
 from models import OAuthClient, User
-from tests.conftest import make_app
+from tests.conftest import make_app, stored_client
 
 
 def test_database_at_first_version_is_upgraded(instance):
@@ -52,16 +52,7 @@ def test_backup_restores_into_a_fresh_instance_that_still_decrypts(app, runner, 
 
     with app.app_context():
         owner = User.create(email="o@example.org", password_hash="x")
-        client = OAuthClient(
-            owner=owner,
-            name="c",
-            provider="other",
-            token_url="https://t/x",
-            scope="s",
-            client_id="id",
-            client_secret="backup-secret-value",
-        )
-        client.save()
+        stored_client(owner, "c", "backup-secret-value")
     copy = tmp_path / "backup.db"
     result = runner.invoke(args=["backup", str(copy)])
     assert result.exit_code == 0, result.output

@@ -8,7 +8,7 @@ import pytest
 
 import throttle
 from models import OAuthClient, User
-from tests.conftest import make_app
+from tests.conftest import make_app, stored_client
 from vault import VaultError
 
 pytestmark = pytest.mark.postgres
@@ -24,16 +24,7 @@ def test_schema_is_created_and_secrets_round_trip(pg_app, pg_url):
 
     with pg_app.app_context():
         owner = User.create(email="o@example.org", password_hash="x")
-        client = OAuthClient(
-            owner=owner,
-            name="c",
-            provider="other",
-            token_url="https://t/x",
-            scope="s",
-            client_id="id",
-            client_secret="pg-secret-value",
-        )
-        client.save()
+        client = stored_client(owner, "c", "pg-secret-value")
         assert OAuthClient.get_by_id(client.id).client_secret == "pg-secret-value"
     conn = psycopg2.connect(pg_url)
     with conn.cursor() as cur:
@@ -48,25 +39,8 @@ def test_moved_ciphertext_fails_on_postgres(pg_app):
 
     with pg_app.app_context():
         owner = User.create(email="o@example.org", password_hash="x")
-        a = OAuthClient(
-            owner=owner,
-            name="a",
-            provider="other",
-            token_url="https://t/x",
-            scope="s",
-            client_id="id",
-            client_secret="value-a",
-        )
-        a.save()
-        b = OAuthClient(
-            owner=owner,
-            name="b",
-            provider="other",
-            token_url="https://t/x",
-            scope="s",
-            client_id="id",
-            client_secret="value-b",
-        )
+        a = stored_client(owner, "a", "value-a")
+        b = stored_client(owner, "b", "value-b")
         b.save()
         blob = bytes(OAuthClient.get_by_id(a.id).__data__["client_secret"])
         OAuthClient.update(client_secret=Ciphertext(blob)).where(OAuthClient.id == b.id).execute()
@@ -78,15 +52,7 @@ def test_rotate_key_on_postgres(pg_app):
     with pg_app.app_context():
         owner = User.create(email="o@example.org", password_hash="x")
         for i in range(3):
-            OAuthClient(
-                owner=owner,
-                name=f"c{i}",
-                provider="other",
-                token_url="https://t/x",
-                scope="s",
-                client_id="id",
-                client_secret=f"secret-{i}",
-            ).save()
+            stored_client(owner, f"c{i}", f"secret-{i}")
     result = pg_app.test_cli_runner().invoke(args=["rotate-key"])
     assert result.exit_code == 0, result.output
     with pg_app.app_context():
@@ -107,15 +73,7 @@ def test_two_instances_share_one_database(instance, tmp_path, pg_url):
     shutil.copy(instance / "secret_key", second_dir / "secret_key")
     with first.app_context():
         owner = User.create(email="o@example.org", password_hash="x")
-        OAuthClient(
-            owner=owner,
-            name="c",
-            provider="other",
-            token_url="https://t/x",
-            scope="s",
-            client_id="id",
-            client_secret="shared-value",
-        ).save()
+        stored_client(owner, "c", "shared-value")
     second = make_app(second_dir, DATABASE_URL=pg_url)
     with second.app_context():
         assert OAuthClient.get().client_secret == "shared-value"

@@ -11,24 +11,14 @@ import pytest
 
 from db import Ciphertext
 from models import OAuthClient, User
-from tests.conftest import make_app
+from tests.conftest import make_app, stored_client
 from vault import KeyFileError, Keyring, VaultError, aad_for
 
 SECRET = "s3cr3t-Value~xyz-0123456789"
 
 
 def _client(owner: User, name: str, secret: str = SECRET) -> OAuthClient:
-    client = OAuthClient(
-        owner=owner,
-        name=name,
-        provider="other",
-        token_url="https://t.example/token",
-        scope="mail",
-        client_id="cid",
-        client_secret=secret,
-    )
-    client.save()
-    return client
+    return stored_client(owner, name, secret)
 
 
 @pytest.fixture
