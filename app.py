@@ -55,6 +55,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         REMEMBER_COOKIE_SAMESITE="Lax",
         REMEMBER_COOKIE_SECURE=secure,
         WTF_CSRF_TIME_LIMIT=None,
+        # Pages send no Referer (Referrer-Policy: no-referrer, as OAuth codes travel in URLs),
+        # so Flask-WTF's HTTPS referrer check would refuse every form; the token still applies.
+        WTF_CSRF_SSL_STRICT=False,
     )
     passwords.configure(app.config)
     grants.configure(app.config)

@@ -15,7 +15,7 @@ import users
 from app import VAULT_KEY_FILE
 from db import database, reencrypt_all, vault
 from models import SECRET_MODELS
-from vault import write_private
+from vault import lock_instance, write_private
 
 
 def init_app(app: Flask) -> None:
@@ -49,7 +49,15 @@ def create_admin(email: str, password_stdin: bool) -> None:
 @with_appcontext
 def rotate_key() -> None:
     """Re-encrypt every stored secret under a new key, in one transaction."""
-    path = Path(current_app.instance_path) / VAULT_KEY_FILE
+    instance = Path(current_app.instance_path)
+    lock = lock_instance(instance)
+    if lock is None:
+        raise click.ClickException(
+            "The service is running on this instance. Stop it first (e.g. `systemctl stop "
+            "auth-email`; with PostgreSQL, every instance): a running process keeps the old key "
+            "in memory and would write secrets no one could read after the rotation."
+        )
+    path = instance / VAULT_KEY_FILE
     old = vault.get()
     both = old.with_new_key()
     # The key file first holds old and new keys, so a crash at any point leaves data readable.

@@ -18,6 +18,9 @@ DEFAULTS: dict[str, Any] = {
     "PUBLIC_URL": "http://127.0.0.1:8080",
     # Where the web UI listens (the serve entry point; `flask run` has its own flag).
     "BIND": "127.0.0.1:8080",
+    # The reverse proxy in front of the web UI (e.g. 127.0.0.1): its X-Forwarded-For/-Proto
+    # headers then give each request's client address (audit log, throttling, /metrics).
+    "TRUSTED_PROXY": "",
     # Empty: SQLite file auth-email.db in the instance folder.
     "DATABASE_URL": "",
     # Host name users put into their mail clients; empty means the public URL's host.
@@ -29,6 +32,11 @@ DEFAULTS: dict[str, Any] = {
     "POP3S_LISTEN": "127.0.0.1:1995",
     "SUBMISSION_LISTEN": "127.0.0.1:1587",
     "SMTPS_LISTEN": "127.0.0.1:1465",
+    # Mail proxy limits: connections in all and per client IP, idle seconds before and after login.
+    "MAIL_MAX_CONNECTIONS": 4096,
+    "MAIL_MAX_CONNECTIONS_PER_IP": 256,
+    "MAIL_IDLE_TIMEOUT_PRELOGIN": 60,
+    "MAIL_IDLE_TIMEOUT": 1800,
     # Certificate for the mail listeners; empty: a self-signed pair in the instance folder.
     "TLS_CERT": "",
     "TLS_KEY": "",

@@ -268,6 +268,12 @@ class AppBackend:
                 ) from None
             except tokens.TokenUnavailable as error:
                 raise ProxyAuthError("unavailable", str(error)) from None
+            except tokens.AccountUnusable as error:
+                # unlinked, disabled or not yet authorized since the password was checked
+                raise ProxyAuthError("disabled", str(error)) from None
+            except Exception:
+                log.exception("getting the access token of account %s failed", account_id)
+                raise ProxyAuthError("unavailable", "Internal error, try again later") from None
 
     def token_rejected(self, account_id: int, detail: str) -> None:
         with database.connection_context():
@@ -314,6 +320,10 @@ def proxy_settings(app: Flask) -> ProxySettings:
         tls_key=key,
         upstream_ca_file=cfg["UPSTREAM_CA_FILE"] or None,
         hostname=mail_host(cfg),
+        max_connections=cfg["MAIL_MAX_CONNECTIONS"],
+        max_connections_per_ip=cfg["MAIL_MAX_CONNECTIONS_PER_IP"],
+        idle_timeout_prelogin=cfg["MAIL_IDLE_TIMEOUT_PRELOGIN"],
+        idle_timeout=cfg["MAIL_IDLE_TIMEOUT"],
         reauth_message=(
             "The mail provider refused this account's token: re-authorize it on "
             f"{cfg['PUBLIC_URL']}/"

@@ -53,7 +53,9 @@ def metrics() -> Response:
     """Counters only: no address and no secret is ever a label value."""
     access = current_app.config["METRICS_ACCESS"]
     if access == "loopback":
-        if not is_loopback_host(request.remote_addr):
+        # A request relayed by a reverse proxy is not local, even if the proxy itself is.
+        relayed = "X-Forwarded-For" in request.headers or "Forwarded" in request.headers
+        if relayed or not is_loopback_host(request.remote_addr):
             abort(404)
     elif access != "open":
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()

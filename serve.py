@@ -8,14 +8,15 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 from flask import Flask
 from waitress import create_server
 
 from app import create_app
-from vault import KeyFileError
+from vault import KeyFileError, lock_instance
 
 log = logging.getLogger("auth_email.serve")
 
@@ -40,6 +41,26 @@ def split_bind(bind: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def web_server(app: Flask, host: str, port: int) -> Any:
+    """The waitress server for the web UI; behind a reverse proxy, it takes the client's address
+    from the proxy's X-Forwarded-* headers, and from no one else."""
+    # Without a trusted proxy the headers stay visible but unused, so that /metrics can still
+    # tell a relayed request from a local one.
+    options: dict[str, Any] = {
+        "threads": 8,
+        "ident": "auth-email",
+        "clear_untrusted_proxy_headers": False,
+    }
+    if app.config["TRUSTED_PROXY"]:
+        options.update(
+            trusted_proxy=app.config["TRUSTED_PROXY"],
+            trusted_proxy_count=1,
+            trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"},
+            clear_untrusted_proxy_headers=True,
+        )
+    return create_server(app, host=host, port=port, **options)
+
+
 def main() -> int:
     try:
         app = create_app()
@@ -50,10 +71,13 @@ def main() -> int:
         level=app.config["LOG_LEVEL"],
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
+    if lock_instance(Path(app.instance_path)) is None:
+        log.error("cannot start: another process is serving the instance %s", app.instance_path)
+        return 2
     # The web UI's port first: a busy port is reported before anything else has started.
     host, port = split_bind(app.config["BIND"])
     try:
-        server = create_server(app, host=host, port=port, threads=8, ident="auth-email")
+        server = web_server(app, host, port)
     except OSError as error:
         log.error(
             "cannot start: the web UI cannot listen on %s (BIND): %s", app.config["BIND"], error

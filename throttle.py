@@ -43,7 +43,11 @@ def check(keys: list[str]) -> tuple[int, set[str]]:
 def failure(key: str, policy: Policy) -> None:
     """Count a failure for ``key`` (one atomic upsert) and block it once it passes the limit."""
     now = utcnow()
-    stale = Throttle.last_failure_at < now - WINDOW
+    # A count starts over only after a quiet window that follows the end of the last block, so
+    # the doubling pauses keep growing up to MAX_BLOCK instead of resetting after each one.
+    stale = (Throttle.last_failure_at < now - WINDOW) & (
+        Throttle.blocked_until.is_null() | (Throttle.blocked_until < now - WINDOW)
+    )
     Throttle.insert(key=key, failures=1, last_failure_at=now).on_conflict(
         conflict_target=[Throttle.key],
         update={

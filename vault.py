@@ -6,6 +6,7 @@ column and row, so a value copied to another row or column fails to decrypt.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -147,3 +148,21 @@ def load_keyring(path: Path, has_ciphertext: bool) -> Keyring:
     keyring = Keyring.generate()
     write_private(path, keyring.dump())
     return keyring
+
+
+SERVING_LOCK = "serving.lock"
+
+
+def lock_instance(instance: Path) -> int | None:
+    """Take the instance's serving lock (held by the serving process for its whole life).
+
+    Returns the lock's file descriptor, or None when another process holds it. Key rotation
+    needs it: a running process keeps the old key in memory and would write with it.
+    """
+    fd = os.open(instance / SERVING_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -136,3 +136,44 @@ def test_busy_port_makes_serve_exit_with_the_bind_error(tmp_path: Path, busy: st
     assert "Traceback" not in output
     if busy == "BIND":
         assert "listening on" not in output  # nothing else started before the web UI's port
+
+
+@pytest.mark.parametrize("trusted", ["127.0.0.1", ""])
+def test_client_address_comes_from_the_trusted_proxy_only(instance, trusted):
+    """Behind the documented reverse proxy the audit log and throttling see the real client,
+    /metrics stays closed to relayed requests, and without the setting the header is ignored."""
+    import re
+    import threading
+
+    import requests
+
+    from models import AuditEvent
+    from serve import web_server
+    from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
+
+    app = make_app(instance, TRUSTED_PROXY=trusted)
+    server = web_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}"
+    try:
+        with app.app_context():
+            import users
+
+            users.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)
+        relayed = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+        web = requests.Session()
+        page = web.get(f"{url}/login", headers=relayed, timeout=10).text
+        token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page).group(1)
+        web.post(
+            f"{url}/login",
+            data={"csrf_token": token, "email": ADMIN_EMAIL, "password": "wrong-password"},
+            headers=relayed,
+            timeout=10,
+        )
+        assert requests.get(f"{url}/metrics", headers=relayed, timeout=10).status_code == 404
+        assert requests.get(f"{url}/metrics", timeout=10).status_code == 200
+        with app.app_context():
+            failed = AuditEvent.get(AuditEvent.action == "login.failed")
+        assert failed.ip == ("203.0.113.7" if trusted else "127.0.0.1")
+    finally:
+        server.close()

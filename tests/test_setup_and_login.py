@@ -180,3 +180,33 @@ def test_expired_invite_link_is_refused(app, auth):
     assert response.status_code in (400, 404)
     with app.app_context():
         assert User.by_email("late@example.org") is None
+
+
+def test_throttle_pauses_keep_doubling_after_a_block_ends(app):
+    """A block that has just ended does not reset the count: the next failure blocks longer."""
+    import datetime as dt
+
+    import throttle
+    from models import Throttle, utcnow
+
+    policy = throttle.Policy(limit=3, block_seconds=60)
+    with app.app_context():
+        for _ in range(3):
+            throttle.failure("web:addr:x@example.org", policy)
+        first = Throttle.get_by_id("web:addr:x@example.org")
+        # The block ran out 20 minutes ago, and the last failure is older than the window.
+        Throttle.update(
+            last_failure_at=utcnow() - dt.timedelta(minutes=20),
+            blocked_until=utcnow() - dt.timedelta(minutes=1),
+        ).execute()
+        throttle.failure("web:addr:x@example.org", policy)
+        second = Throttle.get_by_id("web:addr:x@example.org")
+        assert second.failures == first.failures + 1
+        assert second.blocked_until - utcnow() > dt.timedelta(seconds=100)
+        # After a quiet window past the end of the block, the count starts over.
+        Throttle.update(
+            last_failure_at=utcnow() - dt.timedelta(hours=3),
+            blocked_until=utcnow() - dt.timedelta(hours=2),
+        ).execute()
+        throttle.failure("web:addr:x@example.org", policy)
+        assert Throttle.get_by_id("web:addr:x@example.org").failures == 1

@@ -127,3 +127,22 @@ def test_rotate_key_keeps_every_secret_readable(app, owner, instance):
     conn = sqlite3.connect(db_path)
     assert conn.execute("select count(*) from o_auth_client").fetchone()[0] == 3
     conn.close()
+
+
+def test_rotate_key_refuses_while_the_service_runs(app, owner, instance):
+    import os
+
+    from vault import lock_instance
+
+    with app.app_context():
+        _client(owner, "running")
+    before = (instance / "vault.key").read_text()
+    held = lock_instance(instance)  # what serve.py holds while it runs
+    assert held is not None
+    try:
+        result = app.test_cli_runner().invoke(args=["rotate-key"])
+        assert result.exit_code != 0 and "Stop it first" in result.output
+        assert (instance / "vault.key").read_text() == before
+    finally:
+        os.close(held)
+    assert app.test_cli_runner().invoke(args=["rotate-key"]).exit_code == 0
