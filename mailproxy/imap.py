@@ -30,6 +30,12 @@ NOT_YET = frozenset(
 )  # fmt: skip
 
 
+def token_refused(tagged: str) -> bool:
+    """A tagged NO that refuses the credentials, not the session (limits, alerts, outages)."""
+    upper = tagged.upper()
+    return "[AUTHENTICATIONFAILED]" in upper or "AUTHENTICATE FAILED" in upper
+
+
 class BadSyntax(Exception):
     pass
 
@@ -248,10 +254,13 @@ class IMAPSession(Session):
         ir = sasl_initial_response(grant, token)
         await up.send(f"{tag} AUTHENTICATE {grant.mechanism} {ir}", secret=True)
         detail = ""
-        for _ in range(3):
+        challenged = False
+        # Untagged lines (ALERTs, CAPABILITY, notices) may come before the tagged reply.
+        for _ in range(100):
             line = await up.readline()
             if line.startswith("+"):
                 # A failure challenge (base64 JSON): an empty response ends the exchange.
+                challenged = True
                 detail = decode_challenge(line[1:])
                 await up.send("")
                 continue
@@ -259,7 +268,7 @@ class IMAPSession(Session):
                 self.upstream_caps = line[13:]
                 continue
             if line.upper().startswith("* BYE"):
-                raise UpstreamError("protocol", f"mail server: {one_line(line[5:])}")
+                raise UpstreamError("refused", f"mail server: {one_line(line[5:])}")
             if not line.startswith(tag + " "):
                 continue
             status = line[len(tag) + 1 :].split(" ", 1)[0].upper()
@@ -270,9 +279,10 @@ class IMAPSession(Session):
                 if not self.upstream_caps:
                     await self._fetch_caps(up)
                 return True, ""
-            if "[UNAVAILABLE]" in line.upper():
-                raise UpstreamError("refused", f"mail server: {one_line(line)}")
-            return False, one_line(f"{line} {detail}")
+            if challenged or token_refused(line):
+                return False, one_line(f"{line} {detail}")
+            text = line[len(tag) + 1 :]
+            raise UpstreamError("refused", f"mail server: {one_line(text)}")
         raise UpstreamError("protocol", "mail server did not finish authentication")
 
     async def _fetch_caps(self, up: Upstream) -> None:

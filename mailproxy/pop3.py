@@ -135,21 +135,34 @@ class POP3Session(Session):
         return up
 
     async def upstream_auth(self, up: Upstream, grant: Grant, token: str) -> tuple[bool, str]:
-        ir = sasl_initial_response(grant, token)
-        await up.send(f"AUTH {grant.mechanism} {ir}", secret=True)
+        # Always two steps (RFC 5034): Exchange Online refuses an initial response on the AUTH
+        # line, and RFC 2449 limits that line to 255 octets anyway.
+        await up.send(f"AUTH {grant.mechanism}")
+        line = await up.readline()
+        if not line.startswith("+") or line.startswith("+OK"):
+            raise UpstreamError("refused", f"mail server refused AUTH: {one_line(line)}")
+        await up.send(sasl_initial_response(grant, token), secret=True)
         detail = ""
+        challenged = False
         for _ in range(3):
             line = await up.readline()
             if line.startswith("+OK"):
                 return True, ""
             if line.startswith("+"):
+                challenged = True
                 detail = decode_challenge(line[1:])
                 await up.send("")
                 continue
-            if "[SYS/TEMP]" in line.upper() or "[IN-USE]" in line.upper():
-                raise UpstreamError("refused", f"mail server: {one_line(line)}")
-            return False, one_line(f"{line} {detail}")
+            if challenged or token_refused(line):
+                return False, one_line(f"{line} {detail}")
+            raise UpstreamError("refused", f"mail server: {one_line(line)}")
         raise UpstreamError("protocol", "mail server did not finish authentication")
+
+
+def token_refused(line: str) -> bool:
+    """An -ERR that refuses the credentials, not the session (in use, outages, policy)."""
+    lower = line.lower()
+    return "[auth]" in lower or "authentication failed" in lower or "auth failed" in lower
 
 
 COMMANDS: dict[str, Callable[..., Awaitable[None]]] = {

@@ -89,7 +89,12 @@ class Session:
         raise NotImplementedError
 
     async def upstream_auth(self, up: Upstream, grant: Grant, token: str) -> tuple[bool, str]:
-        """SASL XOAUTH2/OAUTHBEARER upstream: (accepted, detail of a rejection)."""
+        """SASL XOAUTH2/OAUTHBEARER upstream: (accepted, detail of a rejection).
+
+        (False, detail) only when the server refused the token itself (a SASL failure
+        challenge or the protocol's own authentication-failed answer); any other refusal
+        raises UpstreamError('refused') with the server's text, so that it neither forces a
+        refresh nor marks the account for re-authorization."""
         raise NotImplementedError
 
     async def accept_login(self, up: Upstream) -> None:
@@ -202,6 +207,13 @@ class Session:
             count_upstream_error(self.protocol, exc.reason)
             self.log.warning("upstream for %s unavailable: %s", address, exc.message)
             await self._refused(address, ProxyAuthError("unavailable", exc.message))
+            return
+        except Exception:
+            # A backend (access_token, token_rejected) or protocol bug: answer, keep the
+            # connection usable. The traceback carries no token: it is never in a message.
+            self.log.exception("upstream login of account %s failed", grant.account_id)
+            internal = ProxyAuthError("unavailable", "Internal error, try again later")
+            await self._refused(address, internal)
             return
         count_login(self.protocol, "ok")
         self.log.info("login %s from %s", grant.address, self.peer_ip)

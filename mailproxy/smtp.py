@@ -179,17 +179,20 @@ class SMTPSession(Session):
         ir = sasl_initial_response(grant, token)
         await up.send(f"AUTH {grant.mechanism} {ir}", secret=True)
         detail = ""
+        challenged = False
         for _ in range(3):
             code, line = await self._reply(up)
             if code == 235:
                 return True, ""
             if code == 334:
+                challenged = True
                 detail = decode_challenge(line[4:])
                 await up.send("")
                 continue
-            if 400 <= code < 500:
-                raise UpstreamError("refused", f"mail server: {one_line(line)}")
-            return False, one_line(f"{line} {detail}")
+            if code == 535 or challenged:
+                return False, one_line(f"{line} {detail}")
+            # 454, 421, 530, 550...: the server refused the session, not the token.
+            raise UpstreamError("refused", f"mail server: {one_line(line)}")
         raise UpstreamError("protocol", "mail server did not finish authentication")
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import imaplib
+import poplib
+import re
+import smtplib
 import threading
 import time
 from collections.abc import Iterator
@@ -16,57 +19,157 @@ from prometheus_client import REGISTRY
 from mailproxy import Controller, Endpoint
 from tests.proxykit import Account, RecordingBackend, port, raw_connect, running_proxy
 
+CHALLENGE = b"+ eyJzdGF0dXMiOiI0MDAifQ==\r\n"  # {"status":"400"}, as Google sends it
 
-class FakeIMAP:
-    """A tiny upstream: accepts the token 'good', challenges anything else, and after login
-    answers every command with OK, except EXPIRE (BYE and close) and SLOW (no answer)."""
+
+class FakeServer:
+    """A scripted upstream on its own loop and thread; subclasses answer in their protocol."""
 
     def __init__(self) -> None:
         self.payloads: list[str] = []
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.port = 0
-        self.unavailable = False
+        self.reset()
         threading.Thread(target=self._run, daemon=True).start()
         self.ready.wait(5)
 
+    def reset(self) -> None:
+        """Forget what a test scripted."""
+        self.unavailable = False
+        #: lines to answer every authentication with instead of checking the token
+        self.auth_script: list[str] | None = None
+
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        server = self.loop.run_until_complete(asyncio.start_server(self._guard, "127.0.0.1", 0))
         self.port = server.sockets[0].getsockname()[1]
         self.ready.set()
         self.loop.run_forever()
 
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] fake ready\r\n")
+    async def _guard(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
-            while line := await r.readline():
-                tag, _, rest = line.strip().decode().partition(" ")
-                if rest.startswith("AUTHENTICATE"):
-                    payload = base64.b64decode(rest.split()[2]).decode()
-                    self.payloads.append(payload)
-                    if self.unavailable:
-                        w.write(f"{tag} NO [UNAVAILABLE] token service down\r\n".encode())
-                    elif "auth=Bearer good\x01" in payload:
-                        w.write(f"{tag} OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n".encode())
-                    else:
-                        w.write(b"+ eyJzdGF0dXMiOiI0MDAifQ==\r\n")
-                        await w.drain()
-                        assert await r.readline() == b"\r\n"
-                        w.write(f"{tag} NO [AUTHENTICATIONFAILED] bad token\r\n".encode())
-                elif rest == "EXPIRE":
-                    w.write(b"* BYE token expired\r\n")
-                    await w.drain()
-                    break
-                elif rest != "SLOW":
-                    w.write(f"{tag} OK {rest} done\r\n".encode())
-                await w.drain()
+            await self._serve(r, w)
         except (OSError, AssertionError):
             pass
         w.close()
 
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def good(self, b64: str) -> bool:
+        payload = base64.b64decode(b64).decode()
+        self.payloads.append(payload)
+        return "auth=Bearer good\x01" in payload
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class FakeIMAP(FakeServer):
+    """Accepts the token 'good', challenges anything else, and after login answers every
+    command with OK, except EXPIRE (BYE and close) and SLOW (no answer)."""
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] fake ready\r\n")
+        while line := await r.readline():
+            tag, _, rest = line.strip().decode().partition(" ")
+            if rest.startswith("AUTHENTICATE"):
+                good = self.good(rest.split()[2])
+                if self.auth_script is not None:
+                    for scripted in self.auth_script:
+                        w.write(scripted.format(tag=tag).encode() + b"\r\n")
+                elif self.unavailable:
+                    w.write(f"{tag} NO [UNAVAILABLE] token service down\r\n".encode())
+                elif good:
+                    w.write(f"{tag} OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n".encode())
+                else:
+                    w.write(CHALLENGE)
+                    await w.drain()
+                    assert await r.readline() == b"\r\n"
+                    w.write(f"{tag} NO [AUTHENTICATIONFAILED] bad token\r\n".encode())
+            elif rest == "EXPIRE":
+                w.write(b"* BYE token expired\r\n")
+                await w.drain()
+                break
+            elif rest != "SLOW":
+                w.write(f"{tag} OK {rest} done\r\n".encode())
+            await w.drain()
+
+
+class FakePOP3(FakeServer):
+    """Like Exchange Online: AUTH with an initial response on the same line is a protocol
+    error that closes the connection; AUTH XOAUTH2, '+', then the response works."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.one_line_auths = 0
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"+OK fake POP3 ready\r\n")
+        while line := await r.readline():
+            words = line.strip().decode().split()
+            verb = words[0].upper() if words else ""
+            if verb == "AUTH" and len(words) > 2:
+                self.one_line_auths += 1
+                w.write(b"-ERR Protocol error. Connection is closed.\r\n")
+                await w.drain()
+                break
+            if verb == "AUTH":
+                w.write(b"+ \r\n")
+                await w.drain()
+                good = self.good((await r.readline()).strip().decode())
+                if self.auth_script is not None:
+                    for scripted in self.auth_script:
+                        w.write(scripted.encode() + b"\r\n")
+                elif good:
+                    w.write(b"+OK Logged in\r\n")
+                else:
+                    w.write(CHALLENGE)
+                    await w.drain()
+                    assert await r.readline() == b"\r\n"
+                    w.write(b"-ERR [AUTH] Authentication failed.\r\n")
+            elif verb == "QUIT":
+                w.write(b"+OK Bye\r\n")
+                await w.drain()
+                break
+            elif verb == "STAT":
+                w.write(b"+OK 2 320\r\n")
+            else:
+                w.write(b"+OK\r\n")
+            await w.drain()
+
+
+class FakeSMTP(FakeServer):
+    """EHLO, AUTH XOAUTH2 with an initial response; Gmail's 334 challenge and 535 for a bad
+    token; after login every command gets 250."""
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 fake ESMTP\r\n")
+        while line := await r.readline():
+            words = line.strip().decode().split()
+            verb = words[0].upper() if words else ""
+            if verb == "EHLO":
+                w.write(b"250-fake\r\n250 AUTH XOAUTH2 OAUTHBEARER\r\n")
+            elif verb == "AUTH":
+                good = self.good(words[2])
+                if self.auth_script is not None:
+                    for scripted in self.auth_script:
+                        w.write(scripted.encode() + b"\r\n")
+                elif good:
+                    w.write(b"235 2.7.0 Accepted\r\n")
+                else:
+                    w.write(b"334 eyJzdGF0dXMiOiI0MDAifQ==\r\n")
+                    await w.drain()
+                    assert await r.readline() == b"\r\n"
+                    w.write(b"535 5.7.8 Username and Password not accepted\r\n")
+            elif verb == "QUIT":
+                w.write(b"221 Bye\r\n")
+                await w.drain()
+                break
+            else:
+                w.write(b"250 OK\r\n")
+            await w.drain()
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +179,37 @@ def fake() -> Iterator[FakeIMAP]:
     f.close()
 
 
+@pytest.fixture(scope="module")
+def fake_pop3() -> Iterator[FakePOP3]:
+    f = FakePOP3()
+    yield f
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def fake_smtp() -> Iterator[FakeSMTP]:
+    f = FakeSMTP()
+    yield f
+    f.close()
+
+
 @pytest.fixture
-def backend(fake: FakeIMAP) -> RecordingBackend:
-    ep = Endpoint("127.0.0.1", fake.port, "plain")
-    acct = Account(7, "carol@example.test", "pw", {"imap": ep})
+def backend(fake: FakeIMAP, fake_pop3: FakePOP3, fake_smtp: FakeSMTP) -> RecordingBackend:
+    for f in (fake, fake_pop3, fake_smtp):
+        f.reset()
+    upstreams = {
+        "imap": Endpoint("127.0.0.1", fake.port, "plain"),
+        "pop3": Endpoint("127.0.0.1", fake_pop3.port, "plain"),
+        "smtp": Endpoint("127.0.0.1", fake_smtp.port, "plain"),
+    }
+    acct = Account(7, "carol@example.test", "pw", upstreams)
     return RecordingBackend(accounts={acct.address: acct}, token_source=lambda a, force: "good")
 
 
 @pytest.fixture
 def proxy(backend: RecordingBackend) -> Iterator[Controller]:
-    with running_proxy(backend, listeners={"imap": "127.0.0.1:0"}, idle_timeout=2.0) as c:
+    listeners = {"imap": "127.0.0.1:0", "pop3": "127.0.0.1:0", "submission": "127.0.0.1:0"}
+    with running_proxy(backend, listeners=listeners, idle_timeout=2.0) as c:
         yield c
 
 
@@ -182,3 +306,187 @@ def test_oauthbearer_payload(proxy: Controller, backend: RecordingBackend, fake:
     assert fake.payloads[-1] == (
         f"n,a=carol@example.test,\x01host=127.0.0.1\x01port={fake.port}\x01auth=Bearer good\x01\x01"
     )
+
+
+# ---- what counts as a rejected token -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("script", "shown"),
+    [
+        (["{tag} NO [ALERT] Too many simultaneous connections"], "Too many simultaneous"),
+        (["{tag} NO [LIMIT] Too many logins"], "Too many logins"),
+        (["{tag} NO [UNAVAILABLE] token service down"], "token service down"),
+        (["* BYE Server shutting down"], "Server shutting down"),
+    ],
+)
+def test_imap_refusal_other_than_the_token_is_unavailable(
+    proxy: Controller, backend: RecordingBackend, fake: FakeIMAP, script: list[str], shown: str
+) -> None:
+    fake.auth_script = script
+    with pytest.raises(imaplib.IMAP4.error, match=rf"\[UNAVAILABLE\] .*{shown}"):
+        login(proxy)
+    assert [c[2] for c in backend.named("access_token")] == [False]  # no forced refresh
+    assert not backend.named("token_rejected")
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        ["{tag} NO AUTHENTICATE failed."],  # Microsoft's words, no code
+        ["{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)"],
+        ["+ eyJzdGF0dXMiOiI0MDEifQ==", "{tag} NO Whatever"],  # a failure challenge
+    ],
+)
+def test_imap_token_refusals_mark_the_account(
+    proxy: Controller, backend: RecordingBackend, fake: FakeIMAP, script: list[str]
+) -> None:
+    fake.auth_script = script
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHORIZATIONFAILED\] .*re-authorize"):
+        login(proxy)
+    assert [c[2] for c in backend.named("access_token")] == [False, True]
+    assert len(backend.named("token_rejected")) == 1
+
+
+def test_imap_untagged_lines_before_the_tagged_ok(proxy: Controller, fake: FakeIMAP) -> None:
+    fake.auth_script = [
+        "* OK [ALERT] x",
+        "* CAPABILITY IMAP4rev1 IDLE UIDPLUS",
+        "* OK y",
+        "* OK z",
+        "{tag} OK Logged in",
+    ]
+    m = imaplib.IMAP4("127.0.0.1", port(proxy, "imap"), timeout=5)
+    typ, data = m.login("carol@example.test", "pw")
+    assert typ == "OK" and b"[CAPABILITY IMAP4rev1 IDLE UIDPLUS]" in data[0]
+    assert m.noop()[0] == "OK"
+    m.logout()
+
+
+# ---- no exception escapes a session ---------------------------------------------------------
+def test_backend_error_in_access_token_is_a_temporary_refusal(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    def broken(acct: Account, force: bool) -> str:
+        raise RuntimeError("token store on fire")
+
+    backend.token_source = broken
+    with raw_connect(proxy, "imap") as s:
+        s.recv(1000)
+        s.sendall(b"a LOGIN carol@example.test pw\r\n")
+        reply = s.recv(1000)
+        assert reply.startswith(b"a NO [UNAVAILABLE] Internal error, try again later"), reply
+        s.sendall(b"b NOOP\r\n")  # still usable
+        assert s.recv(1000) == b"b OK NOOP completed\r\n"
+    assert proxy.errors == 0
+
+
+def test_backend_error_in_token_rejected_is_a_temporary_refusal(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    def broken(account_id: int, detail: str) -> None:
+        raise RuntimeError("database gone")
+
+    backend.bad_tokens += ["stale", "stale-too"]
+    backend.token_rejected = broken  # type: ignore[method-assign]
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\] Internal error"):
+        login(proxy)
+    assert proxy.errors == 0
+
+
+# ---- POP3 upstream ---------------------------------------------------------------------------
+def pop3_login(proxy: Controller) -> poplib.POP3:
+    p = poplib.POP3("127.0.0.1", port(proxy, "pop3"), timeout=5)
+    p.user("carol@example.test")
+    p.pass_("pw")
+    return p
+
+
+def test_pop3_upstream_auth_is_two_step(proxy: Controller, fake_pop3: FakePOP3) -> None:
+    p = pop3_login(proxy)
+    assert p.stat() == (2, 320)
+    p.quit()
+    assert fake_pop3.one_line_auths == 0
+    assert fake_pop3.payloads[-1] == "user=carol@example.test\x01auth=Bearer good\x01\x01"
+
+
+def test_pop3_rejected_twice_marks_the_account(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    backend.bad_tokens += ["stale", "stale-too"]
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\] .*re-authorize"):
+        pop3_login(proxy)
+    assert [c[2] for c in backend.named("access_token")] == [False, True]
+    (call,) = backend.named("token_rejected")
+    assert "Authentication failed" in call[2] and '"status":"400"' in call[2]
+
+
+@pytest.mark.parametrize(
+    "line", ["-ERR [AUTH] Authentication failed.", "-ERR Auth failed: bad token"]
+)
+def test_pop3_token_refusal_without_challenge(
+    proxy: Controller, backend: RecordingBackend, fake_pop3: FakePOP3, line: str
+) -> None:
+    fake_pop3.auth_script = [line]
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\] .*re-authorize"):
+        pop3_login(proxy)
+    assert len(backend.named("token_rejected")) == 1
+
+
+@pytest.mark.parametrize(
+    "line", ["-ERR [SYS/PERM] Account locked", "-ERR [IN-USE] Mailbox busy", "-ERR Go away"]
+)
+def test_pop3_refusal_other_than_the_token_is_unavailable(
+    proxy: Controller, backend: RecordingBackend, fake_pop3: FakePOP3, line: str
+) -> None:
+    fake_pop3.auth_script = [line]
+    text = line.split(" ", 1)[1]
+    with pytest.raises(poplib.error_proto, match=rf"-ERR \[SYS/TEMP\] .*{re.escape(text)}"):
+        pop3_login(proxy)
+    assert [c[2] for c in backend.named("access_token")] == [False]
+    assert not backend.named("token_rejected")
+
+
+# ---- SMTP upstream ---------------------------------------------------------------------------
+def smtp_login(proxy: Controller) -> smtplib.SMTP:
+    s = smtplib.SMTP("127.0.0.1", port(proxy, "submission"), timeout=5)
+    s.ehlo()
+    s.esmtp_features["auth"] = "PLAIN"  # smtplib would try LOGIN after a failed PLAIN
+    s.login("carol@example.test", "pw")
+    return s
+
+
+def test_smtp_login_and_relay(proxy: Controller, fake_smtp: FakeSMTP) -> None:
+    s = smtp_login(proxy)
+    assert s.noop()[0] == 250
+    s.quit()
+
+
+def test_smtp_rejected_twice_marks_the_account(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    backend.bad_tokens += ["stale", "stale-too"]
+    with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        smtp_login(proxy)
+    assert err.value.smtp_code == 535 and b"re-authorize" in err.value.smtp_error
+    assert [c[2] for c in backend.named("access_token")] == [False, True]
+    assert len(backend.named("token_rejected")) == 1
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "454 4.7.0 Too many login attempts",
+        "421 4.7.0 Try again later, closing connection",
+        "530 5.7.0 Must issue a STARTTLS command first",
+        "550 5.7.1 Relaying denied",
+    ],
+)
+def test_smtp_refusal_other_than_the_token_is_unavailable(
+    proxy: Controller, backend: RecordingBackend, fake_smtp: FakeSMTP, line: str
+) -> None:
+    fake_smtp.auth_script = [line]
+    with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        smtp_login(proxy)
+    assert err.value.smtp_code == 454
+    assert line.encode() in err.value.smtp_error
+    assert [c[2] for c in backend.named("access_token")] == [False]
+    assert not backend.named("token_rejected")
