@@ -14,7 +14,6 @@ from flask import (
     abort,
     current_app,
     flash,
-    make_response,
     redirect,
     render_template,
     request,
@@ -27,9 +26,10 @@ import linking
 import oauth
 import oauth_clients
 import providers
+import verification
 from account_forms import AddressForm, AuthorizeForm, MailPasswordForm
 from forms import EmptyForm
-from models import Account, OAuthClient, User
+from models import Account, OAuthClient, User, utcnow
 
 bp = Blueprint("accounts", __name__)
 
@@ -166,7 +166,7 @@ def _after_start(started: linking.Started) -> Response:
     return _after_link(account, started.done)
 
 
-def _after_link(account: Account, result: linking.Verification | None) -> Response:
+def _after_link(account: Account, result: verification.Verification | None) -> Response:
     if result is not None and result.ok:
         flash(f"{account.address} is linked and its sign-in works. {result.message}", "success")
     elif result is not None:
@@ -196,8 +196,28 @@ def callback() -> View:
 @bp.get("/accounts/<int:account_id>/device/<state>")
 @login_required
 def device(account_id: int, state: str) -> View:
-    """The Device Code page: shows the code, and polls each time it reloads itself."""
+    """The Device Code page (read-only): the code, and a "Check now" form that device.js
+    submits every ``interval`` seconds (without script, the person presses it)."""
     account = _own(account_id)
+    pending = oauth.device_pending(_user(), account, state)
+    if pending is None:
+        abort(404)
+    if pending.consumed_at is not None:
+        return redirect(url_for("accounts.detail", account_id=account.id))
+    if pending.expires_at < utcnow():
+        return _problem(oauth.AuthorizationProblem(oauth.EXPIRED), account.address)
+    return render_template(
+        "accounts/device.html", account=account, pending=pending, form=EmptyForm()
+    )
+
+
+@bp.post("/accounts/<int:account_id>/device/<state>")
+@login_required
+def device_check(account_id: int, state: str) -> View:
+    """Ask the token endpoint once whether the person finished signing in; link if so."""
+    account = _own(account_id)
+    if not EmptyForm().validate_on_submit():
+        abort(400)
     try:
         result = linking.poll_device(_user(), account, state, ip=_ip())
     except oauth.AuthorizationProblem as exc:
@@ -206,11 +226,7 @@ def device(account_id: int, state: str) -> View:
         return _problem(exc, account.address)
     if result is not None:
         return _after_link(account, result)
-    pending = oauth.device_pending(_user(), account, state)
-    page = render_template("accounts/device.html", account=account, pending=pending)
-    response = make_response(page)
-    response.headers["Refresh"] = str(pending.interval if pending else 5)
-    return response
+    return redirect(url_for("accounts.device", account_id=account.id, state=state))
 
 
 def _detail(
@@ -263,7 +279,7 @@ def test(account_id: int) -> Response:
     account = _own(account_id)
     if not EmptyForm().validate_on_submit():
         abort(400)
-    result = linking.recheck(_user(), account, ip=_ip())
+    result = verification.recheck(_user(), account, ip=_ip())
     flash(result.message, "success" if result.ok else "error")
     return redirect(url_for("accounts.detail", account_id=account.id))
 

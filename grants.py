@@ -91,6 +91,17 @@ class AccountUnusable(TokenError):
     """The account is disabled, not linked yet, or gone."""
 
 
+class ClientRefused(TokenUnavailable):
+    """The provider refuses the OAuth client itself (wrong or expired secret, grant or scope not
+    allowed): re-authorizing cannot help; the client's settings must be fixed. A subclass of
+    ``TokenUnavailable`` so that the mail proxy answers with a temporary error carrying it."""
+
+    def __init__(self, message: str, error: str = "", description: str = "") -> None:
+        super().__init__(message)
+        self.error = error
+        self.description = description
+
+
 class GrantError(TokenError):
     """The token endpoint refused a grant; ``error`` and ``description`` are the provider's."""
 
@@ -98,6 +109,26 @@ class GrantError(TokenError):
         self.error = error or "unknown_error"
         self.description = description or ""
         super().__init__(f"{self.error}: {self.description}" if description else self.error)
+
+    @property
+    def grant_gone(self) -> bool:
+        """The grant itself is refused: only a new authorization by the user helps."""
+        return self.error in GRANT_GONE
+
+    @property
+    def client_refused(self) -> bool:
+        """The client (its secret or settings) is refused: re-authorizing cannot help."""
+        return self.error in CLIENT_REFUSED
+
+
+# The provider's error codes (RFC 6749 section 5.2, OpenID Connect, RFC 8628) by what helps.
+GRANT_GONE = frozenset(
+    {"invalid_grant", "interaction_required", "consent_required", "login_required"}
+)
+CLIENT_REFUSED = frozenset(
+    {"invalid_client", "unauthorized_client", "invalid_scope", "unsupported_grant_type"}
+)
+TEMPORARY = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
 
 
 # ---------------------------------------------------------------------------------- HTTP
@@ -149,15 +180,33 @@ def session_for(
         code_challenge_method="S256",
     )
     session.mount("https://", _VerifyingAdapter())
+    session.hooks["response"].append(_raise_when_busy)
     return session
 
 
+def _raise_when_busy(response: requests.Response, *_: Any, **__: Any) -> None:
+    """A 429 or 5xx answer is a temporary failure whatever its body says (even an OAuth error)."""
+    if response.status_code == 429 or response.status_code >= 500:
+        response.raise_for_status()
+
+
 def call_endpoint(request: Callable[[], Any]) -> dict[str, Any]:
-    """Run one token request; map every failure to a GrantError or TokenUnavailable."""
+    """Run one token request; map every failure to a GrantError or TokenUnavailable.
+
+    The provider's temporary errors (``server_error``, ``temporarily_unavailable``,
+    ``slow_down``), HTTP 429 and 5xx, timeouts and network failures are ``TokenUnavailable``;
+    every other OAuth error is a ``GrantError`` (``grant_gone`` / ``client_refused`` tell which).
+    """
     try:
         token = request()
     except OAuthError as exc:
-        raise GrantError(str(exc.error or ""), str(exc.description or "")) from None
+        error, description = str(exc.error or ""), str(exc.description or "")
+        if error in TEMPORARY:
+            said = f"{error}: {description}" if description else error
+            raise TokenUnavailable(
+                f"the token endpoint is temporarily unable to answer ({said[:300]})"
+            ) from None
+        raise GrantError(error, description) from None
     except requests.Timeout:
         raise TokenUnavailable("the token endpoint did not answer in time") from None
     except requests.HTTPError as exc:
@@ -192,8 +241,6 @@ def _post(client: OAuthClient, url: str, data: dict[str, str]) -> dict[str, Any]
         if not client.client_secret:
             body["client_id"] = client.client_id
         response = session.post(url, data=body, auth=auth, timeout=_settings.timeout)
-        if response.status_code >= 500:
-            response.raise_for_status()
         try:
             payload = response.json() if response.content else {}
         except ValueError:
@@ -277,7 +324,10 @@ def device_code_start(client: OAuthClient) -> DeviceStart:
 
 
 def device_code_poll(client: OAuthClient, device_code: str) -> dict[str, Any] | None:
-    """One poll of a Device Code flow: the tokens, or None while the user has not finished."""
+    """One poll of a Device Code flow: the tokens, or None while the user has not finished.
+
+    ``slow_down`` arrives as ``TokenUnavailable`` (like any temporary failure): poll later.
+    """
     try:
         return _post(
             client,
@@ -285,7 +335,7 @@ def device_code_poll(client: OAuthClient, device_code: str) -> dict[str, Any] | 
             {"grant_type": DEVICE_GRANT, "device_code": device_code},
         )
     except GrantError as exc:
-        if exc.error in {"authorization_pending", "slow_down"}:
+        if exc.error == "authorization_pending":
             return None
         raise
 

@@ -1,15 +1,14 @@
-"""Linking mailboxes: start and finish an authorization, verify it upstream, passwords, unlink.
+"""Linking mailboxes: start and finish an authorization, passwords, unlink.
 
 Plain functions (no request needed) that the accounts screens call. An account becomes active only
-after a real upstream login with its new token worked: IMAP ``AUTHENTICATE XOAUTH2`` (or
-OAUTHBEARER) and a follow-up command, because Microsoft can accept a login and fail the next one.
+after a real upstream login with its new token worked (``verification``). Re-authorizing an
+account that has tokens replaces them only once the new ones passed that check.
 """
 
 from __future__ import annotations
 
-import imaplib
+import datetime as dt
 import re
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +21,15 @@ import oauth
 import oauth_clients
 import providers
 import tokens
-from config import is_loopback_host
 from db import database
-from mailproxy.backend import Endpoint
 from models import Account, MailPassword, OAuthClient, PendingAuthorization, User, utcnow
-from oauth import AuthorizationProblem, Explanation
+from oauth import AuthorizationProblem
 from passwords import generate_password, hash_password
+from verification import Verification, verify
 
-VERIFY_TIMEOUT = 20.0
+# A placeholder account that never got tokens is deleted by upkeep after this long.
+ABANDONED_AFTER = dt.timedelta(hours=1)
+
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
@@ -110,12 +110,6 @@ class Started:
     done: Verification | None = None
 
 
-@dataclass(frozen=True)
-class Verification:
-    ok: bool
-    message: str
-
-
 def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
     """The user's account for ``address``, created pending if new; someone else's is an error."""
     address = normalize_address(address)
@@ -124,6 +118,11 @@ def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
         "administrator) must unlink it before you can link it."
     )
     existing = Account.get_or_none(Account.address == address)
+    if existing is not None and existing.owner_id != user.id and _abandoned(existing):
+        # Someone started linking this address and left at the provider's page: free it.
+        with database.atomic():
+            existing.delete_instance(recursive=True)
+        existing = None
     if existing is not None:
         if existing.owner_id != user.id:
             raise LinkError(taken)
@@ -169,58 +168,57 @@ def start(
         _discard_if_unlinked(account)
         explanation = oauth.explain(exc.error, exc.description, redirect)
         if grant == providers.CLIENT_CREDENTIALS:
-            explanation = _with_cc_help(explanation)
+            explanation = oauth.with_cc_help(explanation)
         elif grant == providers.PASSWORD and exc.error == "invalid_grant":
-            explanation = _password_refused(exc.description)
+            explanation = oauth.password_refused(exc.description)
         raise AuthorizationProblem(explanation) from None
     except tokens.TokenUnavailable as exc:
         _discard_if_unlinked(account)
-        raise AuthorizationProblem(_unreachable(exc), 502) from None
+        raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
     return Started(account, done=finish(account, client, token, actor=user, ip=ip))
 
 
-def _unreachable(exc: tokens.TokenError) -> Explanation:
-    return Explanation(
-        "The provider could not be reached",
-        exc.message,
-        "Try again in a moment; if it persists, check the client's URLs.",
-        code="unavailable",
+def _placeholder(account: Account) -> bool:
+    """Created for an authorization that never finished: pending, no tokens, no passwords."""
+    return bool(
+        account.status == "pending"
+        and account.__data__.get("refresh_token") is None
+        and account.__data__.get("access_token") is None
+        and not account.passwords.exists()
     )
 
 
-def _password_refused(description: str) -> Explanation:
-    return Explanation(
-        "The user name or password was refused",
-        "The provider did not accept this user name and password for the legacy password "
-        "grant. It also refuses every account that needs multi-factor authentication, which "
-        "this grant cannot do.",
-        "Check the password and try again, or link the mailbox with a client that uses "
-        "Authorization Code or Device Code.",
-        code="invalid_grant",
-        detail=description,
+def _abandoned(account: Account, now: dt.datetime | None = None) -> bool:
+    """A placeholder none of whose pending authorizations can still finish (all expired)."""
+    waiting = PendingAuthorization.select().where(
+        (PendingAuthorization.account == account)
+        & (PendingAuthorization.expires_at > (now or utcnow()))
     )
+    return _placeholder(account) and not waiting.exists()
 
 
-def _with_cc_help(explanation: Explanation) -> Explanation:
-    return Explanation(
-        explanation.title,
-        explanation.cause,
-        f"{explanation.fix} {oauth.CLIENT_CREDENTIALS_HELP}",
-        explanation.code,
-        explanation.detail,
+def forget_abandoned(now: dt.datetime | None = None, age: dt.timedelta = ABANDONED_AFTER) -> int:
+    """Delete abandoned placeholders older than ``age`` (upkeep); returns how many."""
+    now = now or utcnow()
+    old = Account.select().where(
+        (Account.status == "pending")
+        & Account.refresh_token.is_null()
+        & Account.access_token.is_null()
+        & (Account.created_at < now - age)
     )
+    gone = 0
+    for account in old:
+        if _abandoned(account, now):
+            with database.atomic():
+                account.delete_instance(recursive=True)
+            gone += 1
+    return gone
 
 
 def _discard_if_unlinked(account: Account) -> None:
     """A failed first authorization leaves nothing behind (a placeholder that never worked)."""
     fresh = Account.get_or_none(Account.id == account.id)
-    if (
-        fresh is not None
-        and fresh.status == "pending"
-        and fresh.__data__.get("refresh_token") is None
-        and fresh.__data__.get("access_token") is None
-        and not fresh.passwords.exists()
-    ):
+    if fresh is not None and _placeholder(fresh):
         fresh.delete_instance(recursive=True)
 
 
@@ -248,7 +246,7 @@ def complete_callback(
         _discard_if_unlinked(account)
         raise AuthorizationProblem(oauth.explain(exc.error, exc.description, redirect)) from None
     except tokens.TokenUnavailable as exc:
-        raise AuthorizationProblem(_unreachable(exc), 502) from None
+        raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
     return account, finish(account, client, token, actor=user, ip=ip)
 
 
@@ -287,10 +285,55 @@ def poll_device(user: User, account: Account, state: str, *, ip: str = "") -> Ve
 def finish(
     account: Account, client: OAuthClient, token: Mapping[str, Any], *, actor: User, ip: str = ""
 ) -> Verification:
-    """Store a new grant's tokens, then verify the link upstream; only then is it active."""
+    """Verify a new grant's tokens upstream and store them; only a verified link is active.
+
+    A first link stores the tokens first (status ``error`` when the check fails, so the user can
+    test again). An account that already has tokens keeps them, and its status, unless the new
+    ones pass the check: a failed re-authorization must not break a working mailbox.
+    """
     if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
         _discard_if_unlinked(account)
         raise AuthorizationProblem(oauth.explain("no_refresh_token"))
+    account = Account.get_by_id(account.id)
+    relink = (
+        account.__data__.get("refresh_token") is not None
+        or account.__data__.get("access_token") is not None
+    )
+    if relink:
+        result = _checked(account, client, token)
+        if result.ok:
+            _store(account, client, token)
+            tokens.set_status(account.id, "active")
+        else:
+            result = Verification(
+                False,
+                f"{result.message} The new authorization was not saved; the mailbox keeps "
+                "its previous one.",
+            )
+    else:
+        _store(account, client, token)
+        result = _checked(Account.get_by_id(account.id), client, token)
+        tokens.set_status(
+            account.id, "active" if result.ok else "error", "" if result.ok else result.message
+        )
+    audit.record(
+        "account.linked" if result.ok else "account.verify_failed",
+        actor=actor, ip=ip, target=account.address, detail=client.name,
+    )  # fmt: skip
+    return result
+
+
+def _checked(account: Account, client: OAuthClient, token: Mapping[str, Any]) -> Verification:
+    access = token.get("access_token")
+    if not isinstance(access, str) or not access:
+        return Verification(False, "The token response holds no access token.")
+    result = verify(account, access_token=access, client=client)
+    if not result.ok and client.grant == providers.CLIENT_CREDENTIALS:
+        result = Verification(False, f"{result.message} {oauth.CLIENT_CREDENTIALS_HELP}")
+    return result
+
+
+def _store(account: Account, client: OAuthClient, token: Mapping[str, Any]) -> None:
     identity = grants.identity_from(token)
     with database.atomic():
         Account.update(
@@ -299,118 +342,6 @@ def finish(
             signed_in_as=identity if identity and identity != account.address else "",
         ).where(Account.id == account.id).execute()
         tokens.store_tokens(account, token)
-    account = Account.get_by_id(account.id)
-    result = verify(account, str(token["access_token"]))
-    if not result.ok and client.grant == providers.CLIENT_CREDENTIALS:
-        result = Verification(False, f"{result.message} {oauth.CLIENT_CREDENTIALS_HELP}")
-    tokens.set_status(
-        account.id, "active" if result.ok else "error", "" if result.ok else result.message
-    )
-    audit.record(
-        "account.linked" if result.ok else "account.verify_failed",
-        actor=actor, ip=ip, target=account.address, detail=client.name,
-    )  # fmt: skip
-    return result
-
-
-def verify(account: Account, access_token: str | None = None) -> Verification:
-    """Log in upstream over IMAP with the account's token and run a follow-up command."""
-    client = account.client
-    if client is None:
-        return Verification(False, "The client this mailbox was linked with no longer exists.")
-    endpoint = providers.endpoints_for(client).get("imap")
-    if endpoint is None:
-        return Verification(False, "The client names no IMAP server to check the link with.")
-    if access_token is None:
-        try:
-            access_token = tokens.get_access_token(account.id)
-        except tokens.TokenError as exc:
-            return Verification(False, exc.message)
-    mechanism = providers.sasl_mechanism_for(client)
-    try:
-        check_imap(endpoint, account.address, access_token, mechanism)
-    except VerificationFailed as exc:
-        return Verification(False, str(exc))
-    return Verification(True, f"Signed in to {endpoint.host} as {account.address}.")
-
-
-def recheck(user: User, account: Account, *, ip: str = "") -> Verification:
-    """Test an existing link again (the "Test connection" button)."""
-    result = verify(account)
-    if account.status in ("active", "error"):
-        tokens.set_status(
-            account.id, "active" if result.ok else "error", "" if result.ok else result.message
-        )
-    audit.record("account.tested", actor=user, ip=ip, target=account.address,
-                 detail="ok" if result.ok else "failed")  # fmt: skip
-    return result
-
-
-class VerificationFailed(Exception):
-    """The upstream login or the follow-up command failed (message for a person)."""
-
-
-def sasl_payload(mechanism: str, address: str, access_token: str) -> bytes:
-    """The initial SASL response: the mailbox address goes into ``user=`` / ``a=``."""
-    if mechanism.upper() == "OAUTHBEARER":
-        return f"n,a={address},\x01auth=Bearer {access_token}\x01\x01".encode()
-    return f"user={address}\x01auth=Bearer {access_token}\x01\x01".encode()
-
-
-def check_imap(
-    endpoint: Endpoint,
-    address: str,
-    access_token: str,
-    mechanism: str = "XOAUTH2",
-    timeout: float = VERIFY_TIMEOUT,
-) -> None:
-    """Authenticate at ``endpoint`` and SELECT INBOX; raises ``VerificationFailed``."""
-    if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
-        raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
-    context = grants.ssl_context()
-    calls = 0
-
-    def respond(_challenge: bytes) -> bytes:
-        nonlocal calls
-        calls += 1
-        # After a failure the server sends an error challenge; an empty answer ends it.
-        return sasl_payload(mechanism, address, access_token) if calls == 1 else b""
-
-    where = f"{endpoint.host}:{endpoint.port}"
-    try:
-        if endpoint.security == "tls":
-            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(
-                endpoint.host, endpoint.port, ssl_context=context, timeout=timeout
-            )
-        else:
-            conn = imaplib.IMAP4(endpoint.host, endpoint.port, timeout=timeout)
-            if endpoint.security == "starttls":
-                conn.starttls(ssl_context=context)
-    except (ssl.SSLError, ssl.CertificateError) as exc:
-        raise VerificationFailed(f"TLS with {where} failed: {exc}") from None
-    except (OSError, imaplib.IMAP4.error) as exc:
-        raise VerificationFailed(f"Could not connect to {where}: {exc}") from None
-    try:
-        try:
-            conn.authenticate(mechanism, respond)
-        except imaplib.IMAP4.error as exc:
-            raise VerificationFailed(f"{where} refused the login for {address}: {exc}") from None
-        try:
-            status, data = conn.select("INBOX", readonly=True)
-        except imaplib.IMAP4.error as exc:
-            status, data = "NO", [str(exc).encode()]
-        if status != "OK":
-            said = b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace")
-            raise VerificationFailed(
-                f"{where} accepted the login but refused to open the inbox: {said}"
-            )
-    except OSError as exc:
-        raise VerificationFailed(f"The connection to {where} failed: {exc}") from None
-    finally:
-        try:
-            conn.logout()
-        except (OSError, imaplib.IMAP4.error):
-            pass
 
 
 # ---------------------------------------------------------------------------------- upkeep

@@ -174,6 +174,14 @@ def explain(error: str, description: str = "", redirect: str = "") -> Explanatio
     return Explanation(title, cause, fix, code=key or "unknown", detail=description)
 
 
+def known_explanation(error: str, description: str = "") -> Explanation | None:
+    """``explain``'s text when it knows the provider's specific (AADSTS) code, else None."""
+    found = _AADSTS.search(description or "") or _AADSTS.search(error or "")
+    if found is None or f"AADSTS{found.group(1)}" not in _MESSAGES:
+        return None
+    return explain(error, description)
+
+
 _UNKNOWN = (
     "The provider refused the authorization",
     "The provider gave an error this page does not know.",
@@ -288,3 +296,36 @@ CLIENT_CREDENTIALS_HELP = (
     "(Add-MailboxPermission -Identity <mailbox> -User <service principal ID> -AccessRights "
     "FullAccess)."
 )
+
+
+def unreachable(message: str) -> Explanation:
+    """A token endpoint that failed temporarily (``message`` says how)."""
+    return Explanation(
+        "The provider could not be reached",
+        message,
+        "Try again in a moment; if it persists, check the client's URLs.",
+        code="unavailable",
+    )
+
+
+def password_refused(description: str) -> Explanation:
+    return Explanation(
+        "The user name or password was refused",
+        "The provider did not accept this user name and password for the legacy password "
+        "grant. It also refuses every account that needs multi-factor authentication, which "
+        "this grant cannot do.",
+        "Check the password and try again, or link the mailbox with a client that uses "
+        "Authorization Code or Device Code.",
+        code="invalid_grant",
+        detail=description,
+    )
+
+
+def with_cc_help(explanation: Explanation) -> Explanation:
+    return Explanation(
+        explanation.title,
+        explanation.cause,
+        f"{explanation.fix} {CLIENT_CREDENTIALS_HELP}",
+        explanation.code,
+        explanation.detail,
+    )

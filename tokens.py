@@ -6,6 +6,11 @@ caller claims the refresh with a compare-and-swap on ``Account.token_version`` (
 runs at a time across threads and processes sharing the database) and the others wait for the
 version to move. A rotated refresh token is stored in the same UPDATE as the new access token,
 before anyone uses it. The requests themselves are in ``grants``.
+
+What a refused refresh does depends on the provider's error: a grant that is gone
+(``invalid_grant`` and kin) marks the account ``needs_reauth``; a refused client
+(``invalid_client`` and kin: an expired secret, say) leaves it active, records what to fix and
+raises ``ClientRefused``; temporary failures are retried with backoff and recorded.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from typing import Any
 
 from prometheus_client import Counter
 
+import oauth
 from db import Ciphertext, database, vault
 from grants import (
     CLIENT_CREDENTIALS,
     AccountUnusable,
+    ClientRefused,
     GrantError,
     NeedsReauthorization,
     TokenError,
@@ -37,6 +44,7 @@ from models import Account, OAuthClient, utcnow
 
 __all__ = [
     "AccountUnusable",
+    "ClientRefused",
     "GrantError",
     "NeedsReauthorization",
     "TokenError",
@@ -51,7 +59,7 @@ _ID: Any = Account._meta.primary_key
 
 REFRESHES = Counter(
     "auth_email_token_refreshes_total",
-    "Access token renewals by outcome (ok, needs_reauth, unavailable, error)",
+    "Access token renewals by outcome (ok, needs_reauth, client_refused, unavailable, error)",
     ["result"],
 )
 
@@ -199,6 +207,11 @@ def _refresh(account: Account) -> str:
     mine = (_ID == account.get_id()) & (Account.token_version == claim)
     try:
         token = _request_with_retries(account)
+    except _ClaimLost:
+        # Our claim lapsed and another caller refreshed meanwhile (its version won). Never try
+        # again with our refresh token: it may be rotated now, and reuse revokes the grant.
+        REFRESHES.labels("unavailable").inc()
+        return _stored_by_other(account.get_id())
     except BaseException as exc:
         REFRESHES.labels(_outcome(exc)).inc()
         _end_failed_claim(account, claim, mine, exc)
@@ -207,29 +220,34 @@ def _refresh(account: Account) -> str:
     return str(token["access_token"])
 
 
+def _stored_by_other(account_id: int) -> str:
+    """The token that the caller who took over our lapsed claim stored, if it is fresh."""
+    account = _load(account_id)
+    _usable(account)
+    now = utcnow()
+    claimed = account.refresh_claimed_until is not None and account.refresh_claimed_until > now
+    if not claimed and _fresh(account, now):
+        return str(account.access_token)
+    raise TokenUnavailable(
+        "The token refresh took too long and another one took over; try again shortly."
+    )
+
+
 def _outcome(exc: BaseException) -> str:
-    if isinstance(exc, GrantError | NeedsReauthorization):
+    if isinstance(exc, NeedsReauthorization):
         return "needs_reauth"
+    if isinstance(exc, ClientRefused):
+        return "client_refused"
     if isinstance(exc, TokenUnavailable):
         return "unavailable"
     return "error"
 
 
 def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseException) -> None:
-    """Record why a refresh failed and release the claim. A refused grant (raised here as
-    NeedsReauthorization) marks the account but keeps its tokens."""
-    if isinstance(exc, GrantError):
-        detail = _reauth_message(exc)
-        Account.update(
-            status="needs_reauth",
-            status_detail=detail,
-            last_error=detail,
-            token_version=claim + 1,
-            refresh_claimed_until=None,
-        ).where(mine).execute()
-        log.warning("account %s needs re-authorization: %s", account.get_id(), exc.error)
-        raise NeedsReauthorization(detail) from None
-    elif isinstance(exc, NeedsReauthorization):
+    """Record why a refresh failed and release the claim. A refused grant (NeedsReauthorization)
+    marks the account but keeps its tokens; anything else leaves it active with ``last_error``."""
+    if isinstance(exc, NeedsReauthorization):
+        log.warning("account %s needs re-authorization: %s", account.get_id(), exc.message)
         Account.update(
             status="needs_reauth",
             status_detail=exc.message,
@@ -253,6 +271,29 @@ def _reauth_message(exc: GrantError) -> str:
     return f"The provider refused to renew the authorization ({exc.error}): {said}"[:1000]
 
 
+def _client_message(client: OAuthClient, exc: GrantError) -> str:
+    """Why the provider refuses the client, and that its settings (not the user) must change."""
+    known = oauth.known_explanation(exc.error, exc.description)
+    if known is not None:
+        said = f"{known.title} ({known.code}). {known.cause} {known.fix}"
+    else:
+        said = f"({exc.error}) {exc.description}".strip()
+    return (
+        f'The provider refuses the OAuth client "{client.name}": {said} Re-authorizing the '
+        "mailbox cannot help: the client's secret or settings must be fixed in Account settings."
+    )[:1000]
+
+
+def _classified(client: OAuthClient, exc: GrantError) -> TokenError:
+    """The provider's refusal as the error that says what helps."""
+    if exc.grant_gone:
+        return NeedsReauthorization(_reauth_message(exc))
+    if exc.client_refused:
+        return ClientRefused(_client_message(client, exc), exc.error, exc.description)
+    said = exc.description or exc.error
+    return TokenUnavailable(f"The provider refused to renew the token ({exc.error}): {said}"[:1000])
+
+
 def _request_with_retries(account: Account) -> dict[str, Any]:
     client = account.client
     if client is None:
@@ -263,12 +304,20 @@ def _request_with_retries(account: Account) -> dict[str, Any]:
     for attempt in range(1, settings().attempts + 1):
         try:
             return _renew(account, client)
+        except GrantError as exc:
+            raise _classified(client, exc) from None
+        except (_ClaimLost, ClientRefused):
+            raise  # retrying cannot help (and must not reuse a spent refresh token)
         except TokenUnavailable:
             if attempt == settings().attempts:
                 raise
         time.sleep(pause)
         pause *= 2
     raise AssertionError("unreachable")
+
+
+class _ClaimLost(TokenUnavailable):
+    """The refresh claim lapsed and another caller took over before our tokens were stored."""
 
 
 def _renew(account: Account, client: OAuthClient) -> dict[str, Any]:
@@ -297,7 +346,7 @@ def _renew(account: Account, client: OAuthClient) -> dict[str, Any]:
         )
         if not stored:
             # Our claim lapsed and someone else took over: their tokens win.
-            raise TokenUnavailable("the refresh took too long and was taken over")
+            raise _ClaimLost("the refresh took too long and was taken over")
 
     if client.grant == CLIENT_CREDENTIALS:
         token = client_credentials(client)

@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import threading
 
+import linking
 import oauth
 import providers
 import tokens
@@ -44,7 +45,8 @@ def refresh_idle_accounts(now: dt.datetime | None = None, idle_days: int = IDLE_
     """Refresh every idle account once; returns how many were refreshed.
 
     Failures are recorded on the account by the token lifecycle (``needs_reauth`` for a refused
-    grant, ``last_error`` for a temporary failure) and show on the dashboard.
+    grant, ``last_error`` for a temporary failure) and show on the dashboard. Also deletes
+    expired pending authorizations and abandoned placeholder accounts (older than an hour).
     """
     refreshed = 0
     with tokens.connected():
@@ -56,6 +58,9 @@ def refresh_idle_accounts(now: dt.datetime | None = None, idle_days: int = IDLE_
                 continue
             refreshed += 1
         oauth.forget_expired(now)
+        abandoned = linking.forget_abandoned(now)
+        if abandoned:
+            log.info("upkeep: deleted %d abandoned placeholder account(s)", abandoned)
     return refreshed
 
 

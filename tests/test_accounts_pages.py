@@ -14,6 +14,7 @@ import oauth_clients
 import tokens
 import upkeep
 import users
+import verification
 from models import Account, AuditEvent, MailPassword, OAuthClient, PendingAuthorization, User
 from passwords import verify_password
 from tests.conftest import USER_PASSWORD, AuthActions, post_form
@@ -283,14 +284,14 @@ def test_upkeep_thread_starts_and_stops(app: Flask) -> None:
 def test_plain_imap_is_refused_off_loopback() -> None:
     from mailproxy.backend import Endpoint
 
-    with pytest.raises(linking.VerificationFailed, match="not loopback"):
-        linking.check_imap(Endpoint("mail.example.com", 143, "plain"), "a@b.c", "token")
+    with pytest.raises(verification.VerificationFailed, match="not loopback"):
+        verification.check_imap(Endpoint("mail.example.com", 143, "plain"), "a@b.c", "token")
 
 
 def test_xoauth2_user_is_the_mailbox_address() -> None:
-    payload = linking.sasl_payload("XOAUTH2", "shared@example.com", "tok")
+    payload = verification.sasl_payload("XOAUTH2", "shared@example.com", "tok")
     assert payload == b"user=shared@example.com\x01auth=Bearer tok\x01\x01"
-    assert linking.sasl_payload("OAUTHBEARER", "s@e.c", "t").startswith(b"n,a=s@e.c,\x01")
+    assert verification.sasl_payload("OAUTHBEARER", "s@e.c", "t").startswith(b"n,a=s@e.c,\x01")
 
 
 @pytest.mark.parametrize(

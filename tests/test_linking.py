@@ -8,6 +8,7 @@ the same with real Chromium. Helpers in this module are shared by the other link
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import secrets
 from pathlib import Path
@@ -21,8 +22,18 @@ from flask.testing import FlaskClient
 
 import linking
 import tokens
+import upkeep
 import users
-from models import Account, AuditEvent, MailPassword, OAuthClient, PendingAuthorization, User
+import verification
+from models import (
+    Account,
+    AuditEvent,
+    MailPassword,
+    OAuthClient,
+    PendingAuthorization,
+    User,
+    utcnow,
+)
 from tests.conftest import (
     ADMIN_EMAIL,
     ADMIN_PASSWORD,
@@ -529,3 +540,112 @@ def test_shared_mailbox_is_linked_with_a_delegates_sign_in(peer_app: Flask, peer
     assert account.status == "active"
     page = client.get(f"/accounts/{account.id}").get_data(as_text=True)
     assert delegate in page
+
+
+def test_failed_reauthorization_keeps_the_working_tokens(peer_app: Flask, peer: PeerInfo) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "keep@example.org")
+    oauth_client = peer_client(user, peer, register(peer))
+    address = mailbox("keep")
+    link_by_code(client, peer, oauth_client, address)
+    before = Account.get(Account.address == address)
+    assert before.status == "active"
+
+    start = post_form(client, f"/accounts/{before.id}/reauthorize", {}, form_page="/")
+    # The person signs in as someone else: a token for another mailbox fails the IMAP check.
+    back = op_sign_in(peer, start.headers["Location"], mailbox("other"))
+    done = client.get(path_and_query(back), follow_redirects=True)
+
+    page = done.get_data(as_text=True)
+    assert "signing in failed" in page and "was not saved" in page
+    after = Account.get_by_id(before.id)
+    assert after.refresh_token == before.refresh_token
+    assert after.access_token == before.access_token
+    assert after.status == "active" and after.signed_in_as == before.signed_in_as
+    assert verification.verify(after).ok
+    assert tokens.get_access_token(after.id, force_refresh=True) != before.access_token
+
+
+def test_an_abandoned_placeholder_does_not_block_the_address(
+    peer_app: Flask, peer: PeerInfo
+) -> None:
+    auth = AuthActions(peer_app, peer_app.test_client())
+    first = auth.create_user("left@example.org", True)
+    second = auth.create_user("next@example.org", True)
+    address = mailbox("left")
+    linking.start(first, address, peer_client(first, peer, register(peer)), REDIRECT)
+    mine = peer_client(second, peer, register(peer))
+    with pytest.raises(linking.LinkError, match="another user"):
+        linking.start(second, address, mine, REDIRECT)  # the first may still come back
+
+    PendingAuthorization.update(expires_at=utcnow() - dt.timedelta(minutes=1)).execute()
+    started = linking.start(second, address, mine, REDIRECT)
+    back = op_sign_in(peer, started.url, address)
+    account, result = linking.complete_callback(second, query_of(back), REDIRECT)
+
+    assert result.ok, result.message
+    assert Account.get(Account.address == address).owner_id == second.id
+
+
+def test_upkeep_deletes_old_abandoned_placeholders(peer_app: Flask, peer: PeerInfo) -> None:
+    user = AuthActions(peer_app, peer_app.test_client()).create_user("old@example.org", True)
+    client = peer_client(user, peer, register(peer))
+    old = utcnow() - dt.timedelta(hours=2)
+
+    def placeholder(name: str, created: dt.datetime) -> Account:
+        return Account.create(
+            owner=user, address=f"{name}@example.test", provider="other", client=client,
+            created_at=created,
+        )  # fmt: skip
+
+    gone = placeholder("gone", old)
+    recent = placeholder("recent", utcnow())
+    waiting = placeholder("waiting", old)
+    PendingAuthorization.create(
+        state="still-waiting", owner=user, account=waiting, client=client, code_verifier="v",
+        expires_at=utcnow() + dt.timedelta(minutes=5),
+    )  # fmt: skip
+    linked = placeholder("linked", old)
+    tokens.store_tokens(linked, {"access_token": "a", "refresh_token": "r", "expires_in": 3600})
+
+    upkeep.refresh_idle_accounts()
+
+    assert Account.get_or_none(Account.id == gone.id) is None
+    for kept in (recent, waiting, linked):
+        assert Account.get_or_none(Account.id == kept.id) is not None
+
+
+def test_device_code_page_is_read_only_and_completes_by_post(
+    peer_app: Flask, peer: PeerInfo
+) -> None:
+    client = peer_app.test_client()
+    user = signed_in_user(AuthActions(peer_app, client), "device@example.org")
+    reg = register(peer)
+    oauth_client = peer_client(user, peer, reg, grant="device_code")
+    address = mailbox("device")
+    start = post_form(
+        client,
+        "/accounts/new",
+        {"address": address, "provider": "other", "client": str(oauth_client.id)},
+        form_page=f"/accounts/new?address={address}",
+    )
+    assert start.status_code == 302
+    page_url = start.headers["Location"]
+    page = client.get(page_url)
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200 and "Refresh" not in page.headers
+    assert 'id="device-check"' in text and "device.js" in text and "<script>" not in text
+    code = re.search(r'value="([^"]+)" id="user-code"', text)
+    assert code is not None
+    peer.approve_device(code.group(1), address)
+    before = token_requests(peer, reg["client_id"])
+
+    client.get(page_url)  # looking at the page changes nothing
+    assert token_requests(peer, reg["client_id"]) == before
+    assert Account.get(Account.address == address).status == "pending"
+    assert client.post(page_url).status_code == 400  # no CSRF token
+    done = post_form(client, page_url, {})
+
+    assert done.status_code == 302 and "/device/" not in done.headers["Location"]
+    assert Account.get(Account.address == address).status == "active"
+    assert client.get(page_url).status_code == 302  # finished: on to the account's page

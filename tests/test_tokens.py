@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import http.server
+import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import grants
 import linking
 import tokens
 import upkeep
+import verification
 from models import Account, OAuthClient, User, utcnow
 from tests.conftest import make_app
 from tests.test_linking import (
@@ -176,7 +178,7 @@ def test_client_credentials_renewal_requests_a_new_token(owner: User, peer: Peer
 
     assert fresh != account.access_token
     assert token_requests(peer, reg["client_id"]) == before + 1
-    assert linking.verify(Account.get_by_id(account.id)).ok
+    assert verification.verify(Account.get_by_id(account.id)).ok
 
 
 @pytest.mark.peers
@@ -196,9 +198,16 @@ def test_upkeep_refreshes_only_idle_accounts(owner: User, peer: PeerInfo) -> Non
 
 
 class FlakyTokenEndpoint:
-    """A local token endpoint that answers 503 (or too slowly): the one failure peers lack."""
+    """A local token endpoint that answers 503 (or too slowly, or with a given status and body):
+    the failures peers lack. ``on_request`` runs before each answer (e.g. another caller)."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        delay: float = 0.0,
+        status: int = 503,
+        body: dict[str, Any] | None = None,
+        on_request: Callable[[], None] | None = None,
+    ) -> None:
         self.hits = 0
         outer = self
 
@@ -208,13 +217,18 @@ class FlakyTokenEndpoint:
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 if delay:
                     time.sleep(delay)
-                body = b"<html>Service Unavailable</html>"
+                if on_request is not None:
+                    on_request()
+                payload = b"<html>Service Unavailable</html>"
+                kind = "text/html"
+                if body is not None:
+                    payload, kind = json.dumps(body).encode(), "application/json"
                 try:
-                    self.send_response(503)
-                    self.send_header("content-type", "text/html")
-                    self.send_header("content-length", str(len(body)))
+                    self.send_response(status)
+                    self.send_header("content-type", kind)
+                    self.send_header("content-length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(body)
+                    self.wfile.write(payload)
                 except OSError:
                     pass
 
@@ -332,6 +346,156 @@ def test_a_stale_claim_is_taken_over(fast_app: Flask, endpoint_503: FlakyTokenEn
     with pytest.raises(tokens.TokenUnavailable):
         tokens.get_access_token(account.id)
     assert endpoint_503.hits == 3
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Callable[..., FlakyTokenEndpoint]]:
+    """Start local token endpoints with ``FlakyTokenEndpoint``'s arguments; closed afterwards."""
+    started: list[FlakyTokenEndpoint] = []
+
+    def start(**kwargs: Any) -> FlakyTokenEndpoint:
+        started.append(FlakyTokenEndpoint(**kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "error", ["invalid_grant", "interaction_required", "consent_required", "login_required"]
+)
+def test_a_refused_grant_needs_reauthorization_and_keeps_tokens(
+    fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint], error: str
+) -> None:
+    server = endpoint(status=400, body={"error": error, "error_description": "grant is gone"})
+    account = broken_account(fast_app, server.url)
+
+    with pytest.raises(tokens.NeedsReauthorization, match=error):
+        tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert server.hits == 1  # not retried
+    assert stored.status == "needs_reauth" and error in stored.status_detail
+    assert stored.refresh_token == "r1" and stored.access_token == "a1"
+
+
+@pytest.mark.parametrize(
+    ("error", "description", "words"),
+    [
+        (
+            "invalid_client",
+            "AADSTS7000222: The provided client secret keys for app 'x' are expired.",
+            "The client secret has expired",
+        ),
+        (
+            "invalid_client",
+            "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the "
+            "request is the client secret value, not the client secret ID.",
+            "The client secret is wrong",
+        ),
+        ("invalid_client", "Client authentication failed", "(invalid_client)"),
+        ("unauthorized_client", "", "(unauthorized_client)"),
+        ("invalid_scope", "unknown scope", "(invalid_scope)"),
+        ("unsupported_grant_type", "", "(unsupported_grant_type)"),
+    ],
+)
+def test_a_refused_client_keeps_the_account_active_and_says_what_to_fix(
+    fast_app: Flask,
+    endpoint: Callable[..., FlakyTokenEndpoint],
+    error: str,
+    description: str,
+    words: str,
+) -> None:
+    server = endpoint(status=400, body={"error": error, "error_description": description})
+    account = broken_account(fast_app, server.url)
+
+    with pytest.raises(tokens.ClientRefused) as raised:
+        tokens.get_access_token(account.id)
+
+    assert isinstance(raised.value, tokens.TokenUnavailable)  # the proxy answers "try later"
+    stored = Account.get_by_id(account.id)
+    assert server.hits == 1  # retrying (or re-authorizing) cannot help
+    assert stored.status == "active" and stored.status_detail == ""
+    assert stored.refresh_token == "r1" and stored.refresh_claimed_until is None
+    for said in (stored.last_error, raised.value.message):
+        assert words in said and "Account settings" in said and '"flaky"' in said
+    assert "r1" not in stored.last_error
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (429, None),
+        (429, {"error": "slow_down"}),
+        (503, {"error": "temporarily_unavailable"}),
+        (400, {"error": "temporarily_unavailable", "error_description": "busy"}),
+        (400, {"error": "server_error"}),
+        (400, {"error": "slow_down"}),
+    ],
+)
+def test_temporary_errors_are_retried_and_keep_the_account_active(
+    fast_app: Flask,
+    endpoint: Callable[..., FlakyTokenEndpoint],
+    status: int,
+    body: dict[str, Any] | None,
+) -> None:
+    server = endpoint(status=status, body=body)
+    account = broken_account(fast_app, server.url)
+
+    with pytest.raises(tokens.TokenUnavailable) as raised:
+        tokens.get_access_token(account.id)
+
+    assert not isinstance(raised.value, tokens.ClientRefused)
+    stored = Account.get_by_id(account.id)
+    assert server.hits == 3  # retried with backoff
+    assert stored.status == "active" and stored.last_error
+    assert (str(status) if status != 400 else body and body["error"]) in stored.last_error
+    assert stored.refresh_token == "r1" and stored.refresh_claimed_until is None
+
+
+def _take_over(expires_in: int) -> Callable[[], None]:
+    """Another caller that took over our lapsed claim and stored its own tokens."""
+
+    def run() -> None:
+        with tokens.connected():
+            account = Account.get(Account.address == "flaky@example.test")
+            tokens.store_tokens(
+                account,
+                {"access_token": "theirs", "refresh_token": "r2", "expires_in": expires_in},
+            )
+
+    return run
+
+
+MINE = {"access_token": "mine", "refresh_token": "r3", "token_type": "Bearer", "expires_in": 3600}
+
+
+def test_a_lapsed_claim_returns_the_token_the_other_caller_stored(
+    fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint]
+) -> None:
+    server = endpoint(status=200, body=MINE, on_request=_take_over(3600))
+    account = broken_account(fast_app, server.url)
+
+    assert tokens.get_access_token(account.id) == "theirs"
+
+    stored = Account.get_by_id(account.id)
+    assert server.hits == 1  # the spent refresh token is not sent again
+    assert stored.refresh_token == "r2" and stored.access_token == "theirs"
+
+
+def test_a_lapsed_claim_without_a_fresh_token_fails_without_retrying(
+    fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint]
+) -> None:
+    server = endpoint(status=200, body=MINE, on_request=_take_over(0))
+    account = broken_account(fast_app, server.url)
+
+    with pytest.raises(tokens.TokenUnavailable, match="took over"):
+        tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert server.hits == 1
+    assert stored.refresh_token == "r2" and stored.status == "active"
 
 
 def test_plain_http_token_endpoint_is_refused_off_loopback() -> None:
