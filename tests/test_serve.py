@@ -95,6 +95,19 @@ def test_serve_runs_web_ui_and_mail_proxy_and_stops_cleanly_on_sigterm(
     base = f"http://127.0.0.1:{ports['web']}"
 
     health = wait_healthy(base, process, log)
+    # A second serving process on the same instance folder refuses to start (keys, rotate-key).
+    others = {n: str(free_port()) for n in ("web", *LISTENER_NAMES)}
+    second_log = log.with_name("second.log")
+    second = start(
+        serve_env(
+            log.parent / "instance",
+            BIND=f"127.0.0.1:{others['web']}",
+            **{f"{n.upper()}_LISTEN": f"127.0.0.1:{others[n]}" for n in LISTENER_NAMES},
+        ),
+        second_log,
+    )
+    assert second.wait(timeout=30) == 2
+    assert "another process is serving the instance" in second_log.read_text()
     first_visit = requests.get(base + "/", timeout=5)
     with socket.create_connection(("127.0.0.1", ports["imap"]), timeout=5) as imap:
         greeting = imap.makefile("rb").readline()
