@@ -37,10 +37,7 @@ class POP3Session(Session):
         await self.push(f"-ERR {why}")
 
     async def handle_line(self, line: bytes) -> None:
-        self.log_client_line(line)
-        text = line.rstrip(b"\r\n")
-        verb, _, rest = text.partition(b" ")
-        name = verb.decode("ascii", "replace").upper()
+        name, rest = self.read_command(line)
         handler = COMMANDS.get(name)
         if handler is None:
             await self.push("-ERR Unknown command or not valid before login")

@@ -108,6 +108,12 @@ class Session:
         self.writer.write(text.encode("utf-8") + b"\r\n")
         await self.writer.drain()
 
+    def read_command(self, line: bytes) -> tuple[str, bytes]:
+        """Log a client line (masked) and split it into its upper-case verb and the rest."""
+        self.log_client_line(line)
+        verb, _, rest = line.rstrip(b"\r\n").partition(b" ")
+        return verb.decode("ascii", "replace").upper(), rest
+
     def log_client_line(self, line: bytes) -> None:
         if self.log.isEnabledFor(logging.DEBUG):
             text = line.rstrip(b"\r\n").decode("utf-8", "replace")

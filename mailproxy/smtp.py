@@ -36,10 +36,7 @@ class SMTPSession(Session):
         await self.push(f"421 4.7.0 {why}")
 
     async def handle_line(self, line: bytes) -> None:
-        self.log_client_line(line)
-        text = line.rstrip(b"\r\n")
-        verb, _, rest = text.partition(b" ")
-        name = verb.decode("ascii", "replace").upper()
+        name, rest = self.read_command(line)
         handler = COMMANDS.get(name)
         if handler is not None:
             await handler(self, rest.strip())
