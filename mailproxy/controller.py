@@ -10,13 +10,15 @@ import asyncio
 import asyncio.sslproto
 import concurrent.futures
 import logging
+import socket
 import ssl
 import threading
 from typing import Any
 
+from .accept import Acceptor, RareLog, connection_ceiling, listen, open_file_limit
 from .backend import Backend
 from .imap import IMAPSession
-from .metrics import SESSIONS_OPEN
+from .metrics import CONNECTIONS_REFUSED, SESSIONS_OPEN
 from .pop3 import POP3Session
 from .session import Session
 from .settings import LISTENER_NAMES, ProxySettings, parse_hostport
@@ -48,10 +50,16 @@ LISTENERS: dict[str, tuple[type[Session], bool]] = {
 assert set(LISTENERS) == set(LISTENER_NAMES)
 
 BUSY = {
-    "imap": "* BYE Too many connections, try again later",
-    "pop3": "-ERR [SYS/TEMP] Too many connections, try again later",
-    "smtp": "421 4.7.0 Too many connections, try again later",
+    "imap": b"* BYE Too many connections, try again later\r\n",
+    "pop3": b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+    "smtp": b"421 4.7.0 Too many connections, try again later\r\n",
 }
+REFUSED_WHY = {
+    "limit": "the proxy's connection limit",
+    "per_ip": "the connection limit per client address",
+}
+#: The largest buffer a client's StreamReader fills before reading from the socket pauses.
+STREAM_LIMIT = 65536
 
 
 class Hub:
@@ -62,44 +70,99 @@ class Hub:
         self.backend = backend
         self.server_ssl: ssl.SSLContext | None = None
         if settings.tls_cert and settings.tls_key:
-            self.server_ssl = server_context(settings.tls_cert, settings.tls_key)
+            self.server_ssl = server_context(
+                settings.tls_cert, settings.tls_key, settings.tls_key_group_readable
+            )
         self.upstream_ssl = upstream_context(settings.upstream_ca_file)
+        self.open_files = open_file_limit()
+        self.max_connections = settings.max_connections
+        ceiling = connection_ceiling(self.open_files, settings.fd_reserve)
+        if ceiling is not None and ceiling < self.max_connections:
+            log.warning(
+                "mail connections limited to %d instead of %d: the open-file limit is %d and "
+                "each connection may need 2 (raise LimitNOFILE)",
+                ceiling,
+                self.max_connections,
+                self.open_files,
+            )
+            self.max_connections = ceiling
         self.per_ip: dict[str, int] = {}
         self.total = 0
         self.tasks: set[asyncio.Task[Any]] = set()
         self.errors = 0  # unexpected exceptions: should stay 0
+        self.rare = RareLog(log)
 
-    async def serve(self, cls: type[Session], tls: bool, reader: Any, writer: Any) -> None:
-        """One accepted connection, from limits check to close."""
-        peer = writer.get_extra_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) else "unknown"
-        s = self.settings
-        if self.total >= s.max_connections or self.per_ip.get(ip, 0) >= s.max_connections_per_ip:
-            log.warning("connection from %s refused: too many connections", ip)
-            try:
-                writer.write(BUSY[cls.protocol].encode() + b"\r\n")
-                await asyncio.wait_for(writer.drain(), 2)
-            except (OSError, TimeoutError):
-                pass
-            writer.close()
+    def admit(self, conn: socket.socket, address: Any, cls: type[Session], tls: bool) -> None:
+        """A connection just accepted: count it, or refuse it before it costs anything more."""
+        ip = address[0] if isinstance(address, tuple) else "unknown"
+        refused = None
+        if self.total >= self.max_connections:
+            refused = "limit"
+        elif self.per_ip.get(ip, 0) >= self.settings.max_connections_per_ip:
+            refused = "per_ip"
+        if refused is not None:
+            CONNECTIONS_REFUSED.labels(cls.protocol, refused).inc()
+            self.rare.warning(
+                refused, "connection from %s refused: %s reached", ip, REFUSED_WHY[refused]
+            )
+            if not tls:  # a TLS client would read the text as a broken handshake
+                try:
+                    conn.setblocking(False)
+                    conn.send(BUSY[cls.protocol])
+                except OSError:
+                    pass
+            conn.close()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
         self.total += 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        task = asyncio.get_running_loop().create_task(self.serve(conn, ip, cls, tls))
+        self.tasks.add(task)
+
+    def exhausted(self, exc: OSError) -> None:
+        """accept() failed for lack of file descriptors (or memory)."""
+        CONNECTIONS_REFUSED.labels("any", "files").inc()
+        self.rare.warning(
+            "files",
+            "not accepting mail connections for a moment: %s (open-file limit %s, "
+            "%d connections open)",
+            exc.strerror,
+            self.open_files or "unlimited",
+            self.total,
+        )
+
+    async def serve(self, conn: socket.socket, ip: str, cls: type[Session], tls: bool) -> None:
+        """One counted connection, from TLS handshake to close."""
+        loop = asyncio.get_running_loop()
+        accepted = loop.time()
         gauge = SESSIONS_OPEN.labels(cls.protocol)
         gauge.inc()
+        writer: asyncio.StreamWriter | None = None
         try:
-            await cls(self, reader, writer, tls).run()
+            reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+            made: list[asyncio.StreamWriter] = []
+            protocol = asyncio.StreamReaderProtocol(reader, lambda r, w: made.append(w))
+            try:
+                await loop.connect_accepted_socket(
+                    lambda: protocol,
+                    conn,
+                    ssl=self.server_ssl if tls else None,
+                    ssl_handshake_timeout=self.settings.handshake_timeout if tls else None,
+                )
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                log.debug("connection from %s ended in the TLS handshake: %r", ip, exc)
+                return
+            writer = made[0]
+            await cls(self, reader, writer, tls, accepted).run()
         except asyncio.CancelledError:
-            # stop(): end quietly (asyncio reports a cancelled connection task as an error)
-            writer.close()
+            pass  # stop(): end quietly
         except Exception:
             self.errors += 1
             log.exception("unexpected error in a %s session from %s", cls.protocol, ip)
-            writer.close()
         finally:
+            if writer is not None:
+                writer.close()
+            else:
+                conn.close()
             gauge.dec()
             self.total -= 1
             left = self.per_ip[ip] - 1
@@ -107,7 +170,9 @@ class Hub:
                 self.per_ip[ip] = left
             else:
                 del self.per_ip[ip]
-            self.tasks.discard(task)
+            task = asyncio.current_task()
+            if task is not None:
+                self.tasks.discard(task)
 
 
 class Controller:
@@ -119,13 +184,18 @@ class Controller:
         self.hub: Hub | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._acceptors: list[Acceptor] = []
         self._listening: dict[str, tuple[str, int]] = {}
 
     @property
     def listening(self) -> dict[str, tuple[str, int]]:
         """Listener name -> (host, port) actually bound (so port 0 works)."""
         return dict(self._listening)
+
+    @property
+    def max_connections(self) -> int:
+        """The connection limit in force (the setting, lowered to fit the open-file limit)."""
+        return self.hub.max_connections if self.hub else self.settings.max_connections
 
     @property
     def errors(self) -> int:
@@ -164,36 +234,32 @@ class Controller:
                 host, port = parse_hostport(spec)
                 if tls and hub.server_ssl is None:
                     raise OSError(f"listener {name} needs tls_cert and tls_key")
-
-                def serve(r: Any, w: Any, cls: type[Session] = cls, tls: bool = tls) -> Any:
-                    return hub.serve(cls, tls, r, w)
-
                 try:
-                    server = await asyncio.start_server(
-                        serve,
-                        host,
-                        port,
-                        ssl=hub.server_ssl if tls else None,
-                        ssl_handshake_timeout=self.settings.idle_timeout_prelogin if tls else None,
-                        limit=65536,
-                        backlog=1024,
-                    )
+                    socks = await listen(host, port)
                 except OSError as exc:
                     # Name the listener, so the person knows which setting to change.
                     raise OSError(
-                        exc.errno, f"the {name} listener cannot use {host}:{port}: {exc.strerror}"
+                        exc.errno,
+                        f"the {name} listener cannot use {host}:{port}: {exc.strerror or exc}",
                     ) from None
-                self._servers[name] = server
-                sock = server.sockets[0].getsockname()
-                self._listening[name] = (sock[0], sock[1])
-                log.info("%s listening on %s:%s", name, sock[0], sock[1])
+
+                def admit(conn: Any, address: Any, cls: type[Session] = cls, tls: bool = tls):
+                    hub.admit(conn, address, cls, tls)
+
+                for sock in socks:
+                    acceptor = Acceptor(sock, admit, hub.exhausted)
+                    acceptor.start()
+                    self._acceptors.append(acceptor)
+                bound = socks[0].getsockname()
+                self._listening[name] = (bound[0], bound[1])
+                log.info("%s listening on %s:%s", name, bound[0], bound[1])
         except BaseException:
             await self._close()
             raise
 
     async def _close(self) -> None:
-        for server in self._servers.values():
-            server.close()
+        for acceptor in self._acceptors:
+            acceptor.close()
         hub = self.hub
         if hub is not None:
             tasks = list(hub.tasks)
@@ -201,7 +267,7 @@ class Controller:
                 t.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
-        self._servers.clear()
+        self._acceptors.clear()
         self._listening.clear()
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

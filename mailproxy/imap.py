@@ -3,7 +3,6 @@ AUTHENTICATE XOAUTH2/OAUTHBEARER to the upstream server before the relay."""
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import logging
 import re
@@ -22,6 +21,7 @@ from .session import Session, one_line
 
 TAG_RE = re.compile(rb"[A-Za-z0-9!#$&',\-./:;<=>?@\[\]^_`|~]{1,64}")
 LITERAL_RE = re.compile(rb"\{(\d{1,10})(\+?)\}")
+NONSYNC_LITERAL_RE = re.compile(rb"\{\d{1,10}\+\}$")
 CAPS_CODE_RE = re.compile(r"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 NOT_YET = frozenset(
     {"SELECT", "EXAMINE", "LIST", "LSUB", "STATUS", "FETCH", "SEARCH", "STORE", "COPY", "UID",
@@ -41,8 +41,12 @@ class BadSyntax(Exception):
 
 
 class LiteralTooLarge(Exception):
-    def __init__(self, synchronizing: bool):
+    """A literal over the limits of one command (its size, their number, their sum)."""
+
+    def __init__(self, synchronizing: bool, why: str):
+        super().__init__(why)
         self.synchronizing = synchronizing
+        self.why = why
 
 
 class IMAPSession(Session):
@@ -93,10 +97,11 @@ class IMAPSession(Session):
             await self.push(f"{self.tag} BAD Invalid arguments")
             await self._spend()
         except LiteralTooLarge as exc:
-            if exc.synchronizing:
-                await self.push(f"{self.tag} BAD Literal too large")
+            if exc.synchronizing:  # refused before the client sent it
+                await self.push(f"{self.tag} BAD {exc.why}")
+                await self._spend()
             else:  # the client is sending it anyway: the stream is lost
-                await self.push("* BYE Literal too large")
+                await self.push(f"* BYE {exc.why}")
                 self.done = True
 
     async def _spend(self) -> None:
@@ -106,8 +111,12 @@ class IMAPSession(Session):
 
     # ---- argument parsing (atoms, quoted strings, literals) ---------------------------------
     async def read_args(self, rest: bytes) -> list[bytes]:
+        """The arguments of a command; literals are bounded in size, number and sum, so that
+        one command (before login, from anyone) holds at most a few KiB."""
         args: list[bytes] = []
         pos = 0
+        literals = literal_bytes = 0
+        settings = self.settings
         while True:
             while pos < len(rest) and rest[pos] == 0x20:
                 pos += 1
@@ -136,12 +145,17 @@ class IMAPSession(Session):
                 if not m:
                     raise BadSyntax()
                 size, sync = int(m[1]), not m[2]
-                if size > self.settings.max_literal:
-                    raise LiteralTooLarge(sync)
+                literals += 1
+                literal_bytes += size
+                if size > settings.max_literal:
+                    raise LiteralTooLarge(sync, "Literal too large")
+                if literals > settings.max_literals_per_command:
+                    raise LiteralTooLarge(sync, "Too many literals in one command")
+                if literal_bytes > settings.max_literal_bytes_per_command:
+                    raise LiteralTooLarge(sync, "Command too long")
                 if sync:
                     await self.push("+ Ready for literal data")
-                async with asyncio.timeout(self.settings.idle_timeout_prelogin):
-                    args.append(await self.lines.readexactly(size))
+                args.append(await self.readexactly(size))
                 rest = (await self.readline()).rstrip(b"\r\n")
                 pos = 0
             elif c in b"()":
@@ -180,12 +194,17 @@ class IMAPSession(Session):
         await self.start_tls()
 
     async def imap_LOGIN(self, rest: bytes) -> None:
+        if not self.credentials_allowed:
+            # Refused before any literal is asked for; one sent anyway ends the connection.
+            if NONSYNC_LITERAL_RE.search(rest):
+                await self.push("* BYE Use STARTTLS before logging in")
+                self.done = True
+            else:
+                await self.push(f"{self.tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in")
+            return
         args = await self.read_args(rest)
         if len(args) != 2:
             raise BadSyntax()
-        if not self.credentials_allowed:
-            await self.push(f"{self.tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in")
-            return
         user, password = (a.decode("utf-8", "replace") for a in args)
         await self.login(user, password)
 

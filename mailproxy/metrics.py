@@ -5,6 +5,12 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 
 SESSIONS_OPEN = Gauge("mailproxy_sessions_open", "Client connections currently open", ["protocol"])
+CONNECTIONS_REFUSED = Counter(
+    "mailproxy_connections_refused_total",
+    "Connections closed at accept: limit, per_ip (connection limits), files (accept() failed "
+    "for lack of file descriptors; protocol 'any')",
+    ["protocol", "reason"],
+)
 LOGINS = Counter(
     "mailproxy_logins_total",
     "Client logins by outcome (ok, credentials, throttled, reauth, disabled, unavailable)",

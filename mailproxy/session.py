@@ -40,7 +40,9 @@ class Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         tls: bool,
+        accepted: float | None = None,
     ):
+        """``accepted``: loop time of accept(), where the pre-login lifetime starts."""
         self.hub = hub
         self.settings = hub.settings
         self.reader = reader
@@ -50,6 +52,9 @@ class Session:
         self.lines = LineReader(reader, self.settings.max_line, sniff_tls=not tls)
         self.tls = tls
         self.budget = self.settings.unknown_command_budget
+        self.commands = 0  # before login
+        started = asyncio.get_running_loop().time() if accepted is None else accepted
+        self.login_deadline = started + self.settings.prelogin_lifetime
         self.auth_failures = 0
         self.done = False
         self.upstream: Upstream | None = None
@@ -133,10 +138,20 @@ class Session:
     def can_starttls(self) -> bool:
         return not self.tls and self.hub.server_ssl is not None
 
+    def prelogin_timeout(self) -> asyncio.Timeout:
+        """Waiting for the client before login: the idle timeout, cut short by the pre-login
+        lifetime (a client may not keep a connection forever with a NOOP a minute)."""
+        idle_end = asyncio.get_running_loop().time() + self.settings.idle_timeout_prelogin
+        return asyncio.timeout_at(min(idle_end, self.login_deadline))
+
     async def readline(self) -> bytes:
         """Next client line, bounded in length and in waiting time."""
-        async with asyncio.timeout(self.settings.idle_timeout_prelogin):
+        async with self.prelogin_timeout():
             return await self.lines.readline()
+
+    async def readexactly(self, n: int) -> bytes:
+        async with self.prelogin_timeout():
+            return await self.lines.readexactly(n)
 
     async def read_secret_line(self) -> bytes:
         """A SASL response line: never logged."""
@@ -157,7 +172,7 @@ class Session:
             return
         assert self.hub.server_ssl is not None
         await self.writer.start_tls(
-            self.hub.server_ssl, ssl_handshake_timeout=self.settings.idle_timeout_prelogin
+            self.hub.server_ssl, ssl_handshake_timeout=self.settings.handshake_timeout
         )
         self.tls = True
         self.lines.sniff_tls = False
@@ -168,9 +183,18 @@ class Session:
             await self.greet()
             while not self.done:
                 line = await self.readline()
+                self.commands += 1
+                if self.commands > self.settings.max_prelogin_commands:
+                    await self.say_bye("Too many commands without logging in")
+                    break
                 await self.handle_line(line)
         except TimeoutError:
-            await self._quietly(self.say_bye("Idle timeout, closing connection"))
+            loop = asyncio.get_running_loop()
+            if loop.time() >= self.login_deadline:
+                why = "Too long without logging in, closing connection"
+            else:
+                why = "Idle timeout, closing connection"
+            await self._quietly(self.say_bye(why))
         except LineTooLong:
             await self._quietly(self.say_bye("Line too long"))
         except TLSOnPlainPort:

@@ -26,14 +26,25 @@ class ProxySettings:
     tls_key: str | None = None
     upstream_ca_file: str | None = None
     hostname: str = "localhost"
-    idle_timeout_prelogin: float = 60.0
-    idle_timeout: float = 1800.0
+    tls_key_group_readable: bool = False  # a configured key shared with the ACME client's group
+    # Before login a connection is a stranger's: everything it may cost is bounded.
+    handshake_timeout: float = 10.0  # TLS handshake (implicit TLS and STARTTLS)
+    idle_timeout_prelogin: float = 60.0  # between two commands
+    prelogin_lifetime: float = 300.0  # from accept to login, however busy the client keeps it
+    max_prelogin_commands: int = 50
+    max_line: int = 8192  # one line (IMAP: each line of a command)
+    max_literal: int = 8192  # one IMAP literal
+    max_literals_per_command: int = 8
+    max_literal_bytes_per_command: int = 16384
+    unknown_command_budget: int = 10
+    idle_timeout: float = 1800.0  # after login (long enough for IMAP IDLE)
     upstream_timeout: float = 30.0
-    max_line: int = 8192
-    max_literal: int = 8192
+    # Connections, counted from accept (the TLS handshake included). Each one needs up to two
+    # file descriptors (client and upstream): Controller.start lowers max_connections so that
+    # 2 * max_connections + fd_reserve stays within the process's open-file limit.
     max_connections: int = 4096
     max_connections_per_ip: int = 1024
-    unknown_command_budget: int = 10
+    fd_reserve: int = 320  # web server, database, token requests, logs
     max_auth_failures: int = 3
     allow_plaintext_from_loopback: bool = True
     backend_threads: int = 32

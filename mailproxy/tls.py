@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import os
 import ssl
+import stat
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -62,8 +63,25 @@ def fingerprint_sha256(cert_path: str) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
-def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
-    """TLS context for the proxy's listeners (TLS 1.2+)."""
+def check_key_file(key_path: str, group_may_read: bool = False) -> None:
+    """Refuse a listener key that other users can read: whoever reads it can impersonate the
+    proxy to every mail client. ``group_may_read`` allows a key shared with one group (an ACME
+    client's files made readable to the service's group).
+
+    :raises PermissionError: with the command that fixes it.
+    """
+    mode = stat.S_IMODE(os.stat(key_path).st_mode)
+    if mode & (0o007 if group_may_read else 0o077):
+        fix = "chmod 640" if group_may_read else "chmod 600"
+        raise PermissionError(
+            f"the TLS key {key_path} is readable by other users (mode {mode:o}): "
+            f"run `{fix} {key_path}` and start again"
+        )
+
+
+def server_context(cert_path: str, key_path: str, group_may_read: bool = False) -> ssl.SSLContext:
+    """TLS context for the proxy's listeners (TLS 1.2+); see check_key_file."""
+    check_key_file(key_path, group_may_read)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_path, key_path)
