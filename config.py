@@ -37,6 +37,10 @@ DEFAULTS: dict[str, Any] = {
     "MAIL_MAX_CONNECTIONS_PER_IP": 256,
     "MAIL_IDLE_TIMEOUT_PRELOGIN": 60,
     "MAIL_IDLE_TIMEOUT": 1800,
+    # Before login: seconds for the TLS handshake, seconds and commands until login.
+    "MAIL_HANDSHAKE_TIMEOUT": 10,
+    "MAIL_PRELOGIN_SECONDS": 300,
+    "MAIL_PRELOGIN_COMMANDS": 50,
     # Certificate for the mail listeners; empty: a self-signed pair in the instance folder.
     "TLS_CERT": "",
     "TLS_KEY": "",

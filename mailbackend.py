@@ -313,17 +313,21 @@ def proxy_settings(app: Flask) -> ProxySettings:
     from mailsetup import tls_files
 
     cfg = app.config
-    cert, key, _ = tls_files(app)
+    cert, key, generated = tls_files(app)
     return ProxySettings(
         listeners={name: cfg[f"{name.upper()}_LISTEN"] for name in LISTENER_NAMES},
         tls_cert=cert,
         tls_key=key,
+        tls_key_group_readable=not generated,  # e.g. certbot's key shared with our group
         upstream_ca_file=cfg["UPSTREAM_CA_FILE"] or None,
         hostname=mail_host(cfg),
         max_connections=cfg["MAIL_MAX_CONNECTIONS"],
         max_connections_per_ip=cfg["MAIL_MAX_CONNECTIONS_PER_IP"],
         idle_timeout_prelogin=cfg["MAIL_IDLE_TIMEOUT_PRELOGIN"],
         idle_timeout=cfg["MAIL_IDLE_TIMEOUT"],
+        handshake_timeout=cfg["MAIL_HANDSHAKE_TIMEOUT"],
+        prelogin_lifetime=cfg["MAIL_PRELOGIN_SECONDS"],
+        max_prelogin_commands=cfg["MAIL_PRELOGIN_COMMANDS"],
         reauth_message=(
             "The mail provider refused this account's token: re-authorize it on "
             f"{cfg['PUBLIC_URL']}/"

@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -36,6 +38,46 @@ def services(app: Flask) -> list[Service]:
     return found
 
 
+def raise_open_file_limit() -> int | None:
+    """Raise the soft open-file limit to the hard one (None: unlimited). Every mail connection
+    needs up to two descriptors, and the proxy sizes its connection limit by this one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as error:  # an unlimited hard limit may be refused
+            log.warning("cannot raise the open-file limit from %s to %s: %s", soft, hard, error)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+class RareAcceptErrors(logging.Filter):
+    """waitress logs a traceback for each failed accept() and tries again at once: a process out
+    of file descriptors wrote hundreds of thousands of them. One line a minute says as much."""
+
+    MESSAGE = "server accept() threw an exception"
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last = -interval
+        self.left_out = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE:
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.left_out += 1
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg = "the web UI cannot accept connections: %s (and %d more since the last)"
+        record.args = (error, self.left_out)
+        record.exc_info = record.exc_text = None
+        self.last, self.left_out = now, 0
+        return True
+
+
 def split_bind(bind: str) -> tuple[str, int]:
     host, _, port = bind.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
@@ -50,6 +92,9 @@ def web_server(app: Flask, host: str, port: int) -> Any:
         "threads": 8,
         "ident": "auth-email",
         "clear_untrusted_proxy_headers": False,
+        # select() cannot watch descriptors above 1023, which the mail proxy's connections
+        # push the web UI's past once the open-file limit is raised (raise_open_file_limit).
+        "asyncore_use_poll": True,
     }
     if app.config["TRUSTED_PROXY"]:
         options.update(
@@ -71,6 +116,8 @@ def main() -> int:
         level=app.config["LOG_LEVEL"],
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
+    logging.getLogger("waitress").addFilter(RareAcceptErrors())
+    log.info("open-file limit: %s", raise_open_file_limit() or "unlimited")
     if lock_instance(Path(app.instance_path)) is None:
         log.error("cannot start: another process is serving the instance %s", app.instance_path)
         return 2

@@ -6,7 +6,9 @@ listener on free loopback ports); stopped with SIGTERM as systemd stops it.
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -190,3 +192,105 @@ def test_client_address_comes_from_the_trusted_proxy_only(instance, trusted):
         assert failed.ip == ("203.0.113.7" if trusted else "127.0.0.1")
     finally:
         server.close()
+
+
+def start_limited(
+    env: dict[str, str], log: Path, open_files: tuple[int, int]
+) -> subprocess.Popen[bytes]:
+    """``python serve.py`` with the open-file limit (soft, hard) of a default systemd service."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "serve.py"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit,
+        )
+
+
+def test_serve_raises_its_open_file_limit_and_keeps_mail_connections_within_it(
+    tmp_path: Path, ports: dict[str, int]
+) -> None:
+    listeners = {f"{n.upper()}_LISTEN": f"127.0.0.1:{ports[n]}" for n in LISTENER_NAMES}
+    env = serve_env(tmp_path / "instance", BIND=f"127.0.0.1:{ports['web']}", **listeners)
+    log = tmp_path / "serve.log"
+    process = start_limited(env, log, (1024, 2048))
+    try:
+        wait_healthy(f"http://127.0.0.1:{ports['web']}", process, log)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    open_files = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert open_files.split()[3:5] == ["2048", "2048"]
+    output = log.read_text()
+    assert "open-file limit: 2048" in output
+    # two descriptors per connection, 320 kept for the web UI, database and token requests
+    assert "mail connections limited to 864 instead of 4096" in output
+
+
+def test_serve_refuses_a_listener_key_readable_by_others(tmp_path: Path) -> None:
+    from mailproxy import ensure_self_signed
+
+    tls = tmp_path / "instance" / "tls"
+    tls.mkdir(parents=True)
+    key = tls / "key.pem"
+    ensure_self_signed(str(tls / "cert.pem"), str(key), ["localhost"])
+    key.chmod(0o644)
+    settings = {f"{n.upper()}_LISTEN": "127.0.0.1:0" for n in LISTENER_NAMES}
+    log = tmp_path / "serve.log"
+    process = start(serve_env(tmp_path / "instance", BIND="127.0.0.1:0", **settings), log)
+    try:
+        code = process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    output = log.read_text()
+    assert code == 2, output
+    assert f"cannot start: the TLS key {key} is readable by other users" in output
+    assert f"chmod 600 {key}" in output and "Traceback" not in output
+
+
+def test_repeated_accept_failures_of_the_web_server_make_one_line_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from serve import RareAcceptErrors
+
+    logger = logging.getLogger("waitress.test-accept")
+    logger.addFilter(RareAcceptErrors())
+    with caplog.at_level(logging.WARNING, logger="waitress.test-accept"):
+        for _ in range(1000):
+            try:
+                raise OSError(24, "Too many open files")
+            except OSError:
+                logger.warning("server accept() threw an exception", exc_info=True)
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == [
+        "the web UI cannot accept connections: [Errno 24] Too many open files "
+        "(and 0 more since the last)",
+        "something else",
+    ]
+    assert "Traceback" not in caplog.text
+
+
+def test_mail_limits_come_from_the_app_settings(instance: Path) -> None:
+    from mailbackend import proxy_settings
+    from tests.conftest import make_app
+
+    app = make_app(
+        instance, MAIL_HANDSHAKE_TIMEOUT=4, MAIL_PRELOGIN_SECONDS=90, MAIL_PRELOGIN_COMMANDS=12
+    )
+    settings = proxy_settings(app)
+    assert (settings.handshake_timeout, settings.prelogin_lifetime) == (4, 90)
+    assert settings.max_prelogin_commands == 12
+    assert settings.tls_key_group_readable is False  # the generated key is ours alone
