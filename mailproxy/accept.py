@@ -31,10 +31,10 @@ def open_file_limit() -> int | None:
 
 def connection_ceiling(open_files: int | None, reserve: int) -> int | None:
     """How many connections fit in ``open_files`` descriptors: two each (client and upstream),
-    beside ``reserve`` for everything else in the process (at most a quarter of the limit)."""
+    beside ``reserve`` for everything else in the process (at most a third of the limit)."""
     if open_files is None:
         return None
-    reserve = min(reserve, open_files // 4)
+    reserve = min(reserve, open_files // 3)
     return max(1, (open_files - reserve) // 2)
 
 

@@ -275,8 +275,8 @@ def test_out_of_file_descriptors_pauses_accepting_with_one_log_line(tmp_path: Pa
             child.kill()
             child.wait(10)
     output = log.read_text()
-    assert limit == (128 - 32) // 2  # two descriptors a connection, a quarter kept in reserve
-    assert "mail connections limited to 48 instead of 4096" in output
+    assert limit == (128 - 42) // 2  # two descriptors a connection, a third kept in reserve
+    assert "mail connections limited to 43 instead of 4096" in output
     assert 1 <= greeted <= 21
     assert late_greeting.startswith(b"* OK")
     assert output.count("not accepting mail connections for a moment") == 1, output
