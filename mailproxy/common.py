@@ -49,16 +49,23 @@ class LineReader:
     It keeps what it read past a line so that the relay can forward it untouched.
     """
 
-    __slots__ = ("reader", "buf", "max_line", "sniff_tls")
+    __slots__ = ("reader", "buf", "max_line", "sniff_tls", "chunk")
 
-    def __init__(self, reader: asyncio.StreamReader, max_line: int, sniff_tls: bool = False):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        max_line: int,
+        sniff_tls: bool = False,
+        chunk: int = RELAY_CHUNK,
+    ):
         self.reader = reader
         self.buf = bytearray()
         self.max_line = max_line
         self.sniff_tls = sniff_tls
+        self.chunk = chunk
 
     async def _fill(self) -> None:
-        chunk = await self.reader.read(RELAY_CHUNK)
+        chunk = await self.reader.read(self.chunk)
         if not chunk:
             raise PeerGone()
         self.buf += chunk

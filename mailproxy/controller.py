@@ -58,7 +58,7 @@ REFUSED_WHY = {
     "limit": "the proxy's connection limit",
     "per_ip": "the connection limit per client address",
 }
-#: The largest buffer a client's StreamReader fills before reading from the socket pauses.
+#: A client's StreamReader pauses reading from the socket at twice this many buffered bytes.
 STREAM_LIMIT = 65536
 
 

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from .controller import Hub
 
 
+#: Bytes read from a client at a time before login (the relay reads more).
+PRELOGIN_READ = 16 * 1024
+
+
 class Session:
     """One client connection. Subclasses implement the protocol's own words."""
 
@@ -49,7 +53,13 @@ class Session:
         self.writer = writer
         peer = writer.get_extra_info("peername")
         self.peer_ip: str = peer[0] if isinstance(peer, tuple) else "unknown"
-        self.lines = LineReader(reader, self.settings.max_line, sniff_tls=not tls)
+        self.lines = LineReader(reader, self.settings.max_line, not tls, PRELOGIN_READ)
+        # Plain-text reads take up to 256 KiB a time (asyncio's max_size); a stranger's
+        # commands need less, and 200 of them left the process 10 MiB bigger. The relay
+        # goes back to asyncio's own size.
+        transport = writer.transport
+        if isinstance(getattr(transport, "max_size", None), int):
+            transport.max_size = PRELOGIN_READ  # type: ignore[attr-defined]
         self.tls = tls
         self.budget = self.settings.unknown_command_budget
         self.commands = 0  # before login
@@ -297,6 +307,8 @@ class Session:
         except Exception:
             self.log.exception("backend.session_opened failed")
         into, out = [0], [0]
+        if "max_size" in vars(self.writer.transport):
+            del self.writer.transport.max_size  # type: ignore[attr-defined]
         try:
             # Bytes read past the login on either side go first.
             early = self.lines.take()

@@ -155,10 +155,10 @@ async def chained_literals(port: int, total: int) -> str:
             while chunk := await reader.read(65536):
                 answer += chunk
             ended = "closed"
+    except TimeoutError:  # an OSError too
+        pass
     except (ConnectionError, OSError):
         ended = "reset"
-    except TimeoutError:
-        pass
     writer.close()
     return "bye" if b"* BYE Command too long" in answer else ended
 
@@ -170,8 +170,6 @@ async def literal_flood(port: int) -> list[str]:
 
 
 def test_chained_literals_before_login_leave_memory_where_it_was(served: Served) -> None:
-    served.wait_idle()
-    asyncio.run(literal_flood(served.ports["imap"]))  # warm: buffers the allocator keeps
     served.wait_idle()
     before, peak_before = served.rss()
     started = time.monotonic()
@@ -187,9 +185,10 @@ def test_chained_literals_before_login_leave_memory_where_it_was(served: Served)
         f"chained in {took:.1f}s; RSS before {before / MiB:.1f} MiB, after {after / MiB:.1f} "
         f"MiB (+{(after - before) / MiB:.1f}), peak {peak / MiB:.1f} MiB "
         f"(peak before {peak_before / MiB:.1f}); ended: {answers.count('bye')} with the "
-        f"reason, {answers.count('reset')} reset while sending"
+        f"reason, {answers.count('reset')} reset while sending, {answers.count('open')} "
+        f"still open after 10 s"
     )
-    assert set(answers) <= {"bye", "reset"}, answers  # every one ended by the proxy
+    assert set(answers) <= {"bye", "reset"}, answers  # each one ended by the proxy, in time
     assert answers.count("bye") > LITERAL_CLIENTS // 4
     assert after - before < 20 * MiB
     assert served.imap_login()  # the service is still there for real clients
