@@ -173,10 +173,10 @@ class GraphSim:
                 "Cannot convert the literal to the expected type 'Edm.String'.",
             )
         try:
-            raw = base64.b64decode(req.body, validate=False)
+            raw = base64.b64decode(b"".join(req.body.split()), validate=True)
             message = BytesParser(policy=SMTP).parsebytes(raw)
         except (binascii.Error, ValueError):
-            message = None
+            raw, message = b"", None
         if not raw.strip() or message is None or not message.keys():
             return self.error(
                 400,
@@ -213,6 +213,8 @@ class GraphSim:
                     ),
                 )
         del message["Bcc"]
+        if not message["From"]:
+            message["From"] = mailbox
         body = message.as_bytes()
         self.store.deliver(mailbox, recipients, body)
         self.store.save_sent(mailbox, body)
