@@ -146,3 +146,103 @@ def test_a_mailbox_linked_at_the_entra_simulator_works_through_the_proxy(
     smtp.quit()
     assert sims.peers.wait_for_message(user.email, subject)
     assert sims.exchange.sent[-1] == (user.email, user.email, [user.email])
+
+
+def preset_client(owner: User, provider: str, client_id: str, secret: str, tenant: str = "") -> Any:
+    """A client of a shipped preset (moved to the simulators by ``simulated_presets``)."""
+    import providers
+
+    grant = "authorization_code"
+    values = {
+        "name": f"{provider} {secrets.token_hex(3)}",
+        "provider": provider,
+        "grant": grant,
+        "tenant": tenant,
+        **providers.defaults_for(provider, grant, tenant),
+        "revocation_url": "",
+        "client_id": client_id,
+        "secret_expires_on": None,
+        "sasl_mechanism": "XOAUTH2",
+    }
+    return oauth_clients.save_client(owner, values, secret)
+
+
+def link_through_the_web(app: Flask, provider: str, client: Any, address: str, sign_in: Any) -> Any:
+    """Start linking on /accounts/new, sign in at the simulator, follow the callback."""
+    web = app.test_client()
+    AuthActions(app, web).login()
+    start = post_form(
+        web,
+        "/accounts/new",
+        {"address": address, "provider": provider, "client": str(client.id)},
+        form_page=f"/accounts/new?address={address}",
+    )
+    assert start.status_code == 302, start.get_data(as_text=True)
+    back = sign_in(start.headers["Location"])
+    assert back.startswith(REDIRECT + "?")
+    done = web.get(path_and_query(back))
+    assert done.status_code == 302, done.get_data(as_text=True)
+    account = Account.get(Account.address == address)
+    assert account.status == "active", account.status_detail
+    return account
+
+
+def test_the_microsoft_365_preset_against_the_simulators(
+    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+) -> None:
+    sims = simulated_presets
+    entra_app = sims.entra.add_app(redirect_uris=[REDIRECT])
+    user = sims.entra_user("m365", seed=1)
+    with app.app_context():
+        owner = User.get(User.email == ADMIN_EMAIL)
+        client = preset_client(
+            owner, "microsoft365", entra_app.client_id, str(entra_app.secret), sims.entra.tenant.id
+        )
+        assert client.token_url == sims.entra.endpoint(sims.entra.tenant.id, "token")
+        account = link_through_the_web(
+            app,
+            "microsoft365",
+            client,
+            user.email,
+            lambda url: sims.entra_sign_in(url, user.email),
+        )
+        linking.add_password(owner, account, "Laptop", PASSWORD)
+
+    conn = mail.imap(user.email, PASSWORD, "imaps")
+    assert conn.select("INBOX", readonly=True) == ("OK", [b"1"])
+    conn.logout()
+    pop = mail.pop3(user.email, PASSWORD, "pop3s")
+    assert pop.stat()[0] == 1
+    pop.quit()
+
+
+def test_the_google_preset_against_the_simulators(
+    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+) -> None:
+    sims = simulated_presets
+    google_app = sims.google.add_app(redirect_uris=[REDIRECT])
+    account = sims.google_account("gmail", seed=1)
+    with app.app_context():
+        owner = User.get(User.email == ADMIN_EMAIL)
+        client = preset_client(owner, "google", google_app.client_id, google_app.secret)
+        linked = link_through_the_web(
+            app, "google", client, account.email, lambda url: sims.google_sign_in(url, account)
+        )
+        linking.add_password(owner, linked, "Laptop", PASSWORD)
+    assert sims.google.authorize_requests[-1]["access_type"] == "offline"
+
+    conn = mail.imap(account.email, PASSWORD, "imaps")
+    assert conn.select("INBOX", readonly=True) == ("OK", [b"1"])
+    conn.logout()
+    pop = mail.pop3(account.email, PASSWORD, "pop3s")
+    assert pop.stat()[0] == 1
+    pop.quit()
+    subject = f"gmail-proxy-{time.time_ns()}"
+    msg = EmailMessage()
+    msg["From"] = msg["To"] = account.email
+    msg["Subject"] = subject
+    msg.set_content("Sent through Auth-Email to the Gmail simulator.\n")
+    smtp = mail.smtp(account.email, PASSWORD)
+    smtp.send_message(msg)
+    smtp.quit()
+    assert sims.peers.wait_for_message(account.email, subject)

@@ -12,6 +12,8 @@ import re
 import secrets
 import ssl
 from collections.abc import Iterator
+from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
@@ -186,25 +188,9 @@ class ProviderSims:
             "code_challenge_method": "S256",
             **extra,
         }
-        session = requests.Session()
         url = f"{self.google.url}/o/oauth2/v2/auth?{urlencode(query)}"
-        first = session.get(url, verify=self.ca_file, timeout=10)
-        fields = {
-            k: _unescape(v)
-            for k, v in re.findall(
-                r"<input type='hidden' name='([^']*)' value='([^']*)'>", first.text
-            )
-        }
-        fields.update({"identifier": account.email, "Passwd": account.password})
-        back = session.post(
-            f"{self.google.url}/o/oauth2/v2/auth",
-            data=fields,
-            verify=self.ca_file,
-            allow_redirects=False,
-            timeout=10,
-        )
-        assert back.status_code == 302, back.text
-        code = parse_qs(urlsplit(back.headers["Location"]).query)["code"][0]
+        back = self.google_sign_in(url, account)
+        code = parse_qs(urlsplit(back).query)["code"][0]
         answer = requests.post(
             f"{self.google.url}/token",
             data={
@@ -220,6 +206,86 @@ class ProviderSims:
         )
         assert answer.status_code == 200, answer.text
         return dict(answer.json())
+
+    def google_sign_in(self, url: str, account: Account) -> str:
+        """Submit the Google sign-in form at ``url``; returns the redirect back to the client."""
+        session = requests.Session()
+        first = session.get(url, verify=self.ca_file, timeout=10)
+        assert first.status_code == 200, first.text
+        fields = {
+            k: _unescape(v)
+            for k, v in re.findall(
+                r"<input type='hidden' name='([^']*)' value='([^']*)'>", first.text
+            )
+        }
+        fields.update({"identifier": account.email, "Passwd": account.password})
+        back = session.post(
+            f"{self.google.url}/o/oauth2/v2/auth",
+            data=fields,
+            verify=self.ca_file,
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert back.status_code == 302, back.text
+        return str(back.headers["Location"])
+
+
+def moved_presets(sims: ProviderSims) -> dict[str, Any]:
+    """The product's Microsoft 365, Outlook.com and Google presets with their URLs and mail
+    servers moved to the simulators (everything else, scopes included, as shipped)."""
+    import providers
+    from mailproxy.backend import Endpoint
+
+    hosts = {
+        "https://login.microsoftonline.com": sims.entra.url,
+        "https://accounts.google.com": sims.google.url,
+        "https://oauth2.googleapis.com": sims.google.url,
+    }
+
+    def move(url: str) -> str:
+        for real, simulated in hosts.items():
+            url = url.replace(real, simulated)
+        return url
+
+    exchange = {
+        "imap": Endpoint("127.0.0.1", sims.exchange.imap.port, "tls"),
+        "pop3": Endpoint("127.0.0.1", sims.exchange.pop3.port, "tls"),
+        "smtp": Endpoint("127.0.0.1", sims.exchange.smtp.port, "starttls"),
+    }
+    gmail = {
+        "imap": Endpoint("127.0.0.1", sims.google.imap.port, "tls"),
+        "pop3": Endpoint("127.0.0.1", sims.google.pop3.port, "tls"),
+        "smtp": Endpoint("127.0.0.1", sims.google.smtp.port, "tls"),
+    }
+    presets = dict(providers.PRESETS)
+    for key, servers in (("microsoft365", exchange), ("outlook", exchange), ("google", gmail)):
+        preset = presets[key]
+        grants = {
+            name: replace(g, **{f: move(getattr(g, f)) for f in providers.URL_FIELDS})
+            for name, g in preset.grants.items()
+        }
+        presets[key] = replace(
+            preset,
+            grants=MappingProxyType(grants),
+            revocation_url=move(preset.revocation_url),
+            **servers,
+        )
+    return presets
+
+
+@pytest.fixture
+def simulated_presets(monkeypatch: pytest.MonkeyPatch, sims: ProviderSims) -> ProviderSims:
+    """Point the product's Microsoft and Google presets at the simulators for one test.
+
+    The product has no setting for this (its presets name the real hosts); this swaps the
+    presets table the product reads at each use.
+    """
+    import providers
+
+    monkeypatch.setattr(providers, "PRESETS", MappingProxyType(moved_presets(sims)))
+    if hasattr(providers, "_PATTERNS"):
+        monkeypatch.setattr(providers, "_PATTERNS", {})
+    return sims
 
 
 def _unescape(value: str) -> str:
