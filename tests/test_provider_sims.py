@@ -982,3 +982,58 @@ def test_gmail_smtp_and_pop3(sims: ProviderSims) -> None:
     assert pop.ask("") == "-ERR [AUTH] Invalid credentials."
     assert pop.ask(f"AUTH XOAUTH2 {b64(account.email, token)}") == "+OK Welcome."
     assert pop.ask("STAT").startswith("+OK ")
+
+
+@pytest.mark.parametrize("situation", ["pop_disabled", "no_permission"])
+def test_exchange_pop3_situations(sims: ProviderSims, situation: str) -> None:
+    app = app_with_redirect(sims)
+    user = sims.entra_user("popsit", seed=0)
+    token = sims.entra_tokens(app, user)["access_token"]
+    sims.entra.situation(user.email, situation)
+    wire = Wire(sims, sims.exchange.pop3.port)
+    wire.line()
+    wire.ask("AUTH XOAUTH2")
+    assert wire.ask(b64(user.email, token)) == (
+        "-ERR Authentication failure: unknown user name or bad password."
+    )
+
+
+def test_google_token_faults(sims: ProviderSims) -> None:
+    app = google_app(sims)
+    account = sims.google_account("gfault", seed=0)
+    token = sims.google_tokens(app, account)["refresh_token"]
+    sims.google.token_fault("throttled", app.client_id, times=1, retry_after=5)
+    answer = google_refresh(sims, app, token)
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "5"
+    sims.google.token_fault("no_access_token", app.client_id, times=1)
+    assert "access_token" not in google_refresh(sims, app, token).json()
+    assert sims.google.requests.count(client_id=app.client_id, grant_type="refresh_token") == 2
+    assert google_refresh(sims, app, token).status_code == 200
+
+
+def test_graph_outage(sims: ProviderSims) -> None:
+    user = sims.entra_user("gout", seed=0)
+    app = app_with_redirect(sims)
+    token = graph_token(sims, user, app)
+    sims.graph.faults.add("unavailable", app.client_id, times=1, retry_after=9)
+    answer = graph_send(sims, user.email, token, message(user.email, user.email, "x").as_bytes())
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "9"
+    assert answer.json()["error"]["code"] == "ServiceNotAvailable"
+
+
+def test_exchange_smtp_accepts_bdat(sims: ProviderSims) -> None:
+    app = app_with_redirect(sims)
+    user = sims.entra_user("bdat", seed=0)
+    token = sims.entra_tokens(app, user)["access_token"]
+    conn = exchange_smtp(sims, user.email, token)
+    subject = f"bdat-{time.time_ns()}"
+    raw = message(user.email, user.email, subject).as_bytes().replace(b"\n", b"\r\n")
+    assert conn.mail(user.email)[0] == 250 and conn.rcpt(user.email)[0] == 250
+    half = len(raw) // 2
+    conn.send(f"BDAT {half}\r\n".encode() + raw[:half])
+    assert conn.getreply()[0] == 250
+    conn.send(f"BDAT {len(raw) - half} LAST\r\n".encode() + raw[half:])
+    code, said = conn.getreply()
+    assert code == 250 and said.startswith(b"2.0.0 OK <")
+    conn.quit()
+    assert sims.peers.wait_for_message(user.email, subject)
