@@ -342,6 +342,7 @@ def test_device_code_flow(sims: ProviderSims) -> None:
         ("consent_revoked", ("invalid_grant", 65001), "consent_required"),
         ("password_changed", ("invalid_grant", 50173), None),
         ("mfa_required", ("invalid_grant", 50076), "basic_action"),
+        ("mfa_enrollment", ("interaction_required", 50079), None),
         ("conditional_access", ("interaction_required", 53003), "message_only"),
         ("throttled", ("invalid_grant", 50196), None),
     ],
@@ -1037,3 +1038,32 @@ def test_exchange_smtp_accepts_bdat(sims: ProviderSims) -> None:
     assert code == 250 and said.startswith(b"2.0.0 OK <")
     conn.quit()
     assert sims.peers.wait_for_message(user.email, subject)
+
+
+def test_more_aadsts_codes(sims: ProviderSims) -> None:
+    app = app_with_redirect(sims)
+    user = sims.entra_user("codes", seed=0)
+    ropc = {"grant_type": "password", "username": user.email, "password": user.password}
+    unknown = sims.entra_token(app, {**ropc, "scope": "https://nowhere.example/.default"})
+    assert error_of(unknown) == (400, "invalid_resource", 500011)
+    assert error_of(sims.entra_token(app, {**ropc, "scope": "Mail.Fly"})) == (
+        400,
+        "invalid_scope",
+        70011,
+    )
+    assert (
+        error_of(sims.entra_token(app, {**ropc, "password": "wrong", "scope": EXCHANGE_SCOPE}))[2]
+        == 50126
+    )
+    spa = app_with_redirect(sims, spa=True)
+    first = sims.entra_tokens(spa, user)
+    sims.entra.clock.advance(86400 + 1)
+    answer = sims.entra_token(
+        spa, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}
+    )
+    assert error_of(answer) == (400, "invalid_grant", 700084)
+    other = app_with_redirect(sims)
+    stolen = sims.entra_token(
+        other, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}
+    )
+    assert error_of(stolen) == (400, "invalid_grant", 70000)

@@ -385,6 +385,7 @@ USER_SITUATIONS = {
     "security_defaults",  # 535 5.7.139 ... security defaults policy
     "conditional_access",  # token endpoint 53003; SMTP 5.7.139 criteria
     "mfa_required",  # token endpoint 50076; SMTP 5.7.139 criteria
+    "mfa_enrollment",  # token endpoint 50079 (interaction_required, with claims)
     "imap_disabled",  # IMAP: authenticated but not connected
     "pop_disabled",  # POP3: authentication failure
     "no_permission",  # the principal cannot open it: IMAP not connected, POP3 failure
@@ -746,6 +747,8 @@ class EntraSim:
                 raise EntraError(65001, app_id=app.client_id, app_name=app.name)
         if "mfa_required" in user.situations:
             raise EntraError(50076, app_id=app.client_id)
+        if "mfa_enrollment" in user.situations:
+            raise EntraError(50079, app_id=app.client_id)
         if "conditional_access" in user.situations:
             raise EntraError(53003)
         if "throttled" in user.situations:
