@@ -1067,3 +1067,13 @@ def test_more_aadsts_codes(sims: ProviderSims) -> None:
         other, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}
     )
     assert error_of(stolen) == (400, "invalid_grant", 70000)
+
+
+def test_exchange_imap_without_basic_auth_says_logindisabled(sims: ProviderSims) -> None:
+    sims.exchange.basic_auth_disabled = True
+    wire = Wire(sims, sims.exchange.imap.port)
+    wire.line()
+    wire.send("a CAPABILITY")
+    caps = wire.until("a ")[0]
+    assert "AUTH=XOAUTH2 LOGINDISABLED" in caps and "AUTH=PLAIN" not in caps
+    assert wire.ask("b LOGIN someone@example.test password") == "b NO LOGIN failed."

@@ -69,7 +69,10 @@ class ExchangeImap(ImapSession):
         return f"* OK The Microsoft Exchange IMAP4 service is ready. [{host_tag()}]"
 
     def capabilities(self) -> str:
-        return IMAP_CAPS_AUTHED if self.verdict else IMAP_CAPS
+        caps = IMAP_CAPS_AUTHED if self.verdict else IMAP_CAPS
+        if self.sim.basic_auth_disabled:  # tenants without basic auth (imapflow#392)
+            caps = caps.replace("AUTH=PLAIN AUTH=XOAUTH2", "AUTH=XOAUTH2 LOGINDISABLED")
+        return caps
 
     def continuation(self) -> str:
         return "+"  # Exchange's FirstAuthenticateResponse: a bare "+"
@@ -214,6 +217,7 @@ class ExchangeSim:
         self.clock = entra.clock
         self.connections = ConnectionCounter()
         self.sent: list[tuple[str, str, list[str]]] = []  # (principal, From, recipients)
+        self.basic_auth_disabled = False  # IMAP shows LOGINDISABLED instead of AUTH=PLAIN
         self.imap = MailServer(loop, ExchangeImap, self, tls, implicit_tls=True)
         self.pop3 = MailServer(loop, ExchangePop3, self, tls, implicit_tls=True)
         self.smtp = MailServer(loop, ExchangeSmtp, self, tls, implicit_tls=False)

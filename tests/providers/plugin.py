@@ -66,6 +66,7 @@ class ProviderSims:
         self.entra.clock.offset = 0
         self.google.clock.offset = 0
         self.entra.loop_threshold = 20
+        self.exchange.basic_auth_disabled = False
 
     def client_tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca_file)
