@@ -4,9 +4,9 @@ and imap/pop/smtp.gmail.com).
 Token endpoint as WIRE.md F1 has it: refresh tokens are not rotated, at most 100 per account
 and client (the 101st silently invalidates the oldest), 7 days in Testing mode, ``invalid_grant``
 "Token has been expired or revoked." for all of those and for revocation or a password change,
-``invalid_client`` / ``deleted_client`` with 401. Gmail refuses a login with a base64 JSON
-challenge that the client answers with an empty line (F2-F4), and refuses the 16th
-simultaneous IMAP session. Behind the front ends is the test bed's Dovecot (``mailstore``).
+``invalid_client`` / ``deleted_client`` with 401. It also decides Gmail logins (token, scope,
+user, situations, the 16th simultaneous IMAP session) for the front ends in ``gmail_sim``,
+behind which is the test bed's Dovecot (``mailstore``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import secrets
 import ssl
 import threading
 from dataclasses import dataclass, field
-from email.parser import BytesParser
-from email.policy import SMTP
 from typing import Any
 from urllib.parse import urlencode
 
@@ -35,33 +33,14 @@ from tests.providers.common import (
     malformed,
     page,
 )
+from tests.providers.gmail_sim import MAIL_SCOPE, GmailImap, GmailPop3, GmailSmtp
 from tests.providers.mailfront import ConnectionCounter, Loop, MailServer, Verdict
-from tests.providers.mailsessions import ImapSession, Pop3Session, SmtpSession
 from tests.providers.mailstore import DovecotStore
 
-MAIL_SCOPE = "https://mail.google.com/"
-CHALLENGE = base64.b64encode(
-    json.dumps(
-        {"status": "400", "schemes": "Bearer", "scope": MAIL_SCOPE}, separators=(",", ":")
-    ).encode()
-).decode()
-IMAP_CAPS = (
-    "IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA ID XLIST CHILDREN X-GM-EXT-1 XYZZY SASL-IR "
-    "AUTH=XOAUTH2 AUTH=PLAIN AUTH=PLAIN-CLIENTTOKEN AUTH=OAUTHBEARER AUTH=XOAUTH"
-)
-IMAP_CAPS_AUTHED = (
-    "IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA ID XLIST CHILDREN X-GM-EXT-1 UIDPLUS "
-    "COMPRESS=DEFLATE ENABLE MOVE CONDSTORE ESEARCH UTF8=ACCEPT LIST-EXTENDED LIST-STATUS "
-    "LITERAL- SPECIAL-USE APPENDLIMIT=35651584"
-)
 IMAP_LIMIT = 15  # the 16th simultaneous connection is refused
 TESTING_LIFETIME = 7 * 86400
 REFRESH_CAP = 100
 SITUATIONS = {"imap_disabled", "pop_disabled", "revoked", "password_changed"}
-
-
-def sid() -> str:
-    return secrets.token_hex(8)[:14]
 
 
 @dataclass
@@ -91,181 +70,6 @@ class RefreshGrant:
     scope: str
     issued_at: float
     valid: bool = True
-
-
-class GmailImap(ImapSession):
-    def greeting(self) -> str:
-        return f"* OK Gimap ready for requests from {self.client_ip} {sid()}"
-
-    def capabilities(self) -> str:
-        return IMAP_CAPS_AUTHED if self.verdict else IMAP_CAPS
-
-    def capability_done(self, tag: str) -> str:
-        return f"{tag} OK Thats all she wrote! {sid()}"
-
-    def logout(self, tag: str) -> list[str]:
-        return ["* BYE LOGOUT Requested", f"{tag} OK 73 good day (Success) {sid()}"]
-
-    def invalid_state(self, tag: str) -> str:
-        return f"{tag} BAD Unknown command {sid()}"
-
-    def login_refused(self, tag: str) -> str:
-        return f"{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)"
-
-    def accepted(self, tag: str, verdict: Verdict) -> list[str]:
-        account = self.sim.account(verdict.mailbox)
-        name = account.name if account else ""
-        return [
-            f"* CAPABILITY {IMAP_CAPS_AUTHED}",
-            f"{tag} OK {verdict.mailbox} {name} authenticated (Success)",
-        ]
-
-    async def refuse(self, tag: str, verdict: Verdict) -> bool:
-        if verdict.refusal == "too_many":
-            self.push(f"{tag} NO [ALERT] Too many simultaneous connections. (Failure)")
-            return False
-        if verdict.refusal == "imap_disabled":
-            self.push(
-                f"{tag} NO [ALERT] Your account is not enabled for IMAP use. Please visit "
-                f"your Gmail settings page and enable your account for IMAP access. (Failure)"
-            )
-            return False
-        self.push(f"+ {CHALLENGE}")
-        answer = await self.readline()
-        if answer is None:
-            return True
-        if answer.strip():
-            self.push(f"{tag} NO Invalid SASL argument. {sid()}")
-        else:
-            self.push(f"{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)")
-        return False
-
-
-class GmailPop3(Pop3Session):
-    def greeting(self) -> str:
-        return f"+OK Gpop ready for requests from {self.client_ip} {sid()}"
-
-    def capa(self) -> list[str]:
-        return [
-            "USER",
-            "RESP-CODES",
-            "EXPIRE 0",
-            "LOGIN-DELAY 300",
-            "TOP",
-            "UIDL",
-            "X-GOOGLE-VERHOEVEN",
-            "SASL PLAIN XOAUTH2",
-        ]
-
-    def accepted(self) -> str:
-        return "+OK Welcome."
-
-    def quit(self) -> str:
-        return f"+OK Farewell. {sid()}"
-
-    def unknown(self) -> str:
-        return "-ERR bad command"
-
-    def basic_refused(self, verb: str) -> str:
-        return (
-            "+OK send PASS" if verb == "USER" else "-ERR [AUTH] Username and password not accepted."
-        )
-
-    async def refuse(self, verdict: Verdict) -> bool:
-        if verdict.refusal == "pop_disabled":
-            self.push(
-                "-ERR [SYS/PERM] Your account is not enabled for POP access. Please visit "
-                "your Gmail settings page and enable your account for POP access."
-            )
-            return False
-        self.push(f"+ {CHALLENGE}")
-        answer = await self.readline()
-        if answer is None:
-            return True
-        self.push("-ERR [AUTH] Invalid credentials.")
-        return False
-
-
-class GmailSmtp(SmtpSession):
-    def greeting(self) -> str:
-        return f"220 smtp.gmail.com ESMTP {sid()} - gsmtp"
-
-    def ehlo(self, name: str) -> list[str]:
-        middle = (
-            ["250-AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH"]
-            if self.tls
-            else ["250-STARTTLS"]
-        )
-        return [
-            f"250-smtp.gmail.com at your service, [{self.client_ip}]",
-            "250-SIZE 35882577",
-            "250-8BITMIME",
-            *middle,
-            "250-ENHANCEDSTATUSCODES",
-            "250-PIPELINING",
-            "250-CHUNKING",
-            "250 SMTPUTF8",
-        ]
-
-    def starttls_ready(self) -> str:
-        return "220 2.0.0 Ready to start TLS"
-
-    def auth_ok(self) -> str:
-        return "235 2.7.0 Accepted"
-
-    def auth_before_tls(self) -> str:
-        return f"530 5.7.0 Must issue a STARTTLS command first. {sid()} - gsmtp"
-
-    def unknown_mechanism(self) -> str:
-        return f"504 5.7.4 Unrecognized authentication type. {sid()} - gsmtp"
-
-    def not_authenticated(self) -> str:
-        return (
-            f"530-5.7.0 Authentication Required. For more information, go to\r\n530 5.7.0  "
-            f"https://support.google.com/mail/?p=WantAuthError {sid()} - gsmtp"
-        )
-
-    def sender_ok(self) -> str:
-        return f"250 2.1.0 OK {sid()} - gsmtp"
-
-    def recipient_ok(self) -> str:
-        return f"250 2.1.5 OK {sid()} - gsmtp"
-
-    def start_data(self) -> str:
-        return f"354 Go ahead {sid()} - gsmtp"
-
-    def queued(self, message_id: str) -> str:
-        return f"250 2.0.0 OK  {int(self.sim.clock.now())} {sid()} - gsmtp"
-
-    def goodbye(self) -> str:
-        return f"221 2.0.0 closing connection {sid()} - gsmtp"
-
-    async def refuse(self, verdict: Verdict) -> bool:
-        self.push(f"334 {CHALLENGE}")
-        answer = await self.readline()
-        if answer is None:
-            return True
-        self.push(
-            "535-5.7.8 Username and Password not accepted. For more information, go to",
-            f"535 5.7.8  https://support.google.com/mail/?p=BadCredentials {sid()} - gsmtp",
-        )
-        return False
-
-    def prepare(self, message: bytes) -> bytes:
-        """Gmail rewrites a From the account may not use to the account's own address."""
-        assert self.verdict is not None
-        parsed = BytesParser(policy=SMTP).parsebytes(message)
-        account = self.sim.account(self.verdict.mailbox)
-        from email.utils import getaddresses
-
-        found = getaddresses(parsed.get_all("From", []))
-        sender = found[0][1].lower() if found else ""
-        allowed = {self.verdict.mailbox} | (account.aliases if account else set())
-        if sender in allowed:
-            return message
-        del parsed["From"]
-        parsed["From"] = self.verdict.mailbox
-        return parsed.as_bytes()
 
 
 class GoogleSim:
