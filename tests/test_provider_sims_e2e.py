@@ -246,3 +246,46 @@ def test_the_google_preset_against_the_simulators(
     smtp.send_message(msg)
     smtp.quit()
     assert sims.peers.wait_for_message(account.email, subject)
+
+
+def test_client_credentials_with_the_microsoft_365_preset(
+    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+) -> None:
+    """App-only: without Add-MailboxPermission Exchange says NO AUTHENTICATE failed and the
+    product explains the Exchange steps; with it the mailbox links and works over IMAP."""
+    import providers
+
+    sims = simulated_presets
+    entra_app = sims.entra.add_app()
+    user = sims.entra_user("apponly", seed=1)
+    tenant = sims.entra.tenant.id
+    with app.app_context():
+        owner = User.get(User.email == ADMIN_EMAIL)
+        grant = "client_credentials"
+        values = {
+            "name": f"app-only {secrets.token_hex(3)}",
+            "provider": "microsoft365",
+            "grant": grant,
+            "tenant": tenant,
+            **providers.defaults_for("microsoft365", grant, tenant),
+            "revocation_url": "",
+            "client_id": entra_app.client_id,
+            "secret_expires_on": None,
+            "sasl_mechanism": "XOAUTH2",
+        }
+        client = oauth_clients.save_client(owner, values, str(entra_app.secret))
+
+        refused = linking.start(owner, user.email, client, REDIRECT)
+        assert refused.done is not None and not refused.done.ok
+        assert "Add-MailboxPermission" in Account.get(Account.address == user.email).status_detail
+
+        sims.entra.grant_full_access(user.email, entra_app.client_id)
+        linked = linking.start(owner, user.email, client, REDIRECT)
+        assert linked.done is not None and linked.done.ok, linked.done
+        account = Account.get(Account.address == user.email)
+        linking.add_password(owner, account, "Scanner", PASSWORD)
+    assert sims.entra.requests.count(client_id=entra_app.client_id, grant_type=grant) >= 2
+
+    conn = mail.imap(user.email, PASSWORD, "imaps")
+    assert conn.select("INBOX", readonly=True) == ("OK", [b"1"])
+    conn.logout()
