@@ -19,6 +19,7 @@ from models import User
 pytest_plugins = ["tests.pgserver"]
 if importlib.util.find_spec("tests.peerbed"):
     pytest_plugins.append("tests.peerbed")
+    pytest_plugins.append("tests.providers.plugin")  # Entra/Exchange/Graph/Google simulators
 
 ADMIN_EMAIL = "admin@example.org"
 ADMIN_PASSWORD = "admin-password-1"
