@@ -58,7 +58,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         # Pages send no Referer (Referrer-Policy: no-referrer, as OAuth codes travel in URLs),
         # so Flask-WTF's HTTPS referrer check would refuse every form; the token still applies.
         WTF_CSRF_SSL_STRICT=False,
+        # Checked before a body is read: a larger request is a 413, never held in memory.
+        MAX_CONTENT_LENGTH=app.config["MAX_REQUEST_BYTES"],
+        MAX_FORM_MEMORY_SIZE=app.config["MAX_FORM_FIELD_BYTES"],
+        MAX_FORM_PARTS=100,
     )
+    _quiet_sql_log(app.config["LOG_SQL"])
     passwords.configure(app.config)
     grants.configure(app.config)
     init_database(app)
@@ -95,6 +100,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         lambda app: upkeep.Upkeep(interval=app.config["UPKEEP_INTERVAL_SECONDS"]),
     ]
     return app
+
+
+def _quiet_sql_log(wanted: bool) -> None:
+    """peewee logs every query with its parameters (password hashes, ciphertext) at DEBUG: keep its
+    logger at INFO, even under LOG_LEVEL=DEBUG, unless LOG_SQL asks for the queries."""
+    logging.getLogger("peewee").setLevel(logging.NOTSET if wanted else logging.INFO)
 
 
 def init_database(app: Flask) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -81,13 +82,26 @@ def backup(destination: str) -> None:
     url = current_app.config["DATABASE_URL"]
     if not url.startswith("sqlite:///"):
         raise click.ClickException("For PostgreSQL use pg_dump (see the README).")
-    source = sqlite3.connect(url.removeprefix("sqlite:///"))
-    target = sqlite3.connect(destination)
+    target_path = Path(destination)
+    # The copy holds password hashes and the audit log: it is private from its first byte. It is
+    # written beside the destination and moved over it when complete, and no file SQLite makes
+    # on the way (its journal) is readable by others either.
+    partial = target_path.with_name(f".{target_path.name}.partial-{os.getpid()}")
+    previous_umask = os.umask(0o077)
     try:
-        with target:
-            source.backup(target)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        source = sqlite3.connect(url.removeprefix("sqlite:///"))
+        target = sqlite3.connect(partial)
+        try:
+            with target:
+                source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        os.replace(partial, target_path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     finally:
-        source.close()
-        target.close()
-    Path(destination).chmod(0o600)
+        os.umask(previous_umask)
     click.echo(f"Backup written to {destination}.")

@@ -6,6 +6,7 @@ app.py), never given a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,10 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": "",
     # Host name users put into their mail clients; empty means the public URL's host.
     "MAIL_HOST": "",
+    # Request size limits of the web UI: the whole body, and one form field (every form here is a
+    # few KiB; a larger request is refused with 413 before it is read).
+    "MAX_REQUEST_BYTES": 1048576,
+    "MAX_FORM_FIELD_BYTES": 65536,
     # Mail proxy listeners, host:port each; empty disables one.
     "IMAP_LISTEN": "127.0.0.1:1143",
     "IMAPS_LISTEN": "127.0.0.1:1993",
@@ -52,9 +57,12 @@ DEFAULTS: dict[str, Any] = {
     "NEW_USERS_CUSTOM_CLIENTS": False,
     # Legacy Resource Owner Password grant (Microsoft); off unless the admin turns it on.
     "ALLOW_ROPC": False,
-    # Failed logins (web and mail) before a pause, and the first pause in seconds (it doubles).
+    # Failed logins (web and mail) before a pause, and the first pause in seconds (it doubles):
+    # per address from one IP, per IP, and per address from all IPs together (high, so that a
+    # stranger cannot lock a user out of their own mailbox; see throttle.py).
     "LOGIN_FAILURE_LIMIT": 5,
     "LOGIN_FAILURE_LIMIT_PER_IP": 20,
+    "LOGIN_FAILURE_LIMIT_PER_ADDRESS": 100,
     "LOGIN_BLOCK_SECONDS": 60,
     # Lifetime of admin invite links.
     "INVITE_HOURS": 72,
@@ -62,6 +70,9 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_ACCESS": "loopback",
     # Log level of the serving process.
     "LOG_LEVEL": "INFO",
+    # Log every SQL query with its parameters at DEBUG (they include password hashes): off unless
+    # asked, whatever LOG_LEVEL says.
+    "LOG_SQL": False,
     # argon2id cost; the defaults follow RFC 9106's low-memory profile.
     "ARGON2_TIME_COST": 3,
     "ARGON2_MEMORY_KIB": 65536,
@@ -102,14 +113,40 @@ def instance_path_from_environ(environ: Mapping[str, str] = os.environ) -> str |
     return os.path.abspath(value) if value else None
 
 
+# Request headers are a few cookies and the usual browser headers; waitress refuses more.
+MAX_REQUEST_HEADER_BYTES = 65536
+
+
+def web_server_limits(config: Mapping[str, Any]) -> dict[str, int]:
+    """waitress options that bound what one request may make the web UI read and hold."""
+    return {
+        "max_request_body_size": int(config["MAX_REQUEST_BYTES"]),
+        "max_request_header_size": MAX_REQUEST_HEADER_BYTES,
+    }
+
+
 def mail_host(config: Mapping[str, Any]) -> str:
     """The host name mail clients should use."""
     return config.get("MAIL_HOST") or urlsplit(config["PUBLIC_URL"]).hostname or "localhost"
 
 
 def is_loopback_host(host: str | None) -> bool:
-    """Loopback hosts may use plain http / plain mail connections; nothing else may."""
+    """Whether ``host`` is loopback: an IP literal in 127.0.0.0/8 or ::1, or exactly ``localhost``.
+
+    The one definition the app uses wherever loopback earns an exception (plain http and plain mail
+    connections, /metrics). A name is never trusted for what it looks like ("127.evil.example").
+    """
     if not host:
         return False
-    host = host.strip("[]").lower()
-    return host in {"localhost", "::1"} or host.startswith("127.") or host.endswith(".localhost")
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback

@@ -96,6 +96,19 @@ class EncryptedField(pw.BlobField):
         return None if value is None else Ciphertext(bytes(value))
 
 
+# Row ids are signed 64-bit integers in every database we run on; a longer number in a URL or
+# form is no row at all, and SQLite would raise OverflowError on it.
+MAX_ID = 2**63 - 1
+
+
+def parse_id(value: object) -> int | None:
+    """A row id from a URL or form value (ASCII digits, 1 to MAX_ID), or None."""
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 19:
+        return None
+    number = int(value)
+    return number if 0 < number <= MAX_ID else None
+
+
 def new_uid() -> str:
     return secrets.token_hex(16)
 

@@ -58,7 +58,9 @@ def _email() -> EmailField:
     return EmailField(
         "Email",
         validators=[DataRequired(), Email(message="Enter an email address."), Length(max=254)],
-        filters=[lambda v: v.strip().lower() if v else v],
+        # Cut to one past the limit: the length error still shows, and a page never echoes
+        # megabytes back.
+        filters=[lambda v: v.strip().lower()[:255] if isinstance(v, str) else v],
     )
 
 

@@ -21,7 +21,7 @@ import oauth
 import oauth_clients
 import providers
 import tokens
-from db import database
+from db import database, parse_id
 from models import Account, MailPassword, OAuthClient, PendingAuthorization, User, utcnow
 from oauth import AuthorizationProblem
 from passwords import generate_password, hash_password
@@ -87,10 +87,9 @@ def choose_client(user: User, provider: str, choice: str) -> OAuthClient:
                 "choose one of the clients below."
             )
         return client
-    try:
-        client_id = int(choice)
-    except (TypeError, ValueError):
-        raise LinkError("Choose a client.") from None
+    client_id = parse_id(choice)
+    if client_id is None:
+        raise LinkError("Choose a client.")
     client = usable_client(user, client_id)
     if client is None:
         raise LinkError("That client is not available to you.")

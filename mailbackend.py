@@ -93,12 +93,7 @@ class AppBackend:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.public_url = config["PUBLIC_URL"]
-        self.policy_address = throttle.Policy(
-            config["LOGIN_FAILURE_LIMIT"], config["LOGIN_BLOCK_SECONDS"]
-        )
-        self.policy_ip = throttle.Policy(
-            config["LOGIN_FAILURE_LIMIT_PER_IP"], config["LOGIN_BLOCK_SECONDS"]
-        )
+        self.config = dict(config)
         self.cache = AuthCache()
         self._flights: dict[tuple[str, bytes], threading.Event] = {}
         self._flights_lock = threading.Lock()
@@ -113,33 +108,35 @@ class AppBackend:
     # -- password check ---------------------------------------------------------------------
     def authenticate(self, protocol: str, address: str, password: str, client_ip: str) -> Grant:
         address = address.strip().lower()
+        keys = throttle.login_keys("mail", address, client_ip, self.config)
         with database.connection_context():
-            keys = [f"mail:addr:{address}", f"mail:ip:{client_ip}"]
-            wait, failed_before = throttle.check(keys)
-            if wait:
-                raise ProxyAuthError(
-                    "throttled",
-                    f"Too many failed logins; try again in {throttle.describe_wait(wait)}",
-                    retry_after=wait,
-                )
-            account = self._check_password(address, password, client_ip)
+            self._refuse_if_blocked(throttle.retry_after(keys))
+            account = self._check_password(address, password, client_ip, keys)
             if account is None:
-                throttle.failure(keys[0], self.policy_address)
-                throttle.failure(keys[1], self.policy_ip)
                 self.later(
                     audit.record, "mail.login_failed", ip=client_ip, target=address, detail=protocol
                 )
                 raise ProxyAuthError("credentials", "Wrong address or password")
-            if keys[0] in failed_before:
-                throttle.success(keys[0])
             return self._grant(account, protocol, client_ip)
 
-    def _check_password(self, address: str, password: str, client_ip: str) -> Account | None:
+    @staticmethod
+    def _refuse_if_blocked(wait: int) -> None:
+        if wait:
+            raise ProxyAuthError(
+                "throttled",
+                f"Too many failed logins; try again in {throttle.describe_wait(wait)}",
+                retry_after=wait,
+            )
+
+    def _check_password(
+        self, address: str, password: str, client_ip: str, keys: list[throttle.Key]
+    ) -> Account | None:
         """The account if ``password`` is one of its mail-client passwords.
 
         A cache hit costs one query. On a miss, identical logins in flight wait for the first
-        one's answer instead of hashing again, and at most one hash per core runs at a time
-        (each takes the configured memory, 64 MiB by default).
+        one's answer instead of hashing again (a client opening ten connections at once is one
+        attempt, not ten), and at most one hash per core runs at a time (each takes the
+        configured memory, 64 MiB by default).
         """
         hit = self.cache.get(address, password)
         if hit is not None:
@@ -161,14 +158,19 @@ class AppBackend:
         if not leader:
             flight.wait(30)
             if self.cache.get(address, password) is not None:
-                return self._check_password(address, password, client_ip)
+                return self._check_password(address, password, client_ip, keys)
+            return None  # the same guess, already counted once by the first of them
         try:
-            return self._verify(address, password, client_ip)
+            # Counted before it is verified: parallel guesses cannot all pass (throttle.py).
+            self._refuse_if_blocked(throttle.reserve(keys))
+            account = self._verify(address, password, client_ip)
+            if account is not None:
+                throttle.succeeded(keys)
+            return account
         finally:
-            if leader:
-                with self._flights_lock:
-                    self._flights.pop(key, None)
-                flight.set()
+            with self._flights_lock:
+                self._flights.pop(key, None)
+            flight.set()
 
     def _verify(self, address: str, password: str, client_ip: str) -> Account | None:
         account = _with_owner_and_client(

@@ -16,6 +16,7 @@ from flask import Flask
 from waitress import create_server
 
 from app import create_app
+from config import web_server_limits
 from vault import KeyFileError, lock_instance
 
 log = logging.getLogger("auth_email.serve")
@@ -50,6 +51,7 @@ def web_server(app: Flask, host: str, port: int) -> Any:
         "threads": 8,
         "ident": "auth-email",
         "clear_untrusted_proxy_headers": False,
+        **web_server_limits(app.config),
     }
     if app.config["TRUSTED_PROXY"]:
         options.update(
