@@ -17,9 +17,9 @@ from flask import Flask
 import config
 import grants
 import passwords
-from db import database, has_ciphertext, open_database, use_database, vault
+from db import check_keyring, database, has_ciphertext, open_database, use_database, vault
 from migrations import migrate
-from models import SECRET_MODELS
+from models import SECRET_MODELS, Meta
 from vault import load_keyring, load_or_create_secret_key
 
 log = logging.getLogger("auth_email")
@@ -114,9 +114,11 @@ def init_database(app: Flask) -> None:
     with database.connection_context():
         migrate()
         _private_sqlite_files(app.config["DATABASE_URL"])
-        vault.keyring = load_keyring(
+        keyring = load_keyring(
             Path(app.instance_path) / VAULT_KEY_FILE, has_ciphertext(SECRET_MODELS)
         )
+        check_keyring(keyring, Meta, SECRET_MODELS)
+        vault.keyring = keyring
 
     @app.before_request
     def _connect() -> None:

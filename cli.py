@@ -14,8 +14,8 @@ from flask.cli import with_appcontext
 import audit
 import users
 from app import VAULT_KEY_FILE
-from db import database, reencrypt_all, vault
-from models import SECRET_MODELS
+from db import check_keyring, database, reencrypt_all, vault
+from models import SECRET_MODELS, Meta
 from vault import lock_instance, write_private
 
 
@@ -64,6 +64,7 @@ def rotate_key() -> None:
     # The key file first holds old and new keys, so a crash at any point leaves data readable.
     write_private(path, both.dump())
     with database.connection_context():
+        check_keyring(both, Meta, SECRET_MODELS)  # the new key's check value
         moved = reencrypt_all(SECRET_MODELS, both)
         vault.keyring = both.only_current()
         write_private(path, vault.keyring.dump())

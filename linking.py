@@ -22,9 +22,18 @@ import oauth_clients
 import providers
 import tokens
 from db import database, parse_id
-from models import Account, MailPassword, OAuthClient, PendingAuthorization, User, utcnow
+from models import (
+    MAIL_LOOKUP_SECRET,
+    Account,
+    InstanceSecret,
+    MailPassword,
+    OAuthClient,
+    PendingAuthorization,
+    User,
+    utcnow,
+)
 from oauth import AuthorizationProblem
-from passwords import generate_password, hash_password
+from passwords import generate_password, hash_password, lookup_tag
 from verification import Verification, verify
 
 # A placeholder account that never got tokens is deleted by upkeep after this long.
@@ -390,7 +399,12 @@ def add_password(
     """Add a mail-client password (hashed); returns it (generated when none is given)."""
     label = (label or "").strip()[:100] or "Mail client"
     plain = password or generate_password()
-    MailPassword.create(account=account, label=label, password_hash=hash_password(plain))
+    MailPassword.create(
+        account=account,
+        label=label,
+        password_hash=hash_password(plain),
+        lookup=lookup_tag(InstanceSecret.value_of(MAIL_LOOKUP_SECRET), account.address, plain),
+    )
     audit.record("account.password_added", actor=user, ip=ip, target=account.address, detail=label)
     return plain
 

@@ -30,8 +30,16 @@ import tokens
 from db import database
 from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings
 from mailproxy.settings import LISTENER_NAMES, parse_hostport
-from models import Account, MailPassword, OAuthClient, User, utcnow
-from passwords import verify_password
+from models import (
+    MAIL_LOOKUP_SECRET,
+    Account,
+    InstanceSecret,
+    MailPassword,
+    OAuthClient,
+    User,
+    utcnow,
+)
+from passwords import lookup_tag, verify_password
 
 log = logging.getLogger("auth_email.mail")
 
@@ -173,24 +181,45 @@ class AppBackend:
             flight.set()
 
     def _verify(self, address: str, password: str, client_ip: str) -> Account | None:
+        """Exactly one hash per attempt, whether the address is unknown or has many passwords.
+
+        The row to verify is found by its keyed lookup digest; with none, a dummy hash is
+        verified instead. Passwords from before lookups existed (migration 4) are verified one by
+        one until each is next used, which writes its digest.
+        """
+        tag = lookup_tag(InstanceSecret.value_of(MAIL_LOOKUP_SECRET), address, password)
         account = _with_owner_and_client(
             Account.select(Account, User, OAuthClient).where(Account.address == address)
         )
-        candidates = (
-            list(MailPassword.select().where(MailPassword.account == account))
+        rows = (
+            list(
+                MailPassword.select().where(
+                    (MailPassword.account == account)
+                    & ((MailPassword.lookup == tag) | MailPassword.lookup.is_null())
+                )
+            )
             if account is not None
             else []
         )
+        found = next((row for row in rows if row.lookup == tag), None)
+        legacy = [row for row in rows if row.lookup is None]
+        match: MailPassword | None
         with self._hashing:
-            if account is None or not candidates:
-                verify_password(None, password)  # same cost as a wrong password
-                return None
-            for candidate in candidates:
-                if verify_password(candidate.password_hash, password):
-                    self.cache.put(address, password, account.id, candidate.id)
-                    self._password_used(candidate.id, client_ip)
-                    return account
-        return None
+            if found is not None and verify_password(found.password_hash, password):
+                match = found
+            else:
+                if found is None:
+                    verify_password(None, password)  # the same work as a wrong password
+                match = next(
+                    (row for row in legacy if verify_password(row.password_hash, password)), None
+                )
+                if match is not None:
+                    MailPassword.update(lookup=tag).where(MailPassword.id == match.id).execute()
+        if account is None or match is None:
+            return None
+        self.cache.put(address, password, account.id, match.id)
+        self._password_used(match.id, client_ip)
+        return account
 
     def later(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run a bookkeeping write in the bookkeeping thread."""
