@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,6 +54,16 @@ DEFAULTS: dict[str, Any] = {
     "TOKEN_BACKOFF": 0.5,
     # How often the serving process refreshes idle accounts (refresh tokens age out unused).
     "UPKEEP_INTERVAL_SECONDS": 3600,
+    # Hosts that OAuth clients' URLs (permission, token, device, revocation) and custom mail
+    # servers may name: "*" (any public host name or public IP), "*.example.org", "example.org",
+    # separated by commas or spaces. The built-in providers' hosts are always allowed.
+    "CUSTOM_CLIENT_HOSTS": "*",
+    # Whether those may be loopback hosts (127.0.0.1, ::1, localhost), the only ones plain http
+    # and plain mail connections may use: for tests and local development only.
+    "CUSTOM_CLIENT_LOOPBACK": False,
+    # Mail clients on loopback may log in without TLS. Turn off when a local TCP proxy or port
+    # forward relays outside clients (they would all look like loopback).
+    "MAIL_PLAINTEXT_FROM_LOOPBACK": True,
     # New users may add custom OAuth clients (the admin always may).
     "NEW_USERS_CUSTOM_CLIENTS": False,
     # Legacy Resource Owner Password grant (Microsoft); off unless the admin turns it on.
@@ -150,3 +161,64 @@ def is_loopback_host(host: str | None) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+def _plain_host(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """Which hosts OAuth clients and their mail servers may name (CUSTOM_CLIENT_HOSTS).
+
+    A user allowed custom clients makes this server connect where the client says; the policy
+    keeps that to what the instance allows: no loopback (so no plain http or plain mail) unless
+    CUSTOM_CLIENT_LOOPBACK, no private or reserved IP literal unless listed exactly, and only
+    host names matching a pattern. ``fixed`` hosts (the built-in providers') are always allowed.
+    """
+
+    patterns: tuple[str, ...] = ("*",)
+    allow_loopback: bool = False
+    fixed: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], fixed: Iterable[str] = ()) -> HostPolicy:
+        raw = str(config.get("CUSTOM_CLIENT_HOSTS", "*"))
+        patterns = tuple(_plain_host(p) for p in raw.replace(",", " ").split() if p.strip())
+        return cls(
+            patterns=patterns,
+            allow_loopback=bool(config.get("CUSTOM_CLIENT_LOOPBACK", False)),
+            fixed=frozenset(_plain_host(h) for h in fixed),
+        )
+
+    def refusal(self, host: str | None) -> str | None:
+        """Why this server will not connect to ``host`` for a client, or None when it may."""
+        if not host:
+            return "Enter a host name."
+        host = _plain_host(host)
+        if is_loopback_host(host):
+            if self.allow_loopback:
+                return None
+            return f"{host} is a loopback host, which this server does not allow for clients."
+        if host in self.fixed or host in self.patterns:
+            return None
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if address is not None:
+            if address.is_global and "*" in self.patterns:
+                return None
+            return f"{host} is not an address this server allows for clients."
+        if host == "localhost" or host.endswith(".localhost"):
+            return f"{host} is not a host this server allows for clients."
+        for pattern in self.patterns:
+            if pattern == "*" or (
+                pattern.startswith("*.") and (host.endswith(pattern[1:]) or host == pattern[2:])
+            ):
+                return None
+        return (
+            f"{host} is not among the hosts this server allows for clients "
+            "(ask your administrator)."
+        )

@@ -27,6 +27,7 @@ import audit
 import providers
 import throttle
 import tokens
+from config import HostPolicy
 from db import database
 from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings
 from mailproxy.settings import LISTENER_NAMES, parse_hostport
@@ -102,6 +103,7 @@ class AppBackend:
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.public_url = config["PUBLIC_URL"]
         self.config = dict(config)
+        self.hosts = HostPolicy.from_config(config, providers.preset_hosts())
         self.cache = AuthCache()
         self._flights: dict[tuple[str, bytes], threading.Event] = {}
         self._flights_lock = threading.Lock()
@@ -271,6 +273,9 @@ class AppBackend:
             )
             raise ProxyAuthError("reauth", f"Re-authorize this account in Auth-Email: {page}")
         endpoint = providers.endpoints_for(account.client)[protocol]
+        refusal = self.hosts.refusal(endpoint.host)
+        if refusal:  # the client was saved under an older, wider CUSTOM_CLIENT_HOSTS
+            raise ProxyAuthError("disabled", f"This account's mail server is refused: {refusal}")
         self.later(
             audit.record,
             "mail.login",
@@ -355,6 +360,7 @@ def proxy_settings(app: Flask) -> ProxySettings:
         max_connections_per_ip=cfg["MAIL_MAX_CONNECTIONS_PER_IP"],
         idle_timeout_prelogin=cfg["MAIL_IDLE_TIMEOUT_PRELOGIN"],
         idle_timeout=cfg["MAIL_IDLE_TIMEOUT"],
+        allow_plaintext_from_loopback=bool(cfg["MAIL_PLAINTEXT_FROM_LOOPBACK"]),
         reauth_message=(
             "The mail provider refused this account's token: re-authorize it on "
             f"{cfg['PUBLIC_URL']}/"
