@@ -58,6 +58,18 @@ def owned_account(user: User, account_id: int) -> Account | None:
     return Account.owned_by(user).where(Account.id == account_id).first()
 
 
+def device_account(user: User, account_id: int, state: str) -> Account | None:
+    """The account of the user's own Device Code flow ``state`` (it may be an address someone
+    else has linked: that is told only when the flow finishes)."""
+    pending = PendingAuthorization.get_or_none(
+        (PendingAuthorization.state == state)
+        & (PendingAuthorization.owner == user)
+        & (PendingAuthorization.account == account_id)
+        & PendingAuthorization.device_code.is_null(False)
+    )
+    return None if pending is None else Account.get_by_id(account_id)
+
+
 def normalize_address(address: str) -> str:
     address = (address or "").strip().lower()
     if len(address) > 254 or not _ADDRESS.match(address):
@@ -118,13 +130,22 @@ class Started:
     done: Verification | None = None
 
 
+TAKEN = oauth.Explanation(
+    "This mailbox is already linked",
+    "The provider let you in, but another user of this server has linked this mailbox.",
+    "They (or an administrator) must unlink it before you can link it.",
+    code="already_linked",
+)
+
+
 def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
-    """The user's account for ``address``, created pending if new; someone else's is an error."""
+    """The account for ``address``: the user's own, created pending if new.
+
+    An address another user has linked is returned too, and the flow goes on as for any other:
+    whether it is taken is told only once the provider has granted access to it (``finish``),
+    so that no user learns which addresses are linked by simply trying them.
+    """
     address = normalize_address(address)
-    taken = (
-        "This address is already linked by another user of this server. They (or an "
-        "administrator) must unlink it before you can link it."
-    )
     existing = Account.get_or_none(Account.address == address)
     if existing is not None and existing.owner_id != user.id and _abandoned(existing):
         # Someone started linking this address and left at the provider's page: free it.
@@ -132,8 +153,6 @@ def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
             existing.delete_instance(recursive=True)
         existing = None
     if existing is not None:
-        if existing.owner_id != user.id:
-            raise LinkError(taken)
         return existing
     try:
         with database.atomic():
@@ -141,7 +160,10 @@ def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
                 owner=user, address=address, provider=client.provider, client=client
             )
     except pw.IntegrityError:
-        raise LinkError(taken) from None
+        found = Account.get_or_none(Account.address == address)
+        if found is None:
+            raise LinkError("Try again: the address changed while it was being linked.") from None
+        return found
 
 
 def start(
@@ -173,7 +195,7 @@ def start(
         else:
             raise LinkError("This client's grant is not supported.")
     except tokens.GrantError as exc:
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         explanation = oauth.explain(exc.error, exc.description, redirect)
         if grant == providers.CLIENT_CREDENTIALS:
             explanation = oauth.with_cc_help(explanation)
@@ -181,7 +203,7 @@ def start(
             explanation = oauth.password_refused(exc.description)
         raise AuthorizationProblem(explanation) from None
     except tokens.TokenUnavailable as exc:
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
     return Started(account, done=finish(account, client, token, actor=user, ip=ip))
 
@@ -223,10 +245,11 @@ def forget_abandoned(now: dt.datetime | None = None, age: dt.timedelta = ABANDON
     return gone
 
 
-def _discard_if_unlinked(account: Account) -> None:
-    """A failed first authorization leaves nothing behind (a placeholder that never worked)."""
+def _discard_if_unlinked(account: Account, user: User) -> None:
+    """A failed first authorization leaves nothing behind (a placeholder that never worked),
+    and never touches another user's account."""
     fresh = Account.get_or_none(Account.id == account.id)
-    if fresh is not None and _placeholder(fresh):
+    if fresh is not None and fresh.owner_id == user.id and _placeholder(fresh):
         fresh.delete_instance(recursive=True)
 
 
@@ -237,7 +260,7 @@ def complete_callback(
     pending = oauth.take_pending(user, args.get("state"))
     account, client = pending.account, pending.client
     if args.get("error"):
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         audit.record(
             "account.authorize_failed", actor=user, ip=ip, target=account.address,
             detail=str(args.get("error"))[:100],
@@ -251,7 +274,7 @@ def complete_callback(
     try:
         token = grants.exchange_code(client, code, redirect, str(pending.code_verifier))
     except tokens.GrantError as exc:
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         raise AuthorizationProblem(oauth.explain(exc.error, exc.description, redirect)) from None
     except tokens.TokenUnavailable as exc:
         raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
@@ -274,7 +297,7 @@ def poll_device(user: User, account: Account, state: str, *, ip: str = "") -> Ve
         PendingAuthorization.update(consumed_at=utcnow()).where(
             PendingAuthorization.id == pending.id
         ).execute()
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         raise AuthorizationProblem(oauth.explain(exc.error, exc.description)) from None
     except tokens.TokenUnavailable:
         return None  # the page polls again
@@ -299,10 +322,14 @@ def finish(
     test again). An account that already has tokens keeps them, and its status, unless the new
     ones pass the check: a failed re-authorization must not break a working mailbox.
     """
-    if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
-        _discard_if_unlinked(account)
-        raise AuthorizationProblem(oauth.explain("no_refresh_token"))
     account = Account.get_by_id(account.id)
+    if account.owner_id != actor.id:
+        # Only now, with a grant from the provider in hand, is the address told to be taken.
+        audit.record("account.link_refused_taken", actor=actor, ip=ip, target=account.address)
+        raise AuthorizationProblem(TAKEN, 409)
+    if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
+        _discard_if_unlinked(account, actor)
+        raise AuthorizationProblem(oauth.explain("no_refresh_token"))
     relink = (
         account.__data__.get("refresh_token") is not None
         or account.__data__.get("access_token") is not None
