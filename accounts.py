@@ -55,6 +55,13 @@ def _own(account_id: int) -> Account:
     return account
 
 
+def _device_account(account_id: int, state: str) -> Account:
+    account = linking.device_account(_user(), account_id, state)
+    if account is None:
+        abort(404)
+    return account
+
+
 def dashboard(user: User) -> dict[str, Any]:
     """What the home page shows: the accounts, and what needs the user's attention."""
     accounts = list(
@@ -198,11 +205,13 @@ def callback() -> View:
 def device(account_id: int, state: str) -> View:
     """The Device Code page (read-only): the code, and a "Check now" form that device.js
     submits every ``interval`` seconds (without script, the person presses it)."""
-    account = _own(account_id)
+    account = _device_account(account_id, state)
     pending = oauth.device_pending(_user(), account, state)
     if pending is None:
         abort(404)
     if pending.consumed_at is not None:
+        if account.owner_id != _user().id:
+            return redirect(url_for("accounts.index"))
         return redirect(url_for("accounts.detail", account_id=account.id))
     if pending.expires_at < utcnow():
         return _problem(oauth.AuthorizationProblem(oauth.EXPIRED), account.address)
@@ -215,7 +224,7 @@ def device(account_id: int, state: str) -> View:
 @login_required
 def device_check(account_id: int, state: str) -> View:
     """Ask the token endpoint once whether the person finished signing in; link if so."""
-    account = _own(account_id)
+    account = _device_account(account_id, state)
     if not EmptyForm().validate_on_submit():
         abort(400)
     try:

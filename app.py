@@ -17,9 +17,9 @@ from flask import Flask
 import config
 import grants
 import passwords
-from db import database, has_ciphertext, open_database, use_database, vault
+from db import check_keyring, database, has_ciphertext, open_database, use_database, vault
 from migrations import migrate
-from models import SECRET_MODELS
+from models import SECRET_MODELS, Meta
 from vault import load_keyring, load_or_create_secret_key
 
 log = logging.getLogger("auth_email")
@@ -58,7 +58,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         # Pages send no Referer (Referrer-Policy: no-referrer, as OAuth codes travel in URLs),
         # so Flask-WTF's HTTPS referrer check would refuse every form; the token still applies.
         WTF_CSRF_SSL_STRICT=False,
+        # Checked before a body is read: a larger request is a 413, never held in memory.
+        MAX_CONTENT_LENGTH=app.config["MAX_REQUEST_BYTES"],
+        MAX_FORM_MEMORY_SIZE=app.config["MAX_FORM_FIELD_BYTES"],
+        MAX_FORM_PARTS=100,
     )
+    _quiet_sql_log(app.config["LOG_SQL"])
     passwords.configure(app.config)
     grants.configure(app.config)
     init_database(app)
@@ -97,15 +102,23 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     return app
 
 
+def _quiet_sql_log(wanted: bool) -> None:
+    """peewee logs every query with its parameters (password hashes, ciphertext) at DEBUG: keep its
+    logger at INFO, even under LOG_LEVEL=DEBUG, unless LOG_SQL asks for the queries."""
+    logging.getLogger("peewee").setLevel(logging.NOTSET if wanted else logging.INFO)
+
+
 def init_database(app: Flask) -> None:
     """Open the database, bring its schema up to date and load the vault key."""
     use_database(open_database(app.config["DATABASE_URL"]))
     with database.connection_context():
         migrate()
         _private_sqlite_files(app.config["DATABASE_URL"])
-        vault.keyring = load_keyring(
+        keyring = load_keyring(
             Path(app.instance_path) / VAULT_KEY_FILE, has_ciphertext(SECRET_MODELS)
         )
+        check_keyring(keyring, Meta, SECRET_MODELS)
+        vault.keyring = keyring
 
     @app.before_request
     def _connect() -> None:

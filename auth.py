@@ -63,35 +63,25 @@ def init_app(app: Flask) -> None:
         return None
 
 
-def web_policies() -> tuple[throttle.Policy, throttle.Policy]:
-    cfg = current_app.config
-    return (
-        throttle.Policy(cfg["LOGIN_FAILURE_LIMIT"], cfg["LOGIN_BLOCK_SECONDS"]),
-        throttle.Policy(cfg["LOGIN_FAILURE_LIMIT_PER_IP"], cfg["LOGIN_BLOCK_SECONDS"]),
-    )
-
-
 def check_login(email: str, password: str, ip: str) -> tuple[User | None, str | None]:
     """The user for these credentials, or an error message for a person.
 
-    Failures count per address and per IP; while either is blocked, the answer says when to retry
-    and the password is not even checked.
+    The attempt is counted before the password is verified (see throttle.py), per (IP, address),
+    per IP and per address; while one is blocked the answer says when to retry and the password
+    is not even checked.
     """
-    by_address, by_ip = web_policies()
-    keys = [f"web:addr:{email}", f"web:ip:{ip}"]
-    wait = throttle.retry_after(keys)
+    keys = throttle.login_keys("web", email, ip, current_app.config)
+    wait = throttle.retry_after(keys) or throttle.reserve(keys)
     if wait:
         return None, f"Too many failed sign-ins. Try again in {throttle.describe_wait(wait)}."
     user = User.by_email(email)
     if not verify_password(user.password_hash if user else None, password) or user is None:
-        throttle.failure(keys[0], by_address)
-        throttle.failure(keys[1], by_ip)
         audit.record("login.failed", ip=ip, target=email)
         return None, "Invalid email or password."
+    throttle.succeeded(keys)
     if not user.is_enabled:
         audit.record("login.disabled", actor=user, ip=ip)
         return None, "This user is disabled. Ask your administrator."
-    throttle.success(keys[0])
     return user, None
 
 
@@ -117,8 +107,9 @@ def login() -> Response | str:
 @login_required
 def logout() -> Response:
     audit.record_request("logout")
+    users.end_sessions(current_user)
     logout_user()
-    flash("You are signed out.", "info")
+    flash("You are signed out, on this and every other device.", "info")
     return redirect(url_for("auth.login"))
 
 

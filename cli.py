@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ from flask.cli import with_appcontext
 import audit
 import users
 from app import VAULT_KEY_FILE
-from db import database, reencrypt_all, vault
-from models import SECRET_MODELS
+from db import check_keyring, database, reencrypt_all, vault
+from models import SECRET_MODELS, Meta
 from vault import lock_instance, write_private
 
 
@@ -63,6 +64,7 @@ def rotate_key() -> None:
     # The key file first holds old and new keys, so a crash at any point leaves data readable.
     write_private(path, both.dump())
     with database.connection_context():
+        check_keyring(both, Meta, SECRET_MODELS)  # the new key's check value
         moved = reencrypt_all(SECRET_MODELS, both)
         vault.keyring = both.only_current()
         write_private(path, vault.keyring.dump())
@@ -81,13 +83,26 @@ def backup(destination: str) -> None:
     url = current_app.config["DATABASE_URL"]
     if not url.startswith("sqlite:///"):
         raise click.ClickException("For PostgreSQL use pg_dump (see the README).")
-    source = sqlite3.connect(url.removeprefix("sqlite:///"))
-    target = sqlite3.connect(destination)
+    target_path = Path(destination)
+    # The copy holds password hashes and the audit log: it is private from its first byte. It is
+    # written beside the destination and moved over it when complete, and no file SQLite makes
+    # on the way (its journal) is readable by others either.
+    partial = target_path.with_name(f".{target_path.name}.partial-{os.getpid()}")
+    previous_umask = os.umask(0o077)
     try:
-        with target:
-            source.backup(target)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        source = sqlite3.connect(url.removeprefix("sqlite:///"))
+        target = sqlite3.connect(partial)
+        try:
+            with target:
+                source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        os.replace(partial, target_path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     finally:
-        source.close()
-        target.close()
-    Path(destination).chmod(0o600)
+        os.umask(previous_umask)
     click.echo(f"Backup written to {destination}.")

@@ -6,8 +6,10 @@ app.py), never given a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +27,10 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": "",
     # Host name users put into their mail clients; empty means the public URL's host.
     "MAIL_HOST": "",
+    # Request size limits of the web UI: the whole body, and one form field (every form here is a
+    # few KiB; a larger request is refused with 413 before it is read).
+    "MAX_REQUEST_BYTES": 1048576,
+    "MAX_FORM_FIELD_BYTES": 65536,
     # Mail proxy listeners, host:port each; empty disables one.
     "IMAP_LISTEN": "127.0.0.1:1143",
     "IMAPS_LISTEN": "127.0.0.1:1993",
@@ -52,13 +58,26 @@ DEFAULTS: dict[str, Any] = {
     "TOKEN_BACKOFF": 0.5,
     # How often the serving process refreshes idle accounts (refresh tokens age out unused).
     "UPKEEP_INTERVAL_SECONDS": 3600,
+    # Hosts that OAuth clients' URLs (permission, token, device, revocation) and custom mail
+    # servers may name: "*" (any public host name or public IP), "*.example.org", "example.org",
+    # separated by commas or spaces. The built-in providers' hosts are always allowed.
+    "CUSTOM_CLIENT_HOSTS": "*",
+    # Whether those may be loopback hosts (127.0.0.1, ::1, localhost), the only ones plain http
+    # and plain mail connections may use: for tests and local development only.
+    "CUSTOM_CLIENT_LOOPBACK": False,
+    # Mail clients on loopback may log in without TLS. Turn off when a local TCP proxy or port
+    # forward relays outside clients (they would all look like loopback).
+    "MAIL_PLAINTEXT_FROM_LOOPBACK": True,
     # New users may add custom OAuth clients (the admin always may).
     "NEW_USERS_CUSTOM_CLIENTS": False,
     # Legacy Resource Owner Password grant (Microsoft); off unless the admin turns it on.
     "ALLOW_ROPC": False,
-    # Failed logins (web and mail) before a pause, and the first pause in seconds (it doubles).
+    # Failed logins (web and mail) before a pause, and the first pause in seconds (it doubles):
+    # per address from one IP, per IP, and per address from all IPs together (high, so that a
+    # stranger cannot lock a user out of their own mailbox; see throttle.py).
     "LOGIN_FAILURE_LIMIT": 5,
     "LOGIN_FAILURE_LIMIT_PER_IP": 20,
+    "LOGIN_FAILURE_LIMIT_PER_ADDRESS": 100,
     "LOGIN_BLOCK_SECONDS": 60,
     # Lifetime of admin invite links.
     "INVITE_HOURS": 72,
@@ -66,6 +85,9 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_ACCESS": "loopback",
     # Log level of the serving process.
     "LOG_LEVEL": "INFO",
+    # Log every SQL query with its parameters at DEBUG (they include password hashes): off unless
+    # asked, whatever LOG_LEVEL says.
+    "LOG_SQL": False,
     # argon2id cost; the defaults follow RFC 9106's low-memory profile.
     "ARGON2_TIME_COST": 3,
     "ARGON2_MEMORY_KIB": 65536,
@@ -106,14 +128,101 @@ def instance_path_from_environ(environ: Mapping[str, str] = os.environ) -> str |
     return os.path.abspath(value) if value else None
 
 
+# Request headers are a few cookies and the usual browser headers; waitress refuses more.
+MAX_REQUEST_HEADER_BYTES = 65536
+
+
+def web_server_limits(config: Mapping[str, Any]) -> dict[str, int]:
+    """waitress options that bound what one request may make the web UI read and hold."""
+    return {
+        "max_request_body_size": int(config["MAX_REQUEST_BYTES"]),
+        "max_request_header_size": MAX_REQUEST_HEADER_BYTES,
+    }
+
+
 def mail_host(config: Mapping[str, Any]) -> str:
     """The host name mail clients should use."""
     return config.get("MAIL_HOST") or urlsplit(config["PUBLIC_URL"]).hostname or "localhost"
 
 
 def is_loopback_host(host: str | None) -> bool:
-    """Loopback hosts may use plain http / plain mail connections; nothing else may."""
+    """Whether ``host`` is loopback: an IP literal in 127.0.0.0/8 or ::1, or exactly ``localhost``.
+
+    The one definition the app uses wherever loopback earns an exception (plain http and plain mail
+    connections, /metrics). A name is never trusted for what it looks like ("127.evil.example").
+    """
     if not host:
         return False
-    host = host.strip("[]").lower()
-    return host in {"localhost", "::1"} or host.startswith("127.") or host.endswith(".localhost")
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _plain_host(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """Which hosts OAuth clients and their mail servers may name (CUSTOM_CLIENT_HOSTS).
+
+    A user allowed custom clients makes this server connect where the client says; the policy
+    keeps that to what the instance allows: no loopback (so no plain http or plain mail) unless
+    CUSTOM_CLIENT_LOOPBACK, no private or reserved IP literal unless listed exactly, and only
+    host names matching a pattern. ``fixed`` hosts (the built-in providers') are always allowed.
+    """
+
+    patterns: tuple[str, ...] = ("*",)
+    allow_loopback: bool = False
+    fixed: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], fixed: Iterable[str] = ()) -> HostPolicy:
+        raw = str(config.get("CUSTOM_CLIENT_HOSTS", "*"))
+        patterns = tuple(_plain_host(p) for p in raw.replace(",", " ").split() if p.strip())
+        return cls(
+            patterns=patterns,
+            allow_loopback=bool(config.get("CUSTOM_CLIENT_LOOPBACK", False)),
+            fixed=frozenset(_plain_host(h) for h in fixed),
+        )
+
+    def refusal(self, host: str | None) -> str | None:
+        """Why this server will not connect to ``host`` for a client, or None when it may."""
+        if not host:
+            return "Enter a host name."
+        host = _plain_host(host)
+        if is_loopback_host(host):
+            if self.allow_loopback:
+                return None
+            return f"{host} is a loopback host, which this server does not allow for clients."
+        if host in self.fixed or host in self.patterns:
+            return None
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if address is not None:
+            if address.is_global and "*" in self.patterns:
+                return None
+            return f"{host} is not an address this server allows for clients."
+        if host == "localhost" or host.endswith(".localhost"):
+            return f"{host} is not a host this server allows for clients."
+        for pattern in self.patterns:
+            if pattern == "*" or (
+                pattern.startswith("*.") and (host.endswith(pattern[1:]) or host == pattern[2:])
+            ):
+                return None
+        return (
+            f"{host} is not among the hosts this server allows for clients "
+            "(ask your administrator)."
+        )

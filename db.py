@@ -12,7 +12,7 @@ from typing import Any
 import peewee as pw
 from playhouse.db_url import connect
 
-from vault import Keyring, aad_for
+from vault import KeyFileError, Keyring, VaultError, aad_for
 
 database = pw.DatabaseProxy()
 
@@ -96,6 +96,19 @@ class EncryptedField(pw.BlobField):
         return None if value is None else Ciphertext(bytes(value))
 
 
+# Row ids are signed 64-bit integers in every database we run on; a longer number in a URL or
+# form is no row at all, and SQLite would raise OverflowError on it.
+MAX_ID = 2**63 - 1
+
+
+def parse_id(value: object) -> int | None:
+    """A row id from a URL or form value (ASCII digits, 1 to MAX_ID), or None."""
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 19:
+        return None
+    number = int(value)
+    return number if 0 < number <= MAX_ID else None
+
+
 def new_uid() -> str:
     return secrets.token_hex(16)
 
@@ -160,3 +173,64 @@ def reencrypt_all(models: list[type[SecretModel]], new: Keyring) -> int:
                 if updates:
                     model.update(updates).where(model._meta.primary_key == row.get_id()).execute()
     return moved
+
+
+# A known value sealed under each key id when the key is first used: at start, a vault.key whose
+# key has the right id but the wrong bytes (a copy from another instance, a bad restore) is
+# refused at once, instead of every mail login failing later.
+KEY_CHECK_VALUE = "auth-email vault key check"
+
+
+def _check_aad(key_id: str) -> bytes:
+    return aad_for("meta", "vault_check", key_id)
+
+
+def check_keyring(keyring: Keyring, meta: Any, models: list[type[SecretModel]]) -> None:
+    """Verify every key of ``keyring`` against its check value in ``meta``; raise KeyFileError.
+
+    A key without a check value yet (a new key, or an instance from before checks existed) gets
+    one, but only after it has decrypted a value already stored under its id, if there is one.
+    """
+    for key_id, key in keyring.keys.items():
+        single = Keyring(keys={key_id: key}, current=key_id)
+        name = f"vault_check:{key_id}"
+        row = meta.get_or_none(meta.key == name)
+        if row is not None:
+            try:
+                ok = single.open(bytes.fromhex(row.value), _check_aad(key_id)) == KEY_CHECK_VALUE
+            except (VaultError, ValueError):
+                ok = False
+            if not ok:
+                raise KeyFileError(_wrong_key(key_id))
+            continue
+        sample = _sample_ciphertext(models, key_id)
+        if sample is not None:
+            blob, aad = sample
+            try:
+                single.open(blob, aad)
+            except VaultError:
+                raise KeyFileError(_wrong_key(key_id)) from None
+        sealed = single.seal(KEY_CHECK_VALUE, _check_aad(key_id)).hex()
+        meta.insert(key=name, value=sealed).on_conflict_ignore().execute()
+
+
+def _wrong_key(key_id: str) -> str:
+    return (
+        f"The vault key {key_id} in vault.key does not decrypt this database's secrets: the key "
+        "file belongs to another instance or copy. Put back the vault.key that was kept with "
+        "this database (from your backup of the instance folder) and start again."
+    )
+
+
+def _sample_ciphertext(models: list[type[SecretModel]], key_id: str) -> tuple[bytes, bytes] | None:
+    """One stored value made with ``key_id`` and its associated data, if any."""
+    for model in models:
+        if not model.table_exists():
+            continue
+        fields = model.encrypted_fields()
+        for row in model.select():
+            for f in fields:
+                blob = row.__data__.get(f.name)
+                if blob is not None and Keyring.key_id_of(blob) == key_id:
+                    return bytes(blob), f.aad(row)
+    return None

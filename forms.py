@@ -31,6 +31,7 @@ from wtforms.validators import (
     ValidationError,
 )
 
+import grants
 import providers
 from config import is_loopback_host
 from models import OAuthClient, User
@@ -58,7 +59,9 @@ def _email() -> EmailField:
     return EmailField(
         "Email",
         validators=[DataRequired(), Email(message="Enter an email address."), Length(max=254)],
-        filters=[lambda v: v.strip().lower() if v else v],
+        # Cut to one past the limit: the length error still shows, and a page never echoes
+        # megabytes back.
+        filters=[lambda v: v.strip().lower()[:255] if isinstance(v, str) else v],
     )
 
 
@@ -153,7 +156,7 @@ def https_url_error(value: str) -> str | None:
         return "Enter a full URL starting with https://."
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         return "Use https:// (plain http:// is only allowed for a loopback host such as 127.0.0.1)."
-    return None
+    return grants.host_policy().refusal(parts.hostname)
 
 
 def _strip(value: str | None) -> str | None:
@@ -338,6 +341,8 @@ class ClientForm(FlaskForm):
                 found.append((f"{proto}_host", f"Enter the {label} server's host name."))
             elif not _DOMAIN.fullmatch(host) and not _is_ip(host) and host != "localhost":
                 found.append((f"{proto}_host", "Enter a host name or an IP address."))
+            elif refusal := grants.host_policy().refusal(host):
+                found.append((f"{proto}_host", refusal))
             elif getattr(self, f"{proto}_security").data == "plain" and not is_loopback_host(host):
                 found.append(
                     (

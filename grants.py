@@ -20,7 +20,8 @@ from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 from requests.adapters import HTTPAdapter
 
-from config import is_loopback_host
+import providers
+from config import HostPolicy, is_loopback_host
 from models import OAuthClient
 
 log = logging.getLogger("auth_email.grants")
@@ -34,6 +35,7 @@ class Settings:
     """What the module needs from the configuration; set by ``configure``."""
 
     ca_file: str = ""
+    hosts: HostPolicy = HostPolicy()
     timeout: float = 15.0  # seconds per HTTP request
     attempts: int = 3  # tries per refresh on timeouts and 5xx
     backoff: float = 0.5  # first pause between tries; doubles
@@ -56,6 +58,7 @@ def configure(config: Mapping[str, Any]) -> None:
     global _settings, _ssl_context
     _settings = Settings(
         ca_file=str(config.get("UPSTREAM_CA_FILE") or ""),
+        hosts=HostPolicy.from_config(config, providers.preset_hosts()),
         timeout=float(config.get("TOKEN_HTTP_TIMEOUT", 15.0)),
         attempts=int(config.get("TOKEN_ATTEMPTS", 3)),
         backoff=float(config.get("TOKEN_BACKOFF", 0.5)),
@@ -155,11 +158,22 @@ class _VerifyingAdapter(HTTPAdapter):
 
 
 def check_endpoint(url: str) -> None:
-    """Token endpoints must use https; plain http only on loopback (test servers)."""
+    """Token, device, revocation and permission URLs: https to a host the instance allows
+    (CUSTOM_CLIENT_HOSTS); plain http only to loopback, and loopback only where allowed."""
     parts = urlsplit(url)
-    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname)):
-        return
-    raise GrantError("insecure_endpoint", f"the endpoint {url!r} must use https")
+    secure = parts.scheme == "https" or (
+        parts.scheme == "http" and is_loopback_host(parts.hostname)
+    )
+    if not secure:
+        raise GrantError("insecure_endpoint", f"the endpoint {url!r} must use https")
+    refusal = _settings.hosts.refusal(parts.hostname)
+    if refusal:
+        raise GrantError("host_not_allowed", refusal)
+
+
+def host_policy() -> HostPolicy:
+    """Where clients may point this server (the one policy: forms, grants, mail servers)."""
+    return _settings.hosts
 
 
 def session_for(

@@ -21,10 +21,19 @@ import oauth
 import oauth_clients
 import providers
 import tokens
-from db import database
-from models import Account, MailPassword, OAuthClient, PendingAuthorization, User, utcnow
+from db import database, parse_id
+from models import (
+    MAIL_LOOKUP_SECRET,
+    Account,
+    InstanceSecret,
+    MailPassword,
+    OAuthClient,
+    PendingAuthorization,
+    User,
+    utcnow,
+)
 from oauth import AuthorizationProblem
-from passwords import generate_password, hash_password
+from passwords import generate_password, hash_password, lookup_tag
 from verification import Verification, verify
 
 # A placeholder account that never got tokens is deleted by upkeep after this long.
@@ -47,6 +56,18 @@ class LinkError(Exception):
 def owned_account(user: User, account_id: int) -> Account | None:
     """The user's account ``account_id``; None for someone else's (the caller answers 404)."""
     return Account.owned_by(user).where(Account.id == account_id).first()
+
+
+def device_account(user: User, account_id: int, state: str) -> Account | None:
+    """The account of the user's own Device Code flow ``state`` (it may be an address someone
+    else has linked: that is told only when the flow finishes)."""
+    pending = PendingAuthorization.get_or_none(
+        (PendingAuthorization.state == state)
+        & (PendingAuthorization.owner == user)
+        & (PendingAuthorization.account == account_id)
+        & PendingAuthorization.device_code.is_null(False)
+    )
+    return None if pending is None else Account.get_by_id(account_id)
 
 
 def normalize_address(address: str) -> str:
@@ -87,10 +108,9 @@ def choose_client(user: User, provider: str, choice: str) -> OAuthClient:
                 "choose one of the clients below."
             )
         return client
-    try:
-        client_id = int(choice)
-    except (TypeError, ValueError):
-        raise LinkError("Choose a client.") from None
+    client_id = parse_id(choice)
+    if client_id is None:
+        raise LinkError("Choose a client.")
     client = usable_client(user, client_id)
     if client is None:
         raise LinkError("That client is not available to you.")
@@ -110,13 +130,22 @@ class Started:
     done: Verification | None = None
 
 
+TAKEN = oauth.Explanation(
+    "This mailbox is already linked",
+    "The provider let you in, but another user of this server has linked this mailbox.",
+    "They (or an administrator) must unlink it before you can link it.",
+    code="already_linked",
+)
+
+
 def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
-    """The user's account for ``address``, created pending if new; someone else's is an error."""
+    """The account for ``address``: the user's own, created pending if new.
+
+    An address another user has linked is returned too, and the flow goes on as for any other:
+    whether it is taken is told only once the provider has granted access to it (``finish``),
+    so that no user learns which addresses are linked by simply trying them.
+    """
     address = normalize_address(address)
-    taken = (
-        "This address is already linked by another user of this server. They (or an "
-        "administrator) must unlink it before you can link it."
-    )
     existing = Account.get_or_none(Account.address == address)
     if existing is not None and existing.owner_id != user.id and _abandoned(existing):
         # Someone started linking this address and left at the provider's page: free it.
@@ -124,8 +153,6 @@ def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
             existing.delete_instance(recursive=True)
         existing = None
     if existing is not None:
-        if existing.owner_id != user.id:
-            raise LinkError(taken)
         return existing
     try:
         with database.atomic():
@@ -133,7 +160,10 @@ def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
                 owner=user, address=address, provider=client.provider, client=client
             )
     except pw.IntegrityError:
-        raise LinkError(taken) from None
+        found = Account.get_or_none(Account.address == address)
+        if found is None:
+            raise LinkError("Try again: the address changed while it was being linked.") from None
+        return found
 
 
 def start(
@@ -165,7 +195,7 @@ def start(
         else:
             raise LinkError("This client's grant is not supported.")
     except tokens.GrantError as exc:
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         explanation = oauth.explain(exc.error, exc.description, redirect)
         if grant == providers.CLIENT_CREDENTIALS:
             explanation = oauth.with_cc_help(explanation)
@@ -173,7 +203,7 @@ def start(
             explanation = oauth.password_refused(exc.description)
         raise AuthorizationProblem(explanation) from None
     except tokens.TokenUnavailable as exc:
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
     return Started(account, done=finish(account, client, token, actor=user, ip=ip))
 
@@ -215,10 +245,11 @@ def forget_abandoned(now: dt.datetime | None = None, age: dt.timedelta = ABANDON
     return gone
 
 
-def _discard_if_unlinked(account: Account) -> None:
-    """A failed first authorization leaves nothing behind (a placeholder that never worked)."""
+def _discard_if_unlinked(account: Account, user: User) -> None:
+    """A failed first authorization leaves nothing behind (a placeholder that never worked),
+    and never touches another user's account."""
     fresh = Account.get_or_none(Account.id == account.id)
-    if fresh is not None and _placeholder(fresh):
+    if fresh is not None and fresh.owner_id == user.id and _placeholder(fresh):
         fresh.delete_instance(recursive=True)
 
 
@@ -229,7 +260,7 @@ def complete_callback(
     pending = oauth.take_pending(user, args.get("state"))
     account, client = pending.account, pending.client
     if args.get("error"):
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         audit.record(
             "account.authorize_failed", actor=user, ip=ip, target=account.address,
             detail=str(args.get("error"))[:100],
@@ -243,7 +274,7 @@ def complete_callback(
     try:
         token = grants.exchange_code(client, code, redirect, str(pending.code_verifier))
     except tokens.GrantError as exc:
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         raise AuthorizationProblem(oauth.explain(exc.error, exc.description, redirect)) from None
     except tokens.TokenUnavailable as exc:
         raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
@@ -266,7 +297,7 @@ def poll_device(user: User, account: Account, state: str, *, ip: str = "") -> Ve
         PendingAuthorization.update(consumed_at=utcnow()).where(
             PendingAuthorization.id == pending.id
         ).execute()
-        _discard_if_unlinked(account)
+        _discard_if_unlinked(account, user)
         raise AuthorizationProblem(oauth.explain(exc.error, exc.description)) from None
     except tokens.TokenUnavailable:
         return None  # the page polls again
@@ -291,10 +322,14 @@ def finish(
     test again). An account that already has tokens keeps them, and its status, unless the new
     ones pass the check: a failed re-authorization must not break a working mailbox.
     """
-    if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
-        _discard_if_unlinked(account)
-        raise AuthorizationProblem(oauth.explain("no_refresh_token"))
     account = Account.get_by_id(account.id)
+    if account.owner_id != actor.id:
+        # Only now, with a grant from the provider in hand, is the address told to be taken.
+        audit.record("account.link_refused_taken", actor=actor, ip=ip, target=account.address)
+        raise AuthorizationProblem(TAKEN, 409)
+    if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
+        _discard_if_unlinked(account, actor)
+        raise AuthorizationProblem(oauth.explain("no_refresh_token"))
     relink = (
         account.__data__.get("refresh_token") is not None
         or account.__data__.get("access_token") is not None
@@ -391,7 +426,12 @@ def add_password(
     """Add a mail-client password (hashed); returns it (generated when none is given)."""
     label = (label or "").strip()[:100] or "Mail client"
     plain = password or generate_password()
-    MailPassword.create(account=account, label=label, password_hash=hash_password(plain))
+    MailPassword.create(
+        account=account,
+        label=label,
+        password_hash=hash_password(plain),
+        lookup=lookup_tag(InstanceSecret.value_of(MAIL_LOOKUP_SECRET), account.address, plain),
+    )
     audit.record("account.password_added", actor=user, ip=ip, target=account.address, detail=label)
     return plain
 

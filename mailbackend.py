@@ -27,11 +27,20 @@ import audit
 import providers
 import throttle
 import tokens
+from config import HostPolicy
 from db import database
 from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings
 from mailproxy.settings import LISTENER_NAMES, parse_hostport
-from models import Account, MailPassword, OAuthClient, User, utcnow
-from passwords import verify_password
+from models import (
+    MAIL_LOOKUP_SECRET,
+    Account,
+    InstanceSecret,
+    MailPassword,
+    OAuthClient,
+    User,
+    utcnow,
+)
+from passwords import lookup_tag, verify_password
 
 log = logging.getLogger("auth_email.mail")
 
@@ -93,12 +102,8 @@ class AppBackend:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.public_url = config["PUBLIC_URL"]
-        self.policy_address = throttle.Policy(
-            config["LOGIN_FAILURE_LIMIT"], config["LOGIN_BLOCK_SECONDS"]
-        )
-        self.policy_ip = throttle.Policy(
-            config["LOGIN_FAILURE_LIMIT_PER_IP"], config["LOGIN_BLOCK_SECONDS"]
-        )
+        self.config = dict(config)
+        self.hosts = HostPolicy.from_config(config, providers.preset_hosts())
         self.cache = AuthCache()
         self._flights: dict[tuple[str, bytes], threading.Event] = {}
         self._flights_lock = threading.Lock()
@@ -113,33 +118,35 @@ class AppBackend:
     # -- password check ---------------------------------------------------------------------
     def authenticate(self, protocol: str, address: str, password: str, client_ip: str) -> Grant:
         address = address.strip().lower()
+        keys = throttle.login_keys("mail", address, client_ip, self.config)
         with database.connection_context():
-            keys = [f"mail:addr:{address}", f"mail:ip:{client_ip}"]
-            wait, failed_before = throttle.check(keys)
-            if wait:
-                raise ProxyAuthError(
-                    "throttled",
-                    f"Too many failed logins; try again in {throttle.describe_wait(wait)}",
-                    retry_after=wait,
-                )
-            account = self._check_password(address, password, client_ip)
+            self._refuse_if_blocked(throttle.retry_after(keys))
+            account = self._check_password(address, password, client_ip, keys)
             if account is None:
-                throttle.failure(keys[0], self.policy_address)
-                throttle.failure(keys[1], self.policy_ip)
                 self.later(
                     audit.record, "mail.login_failed", ip=client_ip, target=address, detail=protocol
                 )
                 raise ProxyAuthError("credentials", "Wrong address or password")
-            if keys[0] in failed_before:
-                throttle.success(keys[0])
             return self._grant(account, protocol, client_ip)
 
-    def _check_password(self, address: str, password: str, client_ip: str) -> Account | None:
+    @staticmethod
+    def _refuse_if_blocked(wait: int) -> None:
+        if wait:
+            raise ProxyAuthError(
+                "throttled",
+                f"Too many failed logins; try again in {throttle.describe_wait(wait)}",
+                retry_after=wait,
+            )
+
+    def _check_password(
+        self, address: str, password: str, client_ip: str, keys: list[throttle.Key]
+    ) -> Account | None:
         """The account if ``password`` is one of its mail-client passwords.
 
         A cache hit costs one query. On a miss, identical logins in flight wait for the first
-        one's answer instead of hashing again, and at most one hash per core runs at a time
-        (each takes the configured memory, 64 MiB by default).
+        one's answer instead of hashing again (a client opening ten connections at once is one
+        attempt, not ten), and at most one hash per core runs at a time (each takes the
+        configured memory, 64 MiB by default).
         """
         hit = self.cache.get(address, password)
         if hit is not None:
@@ -161,34 +168,60 @@ class AppBackend:
         if not leader:
             flight.wait(30)
             if self.cache.get(address, password) is not None:
-                return self._check_password(address, password, client_ip)
+                return self._check_password(address, password, client_ip, keys)
+            return None  # the same guess, already counted once by the first of them
         try:
-            return self._verify(address, password, client_ip)
+            # Counted before it is verified: parallel guesses cannot all pass (throttle.py).
+            self._refuse_if_blocked(throttle.reserve(keys))
+            account = self._verify(address, password, client_ip)
+            if account is not None:
+                throttle.succeeded(keys)
+            return account
         finally:
-            if leader:
-                with self._flights_lock:
-                    self._flights.pop(key, None)
-                flight.set()
+            with self._flights_lock:
+                self._flights.pop(key, None)
+            flight.set()
 
     def _verify(self, address: str, password: str, client_ip: str) -> Account | None:
+        """Exactly one hash per attempt, whether the address is unknown or has many passwords.
+
+        The row to verify is found by its keyed lookup digest; with none, a dummy hash is
+        verified instead. Passwords from before lookups existed (migration 4) are verified one by
+        one until each is next used, which writes its digest.
+        """
+        tag = lookup_tag(InstanceSecret.value_of(MAIL_LOOKUP_SECRET), address, password)
         account = _with_owner_and_client(
             Account.select(Account, User, OAuthClient).where(Account.address == address)
         )
-        candidates = (
-            list(MailPassword.select().where(MailPassword.account == account))
+        rows = (
+            list(
+                MailPassword.select().where(
+                    (MailPassword.account == account)
+                    & ((MailPassword.lookup == tag) | MailPassword.lookup.is_null())
+                )
+            )
             if account is not None
             else []
         )
+        found = next((row for row in rows if row.lookup == tag), None)
+        legacy = [row for row in rows if row.lookup is None]
+        match: MailPassword | None
         with self._hashing:
-            if account is None or not candidates:
-                verify_password(None, password)  # same cost as a wrong password
-                return None
-            for candidate in candidates:
-                if verify_password(candidate.password_hash, password):
-                    self.cache.put(address, password, account.id, candidate.id)
-                    self._password_used(candidate.id, client_ip)
-                    return account
-        return None
+            if found is not None and verify_password(found.password_hash, password):
+                match = found
+            else:
+                if found is None:
+                    verify_password(None, password)  # the same work as a wrong password
+                match = next(
+                    (row for row in legacy if verify_password(row.password_hash, password)), None
+                )
+                if match is not None:
+                    MailPassword.update(lookup=tag).where(MailPassword.id == match.id).execute()
+        if account is None or match is None:
+            return None
+        self.cache.put(address, password, account.id, match.id)
+        self._password_used(match.id, client_ip)
+        return account
 
     def later(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run a bookkeeping write in the bookkeeping thread."""
@@ -240,6 +273,9 @@ class AppBackend:
             )
             raise ProxyAuthError("reauth", f"Re-authorize this account in Auth-Email: {page}")
         endpoint = providers.endpoints_for(account.client)[protocol]
+        refusal = self.hosts.refusal(endpoint.host)
+        if refusal:  # the client was saved under an older, wider CUSTOM_CLIENT_HOSTS
+            raise ProxyAuthError("disabled", f"This account's mail server is refused: {refusal}")
         self.later(
             audit.record,
             "mail.login",
@@ -328,6 +364,7 @@ def proxy_settings(app: Flask) -> ProxySettings:
         handshake_timeout=cfg["MAIL_HANDSHAKE_TIMEOUT"],
         prelogin_lifetime=cfg["MAIL_PRELOGIN_SECONDS"],
         max_prelogin_commands=cfg["MAIL_PRELOGIN_COMMANDS"],
+        allow_plaintext_from_loopback=bool(cfg["MAIL_PLAINTEXT_FROM_LOOPBACK"]),
         reauth_message=(
             "The mail provider refused this account's token: re-authorize it on "
             f"{cfg['PUBLIC_URL']}/"

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import peewee as pw
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as run_migration
 
 import models as m
 from db import database
@@ -31,7 +33,23 @@ def _v3_accounts() -> None:
     _create(m.Account, m.MailPassword, m.PendingAuthorization)
 
 
-MIGRATIONS: list[Callable[[], None]] = [_v1_foundation, _v2_oauth_clients, _v3_accounts]
+def _v4_password_lookup() -> None:
+    """Mail passwords found by a keyed digest (constant work per failed login), and the instance
+    secret that keys it. Existing passwords keep working and get their digest when next used."""
+    _create(m.InstanceSecret)
+    table = m.MailPassword._meta.table_name
+    if "lookup" not in {c.name for c in database.get_columns(table)}:
+        migrator = SchemaMigrator.from_database(database.obj)
+        run_migration(migrator.add_column(table, "lookup", m.MailPassword.lookup))
+    _create(m.MailPassword)  # its indexes, the new one included (create_tables is safe=True)
+
+
+MIGRATIONS: list[Callable[[], None]] = [
+    _v1_foundation,
+    _v2_oauth_clients,
+    _v3_accounts,
+    _v4_password_lookup,
+]
 LATEST = len(MIGRATIONS)
 
 

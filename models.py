@@ -7,6 +7,7 @@ Every secret column is an ``EncryptedField``; a row that holds one is a ``Secret
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from typing import Any
 
 import peewee as pw
@@ -192,11 +193,18 @@ class Account(SecretModel):
 
 
 class MailPassword(BaseModel):
-    """A password a mail client uses for one account (one per device), stored as a hash."""
+    """A password a mail client uses for one account (one per device), stored as a hash.
+
+    ``lookup`` is a keyed digest of (address, password) under the instance's secret
+    ``mail_password_lookup``: a login finds the one candidate to verify without hashing against
+    every password of the account, so a failed login costs the same whoever it names. Rows from
+    before migration 4 have none until their password is next used.
+    """
 
     account = pw.ForeignKeyField(Account, on_delete="CASCADE", backref="passwords")
     label = pw.CharField(max_length=100)
     password_hash = pw.CharField(max_length=255)
+    lookup = pw.CharField(max_length=64, null=True, index=True)
     created_at = pw.DateTimeField(default=utcnow)
     last_used_at = pw.DateTimeField(null=True)
     last_used_ip = pw.CharField(max_length=64, default="")
@@ -219,7 +227,29 @@ class PendingAuthorization(SecretModel):
     consumed_at = pw.DateTimeField(null=True)
 
 
-SECRET_MODELS: list[Any] = [OAuthClient, Account, PendingAuthorization]
+class InstanceSecret(SecretModel):
+    """A secret of the instance itself, kept encrypted with the others (rotated with them)."""
+
+    name = pw.CharField(unique=True, max_length=64)
+    value = EncryptedField()
+
+    @classmethod
+    def value_of(cls, name: str) -> str:
+        """The secret called ``name``, made (random, 256 bits) the first time it is asked for."""
+        row = cls.get_or_none(cls.name == name)
+        if row is None:
+            try:
+                with cls._meta.database.atomic():
+                    cls.create(name=name, value=secrets.token_hex(32))
+            except pw.IntegrityError:
+                pass  # another process made it first
+            row = cls.get(cls.name == name)
+        return str(row.value)
+
+
+MAIL_LOOKUP_SECRET = "mail_password_lookup"
+
+SECRET_MODELS: list[Any] = [OAuthClient, Account, PendingAuthorization, InstanceSecret]
 ALL_MODELS: list[Any] = [
     Meta,
     Setting,
@@ -231,4 +261,5 @@ ALL_MODELS: list[Any] = [
     Account,
     MailPassword,
     PendingAuthorization,
+    InstanceSecret,
 ]

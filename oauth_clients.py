@@ -12,7 +12,7 @@ from typing import Any
 import peewee as pw
 
 import providers
-from db import database
+from db import database, parse_id
 from models import Account, OAuthClient, Setting, User, utcnow
 
 WARN_DAYS = (30, 7)
@@ -176,9 +176,10 @@ def default_candidates(provider: str) -> list[OAuthClient]:
 def default_client(provider: str) -> OAuthClient | None:
     """The client behind the authorization page's main button for ``provider``, if any."""
     value = Setting.read(DEFAULT_KEY.format(provider))
-    if not value or not value.isdigit():
+    client_id = parse_id(value)
+    if client_id is None:
         return None
-    client = OAuthClient.get_or_none(OAuthClient.id == int(value))
+    client = OAuthClient.get_or_none(OAuthClient.id == client_id)
     if client is None or client.provider != provider:
         return None
     if not (client.shared or client.owner.is_admin):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +42,16 @@ def verify_password(stored_hash: str | None, password: str) -> bool:
         return _hasher.verify(stored_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+def lookup_tag(key: str, address: str, password: str) -> str:
+    """A keyed digest that finds a mail password's row without hashing against each one.
+
+    Keyed with an instance secret kept under the vault key: without that key the column tells
+    nothing, and with it a guess still has to match one address's row.
+    """
+    message = f"{address.strip().lower()}\x00{password}".encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 
 
 def generate_password() -> str:

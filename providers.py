@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from mailproxy.backend import Endpoint
 
@@ -316,6 +317,19 @@ def editor_data() -> dict[str, Any]:
         }
         for p in PRESETS.values()
     }
+
+
+def preset_hosts() -> frozenset[str]:
+    """The hosts the built-in providers name (always allowed, whatever CUSTOM_CLIENT_HOSTS says)."""
+    hosts = set()
+    for preset in PRESETS.values():
+        urls = [preset.revocation_url]
+        for grant in preset.grants.values():
+            urls += [grant.authorize_url, grant.token_url, grant.device_url]
+        hosts.update(urlsplit(url).hostname or "" for url in urls if url)
+        hosts.update(ep.host for ep in (preset.imap, preset.pop3, preset.smtp) if ep is not None)
+    hosts.discard("")
+    return frozenset(hosts)
 
 
 def endpoints_for(client: OAuthClient) -> dict[str, Endpoint]:

@@ -6,6 +6,9 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.routing import BaseConverter, ValidationError
+
+from db import parse_id
 
 csrf = CSRFProtect()
 
@@ -16,7 +19,26 @@ CSP = (
 )
 
 
+class IdConverter(BaseConverter):
+    """``<int:...>`` in every route: a row id that fits 64 bits, else the route does not match
+    (404) before any query runs."""
+
+    regex = r"\d+"
+    part_isolating = True
+
+    def to_python(self, value: str) -> int:
+        number = parse_id(value)
+        if number is None:
+            raise ValidationError()
+        return number
+
+    def to_url(self, value: object) -> str:
+        return str(int(value))  # type: ignore[call-overload]
+
+
 def init_app(app: Flask) -> None:
+    """Before any blueprint: the routes' ``int`` converter is the 64-bit id one."""
+    app.url_map.converters["int"] = IdConverter
     csrf.init_app(app)
 
     @app.after_request
@@ -36,6 +58,18 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(400)
     def _bad(error: Exception) -> tuple[str, int]:
         return render_template("errors/400.html", reason="The request was not understood."), 400
+
+    @app.before_request
+    def _no_files() -> tuple[str, int] | None:
+        """No form here takes a file: one sent anyway (say, as the login email) is a 400, not a
+        FileStorage reaching a string field."""
+        if request.method == "POST" and request.files:
+            return render_template("errors/400.html", reason="This form takes no files."), 400
+        return None
+
+    @app.errorhandler(413)
+    def _too_large(error: Exception) -> tuple[str, int]:
+        return render_template("errors/400.html", reason="The request is too large."), 413
 
     @app.errorhandler(404)
     def _missing(error: Exception) -> tuple[str, int]:

@@ -18,6 +18,7 @@ from flask import Flask
 from waitress import create_server
 
 from app import create_app
+from config import web_server_limits
 from vault import KeyFileError, lock_instance
 
 log = logging.getLogger("auth_email.serve")
@@ -95,6 +96,7 @@ def web_server(app: Flask, host: str, port: int) -> Any:
         # select() cannot watch descriptors above 1023, which the mail proxy's connections
         # push the web UI's past once the open-file limit is raised (raise_open_file_limit).
         "asyncore_use_poll": True,
+        **web_server_limits(app.config),
     }
     if app.config["TRUSTED_PROXY"]:
         options.update(

@@ -89,6 +89,12 @@ def set_password(user: User, password: str) -> None:
     user.save()
 
 
+def end_sessions(user: User) -> None:
+    """Sign-out: every session of this user ends, remember-me cookies included (the session
+    version they carry no longer matches). Atomic, so two sign-outs at once both count."""
+    User.update(session_version=User.session_version + 1).where(User.id == user.id).execute()
+
+
 def set_enabled(user: User, enabled: bool) -> None:
     if user.is_admin and not enabled:
         raise UserError("The administrator cannot be disabled.")

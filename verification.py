@@ -88,6 +88,9 @@ def check_imap(
     """Authenticate at ``endpoint`` and SELECT INBOX; raises ``VerificationFailed``."""
     if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
         raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
+    refusal = grants.host_policy().refusal(endpoint.host)
+    if refusal:
+        raise VerificationFailed(refusal)
     context = grants.ssl_context()
     calls = 0
 

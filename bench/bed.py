@@ -212,6 +212,7 @@ class Bed:
                 "INSTANCE_PATH": str(instance),
                 "PUBLIC_URL": f"http://127.0.0.1:{self.ports['web']}",
                 "UPSTREAM_CA_FILE": self.peers.ca_file,
+                "CUSTOM_CLIENT_LOOPBACK": True,  # the peers listen on loopback
             }
         )
         import linking
@@ -287,6 +288,7 @@ class Bed:
             AUTH_EMAIL_TLS_CERT=self.peers.server_cert_file,
             AUTH_EMAIL_TLS_KEY=self.peers.server_key_file,
             AUTH_EMAIL_UPSTREAM_CA_FILE=self.peers.ca_file,
+            AUTH_EMAIL_CUSTOM_CLIENT_LOOPBACK="1",
             # every benchmark client comes from 127.0.0.1: 1,000 IDLE sessions and more
             AUTH_EMAIL_MAIL_MAX_CONNECTIONS_PER_IP="4000",
             PYTHONUNBUFFERED="1",

@@ -34,6 +34,8 @@ def make_app(instance: Path, **overrides: Any) -> Flask:
         "TESTING": True,
         "INSTANCE_PATH": str(instance),
         "PUBLIC_URL": "http://127.0.0.1:8080",
+        # The peers (OAuth server, Dovecot) listen on loopback; production keeps this off.
+        "CUSTOM_CLIENT_LOOPBACK": True,
         **FAST_HASHING,
         **overrides,
     }

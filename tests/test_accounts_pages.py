@@ -267,11 +267,19 @@ def test_unlink_without_revocation_endpoint_deletes_tokens_and_passwords(
     assert AuditEvent.get(AuditEvent.action == "account.unlinked").target == "gone@example.com"
 
 
-def test_address_of_another_user_is_refused_by_linking(app: Flask, alice: User) -> None:
+def test_address_of_another_user_is_refused_once_a_grant_arrives(app: Flask, alice: User) -> None:
     bob = users.create_user("bob2@example.org", USER_PASSWORD, True)
-    make_account(bob, "bobs@example.com", make_client(bob, name="b"))
-    with pytest.raises(linking.LinkError, match="another user"):
-        linking.start(alice, "BOBS@example.com", make_client(alice), REDIRECT)
+    bobs = make_account(bob, "bobs@example.com", make_client(bob, name="b"), status="active")
+    mine = make_client(alice)
+    started = linking.start(alice, "BOBS@example.com", mine, REDIRECT)
+    assert started.url.startswith("https://login.example.com/authorize?")  # as for any address
+    grant = {"access_token": "alices-access", "refresh_token": "alices-refresh"}
+    with pytest.raises(oauth.AuthorizationProblem, match="already linked") as refused:
+        linking.finish(started.account, mine, grant, actor=alice)
+    assert refused.value.status == 409
+    after = Account.get_by_id(bobs.id)
+    assert (after.owner_id, after.status, after.client_id) == (bob.id, "active", bobs.client_id)
+    assert str(after.refresh_token) == "refresh-secret"
 
 
 def test_upkeep_thread_starts_and_stops(app: Flask) -> None:

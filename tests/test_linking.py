@@ -21,6 +21,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import linking
+import oauth
 import tokens
 import upkeep
 import users
@@ -384,27 +385,28 @@ def test_token_response_without_refresh_token_changes_nothing(
     assert Account.get_or_none(Account.address == address) is None
 
 
-def test_address_linked_by_another_user_is_refused(peer_app: Flask, peer: PeerInfo) -> None:
+def test_address_linked_by_another_user_is_refused_only_after_the_provider_let_you_in(
+    peer_app: Flask, peer: PeerInfo
+) -> None:
     client = peer_app.test_client()
     auth = AuthActions(peer_app, client)
     first = auth.create_user("first@example.org", True)
     address = mailbox("taken")
     reg = register(peer, mailbox=address)
     linking.start(first, address, peer_client(first, peer, reg, grant="client_credentials"), "")
+    before = Account.get(Account.address == address)
     second = signed_in_user(auth, "second@example.org")
     mine = peer_client(second, peer, register(peer))
 
-    answer = post_form(
-        client,
-        "/accounts/new",
-        {"address": address, "provider": "other", "client": str(mine.id)},
-        form_page=f"/accounts/new?address={address}",
-    )
+    # Starting looks the same as for any address: off to the provider, nothing told yet.
+    answer, _ = link_by_code(client, peer, mine, address)
 
-    assert answer.status_code == 400
-    assert "already linked by another user" in answer.get_data(as_text=True)
-    assert Account.get(Account.address == address).owner_id == first.id
-    assert PendingAuthorization.select().count() == 0
+    assert answer.status_code == 409
+    assert "another user of this server has linked this mailbox" in answer.get_data(as_text=True)
+    after = Account.get(Account.address == address)
+    assert after.owner_id == first.id and after.status == before.status
+    assert after.__data__["refresh_token"] == before.__data__["refresh_token"]
+    assert after.__data__["access_token"] == before.__data__["access_token"]
 
 
 def test_reauthorize_after_invalid_grant_returns_to_active_and_keeps_passwords(
@@ -575,8 +577,11 @@ def test_an_abandoned_placeholder_does_not_block_the_address(
     address = mailbox("left")
     linking.start(first, address, peer_client(first, peer, register(peer)), REDIRECT)
     mine = peer_client(second, peer, register(peer))
-    with pytest.raises(linking.LinkError, match="another user"):
-        linking.start(second, address, mine, REDIRECT)  # the first may still come back
+    early = linking.start(second, address, mine, REDIRECT)  # the first may still come back
+    back = op_sign_in(peer, early.url, address)
+    with pytest.raises(oauth.AuthorizationProblem, match="already linked"):
+        linking.complete_callback(second, query_of(back), REDIRECT)
+    assert Account.get(Account.address == address).owner_id == first.id
 
     PendingAuthorization.update(expires_at=utcnow() - dt.timedelta(minutes=1)).execute()
     started = linking.start(second, address, mine, REDIRECT)
@@ -649,3 +654,35 @@ def test_device_code_page_is_read_only_and_completes_by_post(
     assert done.status_code == 302 and "/device/" not in done.headers["Location"]
     assert Account.get(Account.address == address).status == "active"
     assert client.get(page_url).status_code == 302  # finished: on to the account's page
+
+
+def test_a_taken_address_by_device_code_is_refused_when_the_device_is_approved(
+    peer_app: Flask, peer: PeerInfo
+) -> None:
+    client = peer_app.test_client()
+    auth = AuthActions(peer_app, client)
+    first = auth.create_user("holder@example.org", True)
+    address = mailbox("takendev")
+    reg = register(peer, mailbox=address)
+    linking.start(first, address, peer_client(first, peer, reg, grant="client_credentials"), "")
+    second = signed_in_user(auth, "devicer@example.org")
+    mine = peer_client(second, peer, register(peer), grant="device_code")
+    start = post_form(
+        client,
+        "/accounts/new",
+        {"address": address, "provider": "other", "client": str(mine.id)},
+        form_page=f"/accounts/new?address={address}",
+    )
+    assert start.status_code == 302  # the device page, as for any address
+    page = client.get(start.headers["Location"])
+    assert page.status_code == 200
+    code = re.search(r'value="([^"]+)" id="user-code"', page.get_data(as_text=True))
+    assert code is not None
+    peer.approve_device(code.group(1), address)
+
+    done = post_form(client, start.headers["Location"], {})
+
+    assert done.status_code == 409
+    assert "another user of this server has linked this mailbox" in done.get_data(as_text=True)
+    account = Account.get(Account.address == address)
+    assert account.owner_id == first.id and account.status == "active"

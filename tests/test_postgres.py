@@ -80,13 +80,13 @@ def test_two_instances_share_one_database(instance, tmp_path, pg_url):
 
 
 def test_throttle_counts_concurrent_failures_on_postgres(pg_app):
-    policy = throttle.Policy(limit=50, block_seconds=60)
+    key = throttle.Key("web:addr:x", throttle.Policy(limit=50, block_seconds=60))
     from db import database
 
     def fail() -> None:
         with database.connection_context():
             for _ in range(5):
-                throttle.failure("web:addr:x", policy)
+                assert throttle.reserve([key]) == 0
 
     threads = [threading.Thread(target=fail) for _ in range(4)]
     with pg_app.app_context():

@@ -189,17 +189,17 @@ def test_throttle_pauses_keep_doubling_after_a_block_ends(app):
     import throttle
     from models import Throttle, utcnow
 
-    policy = throttle.Policy(limit=3, block_seconds=60)
+    key = throttle.Key("web:addr:x@example.org", throttle.Policy(limit=3, block_seconds=60))
     with app.app_context():
         for _ in range(3):
-            throttle.failure("web:addr:x@example.org", policy)
+            assert throttle.reserve([key]) == 0  # an attempt not given back: a failure
         first = Throttle.get_by_id("web:addr:x@example.org")
         # The block ran out 20 minutes ago, and the last failure is older than the window.
         Throttle.update(
             last_failure_at=utcnow() - dt.timedelta(minutes=20),
             blocked_until=utcnow() - dt.timedelta(minutes=1),
         ).execute()
-        throttle.failure("web:addr:x@example.org", policy)
+        assert throttle.reserve([key]) == 0
         second = Throttle.get_by_id("web:addr:x@example.org")
         assert second.failures == first.failures + 1
         assert second.blocked_until - utcnow() > dt.timedelta(seconds=100)
@@ -208,5 +208,5 @@ def test_throttle_pauses_keep_doubling_after_a_block_ends(app):
             last_failure_at=utcnow() - dt.timedelta(hours=3),
             blocked_until=utcnow() - dt.timedelta(hours=2),
         ).execute()
-        throttle.failure("web:addr:x@example.org", policy)
+        assert throttle.reserve([key]) == 0
         assert Throttle.get_by_id("web:addr:x@example.org").failures == 1

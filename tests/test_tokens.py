@@ -554,6 +554,7 @@ def test_processes_sharing_postgres_cause_one_token_request(
         "DATABASE_URL": pg_url,
         "UPSTREAM_CA_FILE": peer.ca_file,
         "PUBLIC_URL": PUBLIC,
+        "CUSTOM_CLIENT_LOOPBACK": True,
         "ARGON2_MEMORY_KIB": 1024,
         "ARGON2_TIME_COST": 1,
         "ARGON2_PARALLELISM": 1,
