@@ -282,11 +282,9 @@ def _post(client: OAuthClient, url: str, data: dict[str, str]) -> dict[str, Any]
     session = session_for(client)
 
     def send() -> dict[str, Any]:
+        # Without a secret the method is "none", which puts client_id into the body itself.
         auth = session.client_auth(session.token_endpoint_auth_method)
-        body = {**data}
-        if not client.client_secret:
-            body["client_id"] = client.client_id
-        response = session.post(url, data=body, auth=auth, timeout=_settings.timeout)
+        response = session.post(url, data={**data}, auth=auth, timeout=_settings.timeout)
         try:
             payload = response.json() if response.content else {}
         except ValueError:
