@@ -13,12 +13,14 @@ import datetime as dt
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import requests
 from flask.testing import FlaskClient
 
+import grants
 import mailrefusals
 import oauth_clients
 import tokens
@@ -327,3 +329,34 @@ def test_a_refusing_token_endpoint_sees_at_most_3_requests_for_1000_logins_in_a_
     assert stored.refresh_failures == sent and stored.status == "active"
     page = web.get("/").get_data(as_text=True)
     assert "Cannot renew" in page
+
+
+@pytest.mark.peers
+def test_a_hanging_token_endpoint_gives_a_temporary_error_and_one_request(
+    owner: User,  # noqa: F811
+    peers: Any,
+    mail: MailClients,  # noqa: F811
+    web: FlaskClient,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.test_token_renewal import Scripted
+
+    account = link_with_client_credentials(owner, peers, "hang")
+    hanging = Scripted(("hang", 3.0))
+    try:
+        Account.update(token_expires_at=utcnow() - dt.timedelta(minutes=1)).where(
+            Account.id == account.id
+        ).execute()
+        account.client.token_url = hanging.url
+        account.client.save()
+        monkeypatch.setattr(grants, "_settings", replace(grants.settings(), timeout=1.0))
+
+        said = [mail.refusal("imap", account.address, PASSWORD) for _ in range(3)]
+    finally:
+        hanging.close()
+
+    assert all(WORDS["unavailable"]["imap"] in s and "in time" in s for s in said), said
+    assert hanging.hits == 1  # the others got the recorded reason at once
+    stored = Account.get_by_id(account.id)
+    assert stored.status == "active" and stored.access_token == account.access_token
+    assert "Cannot renew token" in web.get("/").get_data(as_text=True)
