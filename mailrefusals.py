@@ -66,6 +66,15 @@ def explain(protocol: str, said: str, address: str, app_only: bool = False) -> R
         return Refusal(protocol, said[:500], title, cause, fix.format(address=address),
                        token_may_help)  # fmt: skip
 
+    if re.search(r"could not connect|tls with .* failed|the connection to .* failed", text):
+        return make(
+            f"The {name} server could not be reached",
+            f"Auth-Email could not open a connection to the {name} server when it checked the "
+            "link.",
+            "Check the server name, port and security in the client's settings (or whether "
+            "the provider offers this protocol), then use Test sign-in.",
+            False,
+        )
     if protocol == "smtp" and "5.7.139" in text:
         if "disabled for the tenant" in text or "disabled for the mailbox" in text:
             scope = "mailbox" if "for the mailbox" in text else "organization (tenant)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,18 +22,23 @@ import requests
 from flask.testing import FlaskClient
 
 import grants
+import linking
 import mailrefusals
 import oauth_clients
 import tokens
+import verification
 from models import Account, User, utcnow
 from tests.test_mail_through_app import (  # noqa: F401  (fixtures)
     PASSWORD,
+    REDIRECT,
     WORDS,
     MailClients,
     app,
+    closed_port,
     link_with_client_credentials,
     link_with_code,
     mail,
+    other_client,
     owner,
     read_first_message,
     service,
@@ -360,3 +366,49 @@ def test_a_hanging_token_endpoint_gives_a_temporary_error_and_one_request(
     stored = Account.get_by_id(account.id)
     assert stored.status == "active" and stored.access_token == account.access_token
     assert "Cannot renew token" in web.get("/").get_data(as_text=True)
+
+
+# ---------------------------------------------------------------------------------- link check
+
+
+@pytest.mark.parametrize(
+    ("scope", "covered"),
+    [
+        ("https://outlook.office.com/SMTP.Send offline_access", ["smtp"]),
+        ("https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/"
+         "POP.AccessAsUser.All offline_access", ["imap", "pop3"]),
+        ("https://outlook.office365.com/.default", ["imap", "pop3", "smtp"]),
+        ("https://mail.google.com/", ["imap", "pop3", "smtp"]),
+        ("openid email mail", ["imap", "pop3", "smtp"]),
+    ],
+)  # fmt: skip
+def test_the_link_check_covers_the_protocols_the_scope_grants(
+    scope: str, covered: list[str]
+) -> None:
+    assert verification.protocols_covered(scope, ["imap", "pop3", "smtp"]) == covered
+
+
+@pytest.mark.peers
+def test_the_link_is_checked_over_each_protocol_and_shown_per_protocol(
+    owner: User,  # noqa: F811
+    peers: Any,
+    web: FlaskClient,  # noqa: F811
+) -> None:
+    address, _ = peers.new_mailbox("perproto", messages=1)
+    client_id, secret = peers.register_client(grant_types=["client_credentials"], mailbox=address)
+    client = other_client(owner, peers, client_id, secret, "client_credentials",
+                          pop3_port=closed_port())  # fmt: skip
+
+    started = linking.start(owner, address, client, REDIRECT)
+
+    assert started.done is not None and started.done.ok, started.done
+    protocols = started.done.protocols
+    assert protocols["imap"] is None and protocols["smtp"] is None
+    assert protocols["pop3"] and "Could not connect" in protocols["pop3"]
+    account = Account.get(Account.address == address)
+    assert account.status == "active"
+    page = web.get(f"/accounts/{account.id}").get_data(as_text=True)
+    pop3 = re.search(r'<tr data-protocol="POP3">.*?</tr>', page, re.S)
+    imap = re.search(r'<tr data-protocol="IMAP">.*?</tr>', page, re.S)
+    assert pop3 and "Could not connect" in pop3.group(0)
+    assert imap and "No refusal recorded" in imap.group(0)
