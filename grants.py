@@ -411,19 +411,24 @@ def revoke(client: OAuthClient, url: str, token: str, hint: str) -> bool:
 
 
 def identity_from(token: Mapping[str, Any]) -> str:
-    """Who signed in, from the id_token's claims (display only; came straight from TLS)."""
-    raw = token.get("id_token")
-    if not isinstance(raw, str) or raw.count(".") < 2:
-        return ""
+    """Who signed in: from the id_token's claims, else from the access token's when it is a
+    JWT (Entra's ``upn``, ``preferred_username``). Both came straight from the provider over
+    TLS; the access token is opaque to us otherwise (Microsoft says so), so only read."""
+    for name in ("id_token", "access_token"):
+        claims = _jwt_claims(token.get(name))
+        for key in ("email", "preferred_username", "upn", "unique_name"):
+            value = claims.get(key)
+            if isinstance(value, str) and "@" in value:
+                return value.lower()
+    return ""
+
+
+def _jwt_claims(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, str) or raw.count(".") != 2:
+        return {}
     try:
         part = raw.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
     except (ValueError, TypeError):
-        return ""
-    if not isinstance(claims, dict):
-        return ""
-    for key in ("email", "preferred_username", "upn", "unique_name"):
-        value = claims.get(key)
-        if isinstance(value, str) and "@" in value:
-            return value.lower()
-    return ""
+        return {}
+    return claims if isinstance(claims, dict) else {}

@@ -257,9 +257,12 @@ class AppBackend:
             target=account.address,
             detail=protocol,
         )
+        # A shared mailbox: Exchange wants the delegate who authorized in the SMTP login (and
+        # the shared address in From, which needs SendAs); IMAP and POP3 name the mailbox.
+        login_as = account.signed_in_as if protocol == "smtp" and account.signed_in_as else ""
         return Grant(
             account_id=account.id,
-            address=account.address,
+            address=login_as or account.address,
             upstream=endpoint,
             mechanism=providers.sasl_mechanism_for(account.client),  # type: ignore[arg-type]
         )

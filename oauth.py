@@ -69,7 +69,9 @@ def begin(user: User, account: Account, client: OAuthClient, redirect: str) -> s
         expires_at=utcnow() + PENDING_LIFETIME,
     )
     session = grants.session_for(client, redirect_uri=redirect)
-    params = {"login_hint": account.address, **providers.extra_authorize_params(client)}
+    # A shared mailbox is authorized by its delegate: hint the delegate, never the mailbox.
+    hint = account.signed_in_as or account.address
+    params = {"login_hint": hint, **providers.extra_authorize_params(client)}
     url, _ = session.create_authorization_url(
         client.authorize_url, state=state, code_verifier=verifier, **params
     )
