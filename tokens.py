@@ -269,14 +269,16 @@ def _get_access_token(account_id: int, force_refresh: bool) -> str:
         if not claimed and newer and _fresh(account, now):
             return str(account.access_token)
         if not claimed:
-            if waited_for_other:
-                # The refresh we waited for failed; its error is recorded. Do not pile on.
-                raise _recorded(account, now)
             if backing_off(account, now):
-                # A refresh failed lately: no new request before the recorded time. A token
-                # that has not run out yet still serves (unless the server just refused it).
+                # A refresh failed lately (maybe the one we waited for): no new request before
+                # the recorded time. A token that has not run out yet still serves (unless the
+                # server just refused it).
                 if newer and not force_refresh and _valid(account, now):
                     return str(account.access_token)
+                raise _recorded(account, now)
+            if waited_for_other:
+                # The refresh we waited for failed without a record (its caller died). Do not
+                # pile on.
                 raise _recorded(account, now)
             version = account.token_version
             won = (

@@ -449,3 +449,45 @@ def test_expires_in_as_text(
     stored = Account.get_by_id(account.id)
     left = (stored.token_expires_at - utcnow()).total_seconds()
     assert seconds - 10 < left <= seconds
+
+
+_SECOND_PROCESS = """
+import sys
+sys.path.insert(0, {root!r})
+from app import create_app
+import tokens
+create_app({config!r})
+try:
+    tokens.get_access_token({account_id})
+    print("got a token")
+except tokens.TokenUnavailable as exc:
+    print("refused:", exc.message)
+"""
+
+
+@pytest.mark.postgres
+def test_another_process_on_the_same_postgres_honours_the_back_off(
+    instance: Path, pg_url: str, scripted: Callable[..., Scripted]
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import FAST_HASHING
+
+    config = {"INSTANCE_PATH": str(instance), "DATABASE_URL": pg_url, "TOKEN_HTTP_TIMEOUT": 0.5,
+              "PUBLIC_URL": PUBLIC, **FAST_HASHING}  # fmt: skip
+    app = make_app(instance, **{k: v for k, v in config.items() if k != "INSTANCE_PATH"})
+    server = scripted((503, "busy"))
+    account = account_at(app, server.url)
+    with pytest.raises(tokens.TokenUnavailable):
+        tokens.get_access_token(account.id)
+
+    script = _SECOND_PROCESS.format(
+        root=str(Path(__file__).parents[1]), config=config, account_id=account.id
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+
+    assert "refused:" in done.stdout and "Next try in" in done.stdout, done.stderr[-2000:]
+    assert server.hits == 1
