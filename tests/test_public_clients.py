@@ -110,3 +110,27 @@ def test_a_public_client_links_and_renews_without_a_secret(
 
     assert token_requests(peer, reg["client_id"]) == before + 1
     assert OAuthClient.get_by_id(client.id).client_secret is None
+
+
+@pytest.mark.peers
+def test_a_public_client_links_by_device_code_without_a_secret(
+    instance: Path,
+    peer: PeerInfo,  # noqa: F811
+) -> None:
+    import users
+
+    app = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC)
+    with app.app_context():
+        users.create_admin("admin@example.org", "admin-password-1")
+        owner: User = users.create_user("owner@example.org", "owner-password-1", True)
+    reg = register(peer, token_endpoint_auth_method="none")
+    client = peer_client(owner, peer, reg, grant="device_code", client_secret=None)
+    address = mailbox("pubdev")
+
+    started = linking.start(owner, address, client, REDIRECT)
+    assert started.pending is not None
+    peer.approve_device(started.pending.user_code, address)
+    result = linking.poll_device(owner, started.account, started.pending.state)
+
+    assert result is not None and result.ok, result
+    assert Account.get(Account.address == address).status == "active"
