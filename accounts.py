@@ -23,11 +23,13 @@ from flask_login import current_user, login_required
 from werkzeug.wrappers import Response
 
 import linking
+import mailrefusals
 import oauth
 import oauth_clients
 import providers
 import verification
 from account_forms import AddressForm, AuthorizeForm, MailPasswordForm
+from account_health import Health, health
 from forms import EmptyForm
 from models import Account, OAuthClient, User, utcnow
 
@@ -72,7 +74,7 @@ def dashboard(user: User) -> dict[str, Any]:
     )
     return {
         "accounts": accounts,
-        "attention": [a for a in accounts if a.status in ("needs_reauth", "error")],
+        "attention": [a for a in accounts if a.status != "pending" and not health(a).ok],
         "secret_warnings": oauth_clients.secret_expiry_warnings(user),
         "provider_names": dict(providers.choices()),
     }
@@ -112,6 +114,23 @@ def _ropc_allowed() -> bool:
     import admin
 
     return bool(admin.ropc_allowed())
+
+
+@bp.app_template_global()
+def account_health(account: Account) -> Health:
+    """The account's state in plain words (renewal failures, refused protocols)."""
+    return health(account)
+
+
+@bp.app_template_global()
+def account_protocols(account: Account) -> list[tuple[str, Any]]:
+    """(protocol name, its recorded refusal or None) for the protocols the client serves."""
+    if account.client is None:
+        return []
+    refused = {r.protocol: r for r in health(account).refusals}
+    served = providers.endpoints_for(account.client)
+    return [(mailrefusals.PROTOCOL_NAMES[p], refused.get(p)) for p in ("imap", "pop3", "smtp")
+            if p in served]  # fmt: skip
 
 
 @bp.app_template_global()

@@ -118,7 +118,11 @@ def _editor(client: OAuthClient | None) -> Response | tuple[str, int]:
     values = {name: getattr(form, name).data for name in oauth_clients.EDITABLE}
     try:
         saved = oauth_clients.save_client(
-            client.owner if client else user, values, form.client_secret.data, client
+            client.owner if client else user,
+            values,
+            form.client_secret.data,
+            client,
+            clear_secret=bool(form.clear_secret.data),
         )
     except oauth_clients.ClientError as error:
         form.name.errors.append(str(error))

@@ -208,6 +208,7 @@ class ClientForm(FlaskForm):
         "Client ID", validators=[DataRequired(message="Enter the client ID.")], filters=[_strip]
     )
     client_secret = PasswordField("Client secret", validators=[Length(max=4096)])
+    clear_secret = BooleanField("Remove the stored secret (a public client has none)")
     secret_expires_on = DateField(
         "Secret expires on",
         validators=[Optional()],
@@ -280,10 +281,15 @@ class ClientForm(FlaskForm):
                 "contoso.onmicrosoft.com."
             )
         if value.lower() in _TENANT_ALIASES:
-            if self.grant.data != providers.AUTHORIZATION_CODE:
+            if self.grant.data == providers.CLIENT_CREDENTIALS:
                 raise ValidationError(
-                    f"“{value}” works with Authorization Code only; enter your directory's "
-                    "GUID or domain."
+                    f"Client Credentials needs your directory's own tenant: “{value}” names no "
+                    "directory. Enter the Directory (tenant) ID (a GUID) or its domain."
+                )
+            if value.lower() == "consumers":
+                raise ValidationError(
+                    "“consumers” is for personal Microsoft accounts: choose the Outlook.com "
+                    "provider instead."
                 )
             return
         if not (_GUID.fullmatch(value) or _DOMAIN.fullmatch(value)):
@@ -297,8 +303,20 @@ class ClientForm(FlaskForm):
             )
 
     def validate_client_secret(self, field: PasswordField) -> None:
-        if not field.data and self.existing is None:
-            raise ValidationError("Enter the client secret.")
+        """Only Client Credentials needs a secret: Device Code, Authorization Code with PKCE
+        and the password grant work as public clients (and Entra refuses a secret from a
+        public client, AADSTS700025)."""
+        if self.grant.data != providers.CLIENT_CREDENTIALS:
+            return
+        keeps = (
+            self.existing is not None
+            and self.existing.client_secret
+            and not (self.clear_secret.data)
+        )
+        if not field.data and not keeps:
+            raise ValidationError(
+                "Enter the client secret: with Client Credentials the app signs in as itself."
+            )
 
     def validate(self, extra_validators: Any = None) -> bool:
         """The field checks, then the ones that depend on the provider and grant."""

@@ -6,6 +6,8 @@ configured upstream CA file) and one mapping of failures to errors a person can 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import email.utils
 import json
 import logging
 import ssl
@@ -75,11 +77,15 @@ def settings() -> Settings:
 
 
 class TokenError(Exception):
-    """A token could not be had; ``message`` says why in words a person can act on."""
+    """A token could not be had; ``message`` says why in words a person can act on.
 
-    def __init__(self, message: str) -> None:
+    ``retry_after``: seconds the provider asked us to wait (its ``Retry-After``), if it did.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after = retry_after
 
 
 class NeedsReauthorization(TokenError):
@@ -87,7 +93,13 @@ class NeedsReauthorization(TokenError):
 
 
 class TokenUnavailable(TokenError):
-    """A temporary failure (timeout, 5xx, another refresh that failed): try again later."""
+    """A temporary failure (timeout, 5xx, another refresh that failed): try again later.
+
+    ``unreached``: the request never reached the server (connection refused, DNS), so asking
+    again at once is harmless; any answer (even a 503) waits for the back-off instead.
+    """
+
+    unreached = False
 
 
 class AccountUnusable(TokenError):
@@ -99,8 +111,14 @@ class ClientRefused(TokenUnavailable):
     allowed): re-authorizing cannot help; the client's settings must be fixed. A subclass of
     ``TokenUnavailable`` so that the mail proxy answers with a temporary error carrying it."""
 
-    def __init__(self, message: str, error: str = "", description: str = "") -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        error: str = "",
+        description: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after)
         self.error = error
         self.description = description
 
@@ -108,10 +126,11 @@ class ClientRefused(TokenUnavailable):
 class GrantError(TokenError):
     """The token endpoint refused a grant; ``error`` and ``description`` are the provider's."""
 
-    def __init__(self, error: str, description: str = "") -> None:
+    def __init__(self, error: str, description: str = "", retry_after: float | None = None) -> None:
         self.error = error or "unknown_error"
         self.description = description or ""
-        super().__init__(f"{self.error}: {self.description}" if description else self.error)
+        said = f"{self.error}: {self.description}" if description else self.error
+        super().__init__(said, retry_after)
 
     @property
     def grant_gone(self) -> bool:
@@ -215,26 +234,53 @@ def call_endpoint(request: Callable[[], Any]) -> dict[str, Any]:
         token = request()
     except OAuthError as exc:
         error, description = str(exc.error or ""), str(exc.description or "")
+        wait = getattr(exc, "retry_after", None)
         if error in TEMPORARY:
             said = f"{error}: {description}" if description else error
             raise TokenUnavailable(
-                f"the token endpoint is temporarily unable to answer ({said[:300]})"
+                f"the token endpoint is temporarily unable to answer ({said[:300]})", wait
             ) from None
-        raise GrantError(error, description) from None
+        raise GrantError(error, description, wait) from None
     except requests.Timeout:
         raise TokenUnavailable("the token endpoint did not answer in time") from None
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else 0
+        wait = retry_after_of(exc.response)
         if status >= 500 or status == 429:
-            raise TokenUnavailable(f"the token endpoint answered HTTP {status}") from None
+            raise TokenUnavailable(f"the token endpoint answered HTTP {status}", wait) from None
         raise GrantError("http_error", f"the token endpoint answered HTTP {status}") from None
     except requests.exceptions.SSLError as exc:
         raise TokenUnavailable(f"TLS failure at the token endpoint: {_reason(exc)}") from None
+    except requests.ConnectionError as exc:
+        unreached = TokenUnavailable(f"the token endpoint is unreachable: {_reason(exc)}")
+        unreached.unreached = True
+        raise unreached from None
     except requests.RequestException as exc:
         raise TokenUnavailable(f"the token endpoint is unreachable: {_reason(exc)}") from None
     except ValueError as exc:
         raise TokenUnavailable(f"the token endpoint gave no usable answer ({exc})") from None
     return dict(token)
+
+
+RETRY_AFTER_MAX = 86400.0
+
+
+def retry_after_of(response: requests.Response | None) -> float | None:
+    """The answer's ``Retry-After`` in seconds (delta-seconds or an HTTP date), at most a day."""
+    raw = response.headers.get("Retry-After", "").strip() if response is not None else ""
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
 
 
 def _reason(exc: BaseException) -> str:
@@ -250,20 +296,24 @@ def _post(client: OAuthClient, url: str, data: dict[str, str]) -> dict[str, Any]
     session = session_for(client)
 
     def send() -> dict[str, Any]:
+        # Without a secret the method is "none", which puts client_id into the body itself.
         auth = session.client_auth(session.token_endpoint_auth_method)
-        body = {**data}
-        if not client.client_secret:
-            body["client_id"] = client.client_id
-        response = session.post(url, data=body, auth=auth, timeout=_settings.timeout)
+        response = session.post(url, data={**data}, auth=auth, timeout=_settings.timeout)
         try:
             payload = response.json() if response.content else {}
         except ValueError:
             payload = None
         if not isinstance(payload, dict):
             response.raise_for_status()
-            raise ValueError(f"HTTP {response.status_code}, not JSON")
+            raise ValueError(f"HTTP {response.status_code}, not a JSON object")
         if "error" in payload:
-            raise OAuthError(payload.get("error"), payload.get("error_description"))
+            refused = OAuthError(
+                str(payload.get("error")), str(payload.get("error_description") or "")
+            )
+            refused.retry_after = retry_after_of(response)  # type: ignore[attr-defined]
+            raise refused
+        if not response.ok:
+            response.raise_for_status()
         return payload
 
     return call_endpoint(send)
@@ -299,6 +349,16 @@ def exchange_code(
 def client_credentials(client: OAuthClient) -> dict[str, Any]:
     """Client Credentials grant (no user): the scope is the client's, e.g. ``.../.default``."""
     return _fetch(client, grant_type=CLIENT_CREDENTIALS, scope=client.scope)
+
+
+def refresh_grant(client: OAuthClient, refresh_token: str, scope: str = "") -> dict[str, Any]:
+    """Refresh grant. Without ``scope`` the provider renews what it granted (RFC 6749 section
+    6); with one, it must be no more than the grant. The answer is returned as sent, checked by
+    the caller (who must keep a rotated refresh token even when the rest is unusable)."""
+    data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    if scope:
+        data["scope"] = scope
+    return _post(client, client.token_url, data)
 
 
 def password_grant(client: OAuthClient, username: str, password: str) -> dict[str, Any]:
@@ -365,19 +425,24 @@ def revoke(client: OAuthClient, url: str, token: str, hint: str) -> bool:
 
 
 def identity_from(token: Mapping[str, Any]) -> str:
-    """Who signed in, from the id_token's claims (display only; came straight from TLS)."""
-    raw = token.get("id_token")
-    if not isinstance(raw, str) or raw.count(".") < 2:
-        return ""
+    """Who signed in: from the id_token's claims, else from the access token's when it is a
+    JWT (Entra's ``upn``, ``preferred_username``). Both came straight from the provider over
+    TLS; the access token is opaque to us otherwise (Microsoft says so), so only read."""
+    for name in ("id_token", "access_token"):
+        claims = _jwt_claims(token.get(name))
+        for key in ("email", "preferred_username", "upn", "unique_name"):
+            value = claims.get(key)
+            if isinstance(value, str) and "@" in value:
+                return value.lower()
+    return ""
+
+
+def _jwt_claims(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, str) or raw.count(".") != 2:
+        return {}
     try:
         part = raw.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
     except (ValueError, TypeError):
-        return ""
-    if not isinstance(claims, dict):
-        return ""
-    for key in ("email", "preferred_username", "upn", "unique_name"):
-        value = claims.get(key)
-        if isinstance(value, str) and "@" in value:
-            return value.lower()
-    return ""
+        return {}
+    return claims if isinstance(claims, dict) else {}

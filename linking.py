@@ -34,7 +34,7 @@ from models import (
 )
 from oauth import AuthorizationProblem
 from passwords import generate_password, hash_password, lookup_tag
-from verification import Verification, verify
+from verification import Verification, record_protocols, verify
 
 # A placeholder account that never got tokens is deleted by upkeep after this long.
 ABANDONED_AFTER = dt.timedelta(hours=1)
@@ -351,6 +351,9 @@ def finish(
         tokens.set_status(
             account.id, "active" if result.ok else "error", "" if result.ok else result.message
         )
+    if result.ok or not relink:  # the checked tokens are the stored ones
+        app_only = client.grant == providers.CLIENT_CREDENTIALS
+        record_protocols(Account.get_by_id(account.id), result, app_only)
     audit.record(
         "account.linked" if result.ok else "account.verify_failed",
         actor=actor, ip=ip, target=account.address, detail=client.name,

@@ -24,6 +24,7 @@ import peewee as pw
 from flask import Flask
 
 import audit
+import mailrefusals
 import providers
 import throttle
 import tokens
@@ -114,6 +115,8 @@ class AppBackend:
         self._bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mail-bookkeeping")
         self._open: dict[int, int] = {}
         self._open_lock = threading.Lock()
+        # (account, protocol) with a mail server refusal on record: a login that works clears it
+        self._refused: set[tuple[int, str]] = set()
 
     # -- password check ---------------------------------------------------------------------
     def authenticate(self, protocol: str, address: str, password: str, client_ip: str) -> Grant:
@@ -272,7 +275,13 @@ class AppBackend:
                 detail=protocol,
             )
             raise ProxyAuthError("reauth", f"Re-authorize this account in Auth-Email: {page}")
-        endpoint = providers.endpoints_for(account.client)[protocol]
+        if account.protocol_state:
+            self._refused.update((account.id, p) for p in mailrefusals.states(account))
+        endpoint = providers.endpoints_for(account.client).get(protocol)
+        if endpoint is None:
+            raise ProxyAuthError(
+                "refused", f"This mailbox's OAuth client names no {protocol.upper()} server"
+            )
         refusal = self.hosts.refusal(endpoint.host)
         if refusal:  # the client was saved under an older, wider CUSTOM_CLIENT_HOSTS
             raise ProxyAuthError("disabled", f"This account's mail server is refused: {refusal}")
@@ -284,9 +293,12 @@ class AppBackend:
             target=account.address,
             detail=protocol,
         )
+        # A shared mailbox: Exchange wants the delegate who authorized in the SMTP login (and
+        # the shared address in From, which needs SendAs); IMAP and POP3 name the mailbox.
+        login_as = account.signed_in_as if protocol == "smtp" and account.signed_in_as else ""
         return Grant(
             account_id=account.id,
-            address=account.address,
+            address=login_as or account.address,
             upstream=endpoint,
             mechanism=providers.sasl_mechanism_for(account.client),  # type: ignore[arg-type]
         )
@@ -311,18 +323,53 @@ class AppBackend:
                 log.exception("getting the access token of account %s failed", account_id)
                 raise ProxyAuthError("unavailable", "Internal error, try again later") from None
 
-    def token_rejected(self, account_id: int, detail: str) -> None:
+    def upstream_refused(self, account_id: int, protocol: str, detail: str) -> None:
+        """Worth one refresh and retry? Not for a policy refusal (SMTP AUTH disabled), nor when
+        this protocol already refused this very token: the recorded reason comes back at once,
+        without a token request. Never marks the account: that is the token endpoint's say."""
         with database.connection_context():
-            Account.update(
-                status="needs_reauth",
-                status_detail=f"The mail server refused a fresh token: {detail}"[:1000],
-            ).where(Account.id == account_id).execute()
-            self.cache.drop_account(account_id)
+            account = _with_owner_and_client(
+                Account.select(Account, User, OAuthClient).where(Account.id == account_id)
+            )
+            if account is None:
+                raise ProxyAuthError("disabled", "This mailbox is not linked any more.")
+            refusal = self._explain(account, protocol, detail)
+            known = mailrefusals.states(account).get(protocol)
+            again = known is not None and known.version == account.token_version
+            if refusal.token_may_help and not again:
+                return
+            stored = mailrefusals.record(account_id, refusal)
+            self._refused.add((account_id, protocol))
+            raise ProxyAuthError("refused", stored.for_mail_client())
+
+    def token_rejected(self, account_id: int, protocol: str, detail: str) -> str | None:
+        """A freshly renewed token was refused too: recorded for this protocol only."""
+        with database.connection_context():
+            account = _with_owner_and_client(
+                Account.select(Account, User, OAuthClient).where(Account.id == account_id)
+            )
+            if account is None:
+                return None
+            stored = mailrefusals.record(account_id, self._explain(account, protocol, detail))
+            self._refused.add((account_id, protocol))
+            log.warning(
+                "account %s: %s refused by the mail server: %s", account_id, protocol, detail
+            )
+            return stored.for_mail_client()
+
+    @staticmethod
+    def _explain(account: Account, protocol: str, detail: str) -> mailrefusals.Refusal:
+        app_only = account.client is not None and account.client.grant == "client_credentials"
+        return mailrefusals.explain(protocol, detail, account.address, app_only)
 
     # -- accounting ---------------------------------------------------------------------------
     def session_opened(self, account_id: int, protocol: str, client_ip: str) -> None:
         with self._open_lock:
             self._open[account_id] = self._open.get(account_id, 0) + 1
+            cleared = (account_id, protocol) in self._refused
+            self._refused.discard((account_id, protocol))
+        if cleared:
+            self.later(mailrefusals.clear, account_id, protocol)
         self.later(
             Account.update(last_used_at=utcnow(), last_used_ip=client_ip)
             .where(Account.id == account_id)

@@ -44,11 +44,49 @@ def _v4_password_lookup() -> None:
     _create(m.MailPassword)  # its indexes, the new one included (create_tables is safe=True)
 
 
+def _add_columns(model: type[pw.Model], *names: str) -> None:
+    """Add the model's columns ``names`` where the table lacks them.
+
+    Plain ``ADD COLUMN`` with a SQL default: peewee's migrator rebuilds a SQLite table to add a
+    NOT NULL column, and dropping the old table would cascade to the rows that refer to it.
+    """
+    table = model._meta.table_name
+    present = {column.name for column in database.get_columns(table)}
+    types = database.obj.field_types
+    for name in names:
+        field = model._meta.fields[name]
+        if field.column_name in present:
+            continue
+        kind = types.get(field.field_type, field.field_type)
+        if getattr(field, "max_length", None):
+            kind = f"{kind}({field.max_length})"
+        ddl = f'"{field.column_name}" {kind}'
+        if not field.null:
+            default = field.default
+            literal = str(int(default)) if isinstance(default, int) else f"'{default}'"
+            ddl += f" NOT NULL DEFAULT {literal}"
+        database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN {ddl}')
+
+
+def _v5_renewal_state() -> None:
+    """Granted scope, remembered refresh failures (back-off) and per-protocol refusals."""
+    _add_columns(
+        m.Account,
+        "granted_scope",
+        "refresh_failures",
+        "refresh_failing_since",
+        "next_refresh_at",
+        "refresh_error_kind",
+        "protocol_state",
+    )
+
+
 MIGRATIONS: list[Callable[[], None]] = [
     _v1_foundation,
     _v2_oauth_clients,
     _v3_accounts,
     _v4_password_lookup,
+    _v5_renewal_state,
 ]
 LATEST = len(MIGRATIONS)
 

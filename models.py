@@ -182,6 +182,18 @@ class Account(SecretModel):
     refresh_claimed_until = pw.DateTimeField(null=True)
     last_refresh_at = pw.DateTimeField(null=True)
     last_error = pw.TextField(default="")
+    # The scope the provider granted (its token response's ``scope``): a refresh never asks
+    # for more. Empty when the provider did not say.
+    granted_scope = pw.TextField(default="")
+    # A refresh that failed is remembered here, so that logins meanwhile get the reason at once
+    # and the token endpoint is asked again only at ``next_refresh_at`` (back-off, Retry-After).
+    refresh_failures = pw.IntegerField(default=0)
+    refresh_failing_since = pw.DateTimeField(null=True)
+    next_refresh_at = pw.DateTimeField(null=True)
+    refresh_error_kind = pw.CharField(max_length=16, default="")
+    # Per protocol (imap, pop3, smtp): the mail server's last refusal of a fresh token, as JSON
+    # (see ``upstream_state``). Empty while every protocol works.
+    protocol_state = pw.TextField(default="")
     last_used_at = pw.DateTimeField(null=True)
     last_used_ip = pw.CharField(max_length=64, default="")
     bytes_relayed = pw.BigIntegerField(default=0)

@@ -69,7 +69,9 @@ def begin(user: User, account: Account, client: OAuthClient, redirect: str) -> s
         expires_at=utcnow() + PENDING_LIFETIME,
     )
     session = grants.session_for(client, redirect_uri=redirect)
-    params = {"login_hint": account.address, **providers.extra_authorize_params(client)}
+    # A shared mailbox is authorized by its delegate: hint the delegate, never the mailbox.
+    hint = account.signed_in_as or account.address
+    params = {"login_hint": hint, **providers.extra_authorize_params(client)}
     url, _ = session.create_authorization_url(
         client.authorize_url, state=state, code_verifier=verifier, **params
     )
@@ -163,12 +165,29 @@ def forget_expired(now: dt.datetime | None = None) -> int:
 _AADSTS = re.compile(r"AADSTS(\d+)")
 
 
+def error_key(error: str, description: str = "") -> str:
+    """The most specific key the catalogue may know: an AADSTS code, a recognised Google
+    message, or the OAuth ``error`` itself."""
+    error = (error or "").strip()
+    found = _AADSTS.search(description or "") or _AADSTS.search(error)
+    if found:
+        return f"AADSTS{found.group(1)}"
+    if error == "invalid_grant" and "expired or revoked" in (description or "").lower():
+        return "google_expired_or_revoked"
+    return error
+
+
+def is_throttling(error: str, description: str = "") -> bool:
+    """A refusal that only says "not now" (Entra's client-request-loop, AADSTS50196), whatever
+    its ``error`` (``invalid_grant``): waiting helps, re-authorizing does not."""
+    return error_key(error, description) == "AADSTS50196"
+
+
 def explain(error: str, description: str = "", redirect: str = "") -> Explanation:
     """The provider's error (``error`` and its description) as a cause and a fix."""
     error = (error or "").strip()
     description = (description or "").strip()[:1000]
-    found = _AADSTS.search(description) or _AADSTS.search(error)
-    key = f"AADSTS{found.group(1)}" if found else error
+    key = error_key(error, description)
     title, cause, fix = _MESSAGES.get(key) or _MESSAGES.get(error) or _UNKNOWN
     fix = fix.replace("{redirect_uri}", redirect or "<public URL>/authorize")
     return Explanation(title, cause, fix, code=key or "unknown", detail=description)
@@ -176,8 +195,8 @@ def explain(error: str, description: str = "", redirect: str = "") -> Explanatio
 
 def known_explanation(error: str, description: str = "") -> Explanation | None:
     """``explain``'s text when it knows the provider's specific (AADSTS) code, else None."""
-    found = _AADSTS.search(description or "") or _AADSTS.search(error or "")
-    if found is None or f"AADSTS{found.group(1)}" not in _MESSAGES:
+    key = error_key(error, description)
+    if key == (error or "").strip() or key not in _MESSAGES:
         return None
     return explain(error, description)
 
@@ -238,6 +257,122 @@ _MESSAGES: dict[str, tuple[str, str, str]] = {
         "Multi-factor authentication is required",
         "Your organization requires MFA, which the password grant cannot do.",
         "Use Authorization Code or Device Code instead.",
+    ),
+    "AADSTS70008": (
+        "The authorization has expired",
+        "The refresh token (or code) expired because it was not used for a long time.",
+        "Authorize the mailbox again. Auth-Email renews idle mailboxes regularly, so this "
+        "should not come back while the service runs.",
+    ),
+    "AADSTS700082": (
+        "The authorization expired from inactivity",
+        "The refresh token was not used for 90 days, so Microsoft no longer accepts it.",
+        "Authorize the mailbox again. Auth-Email renews idle mailboxes regularly, so this "
+        "should not come back while the service runs.",
+    ),
+    "AADSTS700084": (
+        "The authorization of a single-page app expired",
+        "The app registration lists this redirect URI as a Single-page application, whose "
+        "refresh tokens last only 24 hours.",
+        "In App registrations → the app → Authentication, register {redirect_uri} under the "
+        "Web platform (not Single-page application), then authorize again.",
+    ),
+    "AADSTS50173": (
+        "The authorization was revoked",
+        "The grant was revoked, usually because the password was changed or reset, or an "
+        "administrator revoked the user's sessions.",
+        "Authorize the mailbox again.",
+    ),
+    "AADSTS50079": (
+        "Multi-factor authentication must be set up first",
+        "Your organization requires you to enroll in multi-factor authentication.",
+        "Sign in once at https://aka.ms/mfasetup to enroll, then authorize the mailbox again "
+        "(with Authorization Code or Device Code, which can do MFA).",
+    ),
+    "AADSTS53003": (
+        "Blocked by a Conditional Access policy",
+        "A Conditional Access policy of your organization does not allow this sign-in (for "
+        "example from this location, device or app).",
+        "Ask your administrator to allow this app in the Conditional Access policies, then "
+        "authorize again.",
+    ),
+    "AADSTS7000218": (
+        "This app needs a client secret",
+        "The app registration is a confidential client: Microsoft expects a client secret, "
+        "and this client was saved without one.",
+        "Either enter the secret's Value in the client's settings, or in App registrations → "
+        "the app → Authentication set “Allow public client flows” to Yes (for Device "
+        "Code or the password grant without a secret).",
+    ),
+    "AADSTS700025": (
+        "This app is a public client: remove the secret",
+        "The app registration is a public client (“Allow public client flows”), "
+        "and Microsoft refuses a client secret from a public client.",
+        "Clear the client secret in the client's settings (leave it empty), or turn public "
+        "client flows off in the app registration if it should be confidential.",
+    ),
+    "AADSTS90002": (
+        "The tenant was not found",
+        "The Directory (tenant) ID or domain in the client's settings does not name an "
+        "existing tenant (or it is in another cloud, such as US Government).",
+        "Copy the Directory (tenant) ID from the app registration's Overview page into the "
+        "client's settings, and check that the provider (cloud) is the right one.",
+    ),
+    "AADSTS50196": (
+        "The provider is throttling this app",
+        "Microsoft saw the same request too often (a client request loop) and refuses it for "
+        "a while.",
+        "Nothing to change: Auth-Email waits before it asks again. If it keeps happening, "
+        "tell your administrator.",
+    ),
+    "AADSTS500011": (
+        "The mail service is not available in this tenant",
+        "The resource in the scope (Office 365 Exchange Online) was not found in the tenant: "
+        "the tenant has no Exchange Online, or the scope names the wrong resource.",
+        "Check the client's scope (https://outlook.office.com/… for delegated access, "
+        "https://outlook.office365.com/.default for Client Credentials) and that the tenant "
+        "has Exchange Online licences.",
+    ),
+    "AADSTS70011": (
+        "The requested permissions are not valid",
+        "Microsoft does not accept a scope the client asks for (misspelt, or mixing "
+        "resources or .default with other scopes).",
+        "Use the provider's default scope in the client's settings, or check each scope's "
+        "spelling.",
+    ),
+    "AADSTS9002313": (
+        "The request was malformed",
+        "Microsoft could not read the code or refresh token (it was damaged or cut short).",
+        "Authorize the mailbox again.",
+    ),
+    "AADSTS54005": (
+        "This authorization code was already used",
+        "The code from the sign-in can be redeemed only once.",
+        "Start the authorization again.",
+    ),
+    "AADSTS70000": (
+        "The authorization is not valid",
+        "The code or grant expired, or was issued for another app or scope.",
+        "Start the authorization again.",
+    ),
+    "AADSTS70016": (
+        "The sign-in is not finished yet",
+        "The device code is waiting for you to sign in at the verification page.",
+        "Finish signing in at the page shown, then wait for this page to continue.",
+    ),
+    "google_expired_or_revoked": (
+        "Google no longer accepts this authorization",
+        "Google ended the refresh token: it was revoked, unused for six months, ended by a "
+        "password change, or, for an app whose OAuth consent screen is in Testing status, "
+        "it expired after 7 days.",
+        "Authorize the mailbox again. If it stops again after a week, publish the app: in the "
+        "Google Cloud console, OAuth consent screen → Publishing status → Publish app.",
+    ),
+    "deleted_client": (
+        "The OAuth client was deleted at the provider",
+        "The client ID no longer exists in the Google Cloud project.",
+        "Create a new OAuth client in the Google Cloud console and enter its ID and secret in "
+        "the client's settings.",
     ),
     "invalid_client": (
         "The client ID or secret was not accepted",

@@ -81,6 +81,7 @@ def save_client(
     values: dict[str, Any],
     secret: str | None = None,
     client: OAuthClient | None = None,
+    clear_secret: bool = False,
 ) -> OAuthClient:
     """Create (``client`` None) or update a client from validated ``values``.
 
@@ -88,15 +89,20 @@ def save_client(
     preset stays the single source; fields the grant does not use are cleared too.
     """
     values = normalized(values)
+    cc = values.get("grant") == providers.CLIENT_CREDENTIALS
+    if cc and not secret and (client is None or clear_secret or not client.client_secret):
+        raise ClientError("A Client Credentials client needs its secret.")
     if client is None:
-        if not secret:
-            raise ClientError("A new client needs its secret.")
         client = OAuthClient(owner=owner)
     for name, value in values.items():
         setattr(client, name, value)
     if secret:
         client.client_secret = secret
         client.secret_set_at = utcnow()
+    elif clear_secret:  # a public client (Entra refuses a secret from one: AADSTS700025)
+        client.client_secret = None
+        client.secret_set_at = None
+        client.secret_expires_on = None
     client.updated_at = utcnow()
     try:
         with database.atomic():

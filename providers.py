@@ -121,6 +121,9 @@ def _servers(imap: str, pop3: str, smtp: str, smtp_port: int = 587) -> dict[str,
 
 _MS_GLOBAL = _microsoft("login.microsoftonline.com", "outlook.office.com")
 _MS_CHINA = _microsoft("login.chinacloudapi.cn", "partner.outlook.cn")
+# US Government clouds: their own Entra host, and Exchange Online under office365.us.
+_MS_GCC_HIGH = _microsoft("login.microsoftonline.us", "outlook.office365.us")
+_MS_DOD = _microsoft("login.microsoftonline.us", "outlook-dod.office365.us")
 
 PRESETS: MappingProxyType[str, Preset] = _frozen(
     {
@@ -164,6 +167,24 @@ PRESETS: MappingProxyType[str, Preset] = _frozen(
             name="Microsoft 365 operated by 21Vianet (China)",
             grants=_MS_CHINA,
             **_servers("partner.outlook.cn", "partner.outlook.cn", "partner.outlook.cn"),
+            has_tenant=True,
+            default_tenant="organizations",
+        ),
+        "microsoft_gcc_high": Preset(
+            key="microsoft_gcc_high",
+            name="Microsoft 365 GCC High (US Government)",
+            grants=_MS_GCC_HIGH,
+            **_servers("outlook.office365.us", "outlook.office365.us", "smtp.office365.us"),
+            has_tenant=True,
+            default_tenant="organizations",
+        ),
+        "microsoft_dod": Preset(
+            key="microsoft_dod",
+            name="Microsoft 365 DoD (US Government)",
+            grants=_MS_DOD,
+            **_servers(
+                "outlook-dod.office365.us", "outlook-dod.office365.us", "smtp-dod.office365.us"
+            ),
             has_tenant=True,
             default_tenant="organizations",
         ),

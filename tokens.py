@@ -10,7 +10,16 @@ before anyone uses it. The requests themselves are in ``grants``.
 What a refused refresh does depends on the provider's error: a grant that is gone
 (``invalid_grant`` and kin) marks the account ``needs_reauth``; a refused client
 (``invalid_client`` and kin: an expired secret, say) leaves it active, records what to fix and
-raises ``ClientRefused``; temporary failures are retried with backoff and recorded.
+raises ``ClientRefused``; temporary failures are recorded.
+
+A failed refresh is remembered on the row (``refresh_failures``, ``next_refresh_at``), so every
+process sharing the database agrees: until the next try, callers get the recorded reason at once
+and the token endpoint is not asked (30 s, doubling to an hour, or longer when the provider's
+``Retry-After`` says so). Only a request that never reached the server is repeated at once.
+
+A refresh asks for the scope the provider granted, or none (RFC 6749 section 6: "as originally
+granted"), never the configured one, which a provider may have narrowed; a refresh refused with
+``invalid_scope`` is tried once more without a scope.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+import grants
 import oauth
 from db import Ciphertext, database, vault
 from grants import (
@@ -34,10 +44,8 @@ from grants import (
     NeedsReauthorization,
     TokenError,
     TokenUnavailable,
-    call_endpoint,
-    check_endpoint,
     client_credentials,
-    session_for,
+    refresh_grant,
     settings,
 )
 from models import Account, OAuthClient, utcnow
@@ -86,14 +94,53 @@ def _seal(account: Account, field: Any, value: str | None) -> Ciphertext | None:
     return Ciphertext(vault.get().seal(value, field.aad(account)))
 
 
+BACKOFF_FIRST = 30.0  # seconds before the first retry of a failed refresh
+BACKOFF_MAX = 3600.0
+UNKNOWN_LIFETIME = 300  # an ``expires_in`` that is not a number: assume little, renew early
+
+
 def expiry_of(token: Mapping[str, Any], now: dt.datetime | None = None) -> dt.datetime:
+    """When the access token runs out: ``expires_in`` (a number, or digits in a string)."""
     now = now or utcnow()
-    try:
-        raw = token.get("expires_in")
-        seconds = 3600 if raw is None or raw == "" else int(raw)
-    except (TypeError, ValueError):
-        seconds = 3600
-    return now + dt.timedelta(seconds=max(seconds, 0))
+    raw = token.get("expires_in")
+    if raw is None or raw == "":
+        seconds = 3600  # RFC 6749 makes it optional; providers that omit it mean an hour
+    else:
+        try:
+            seconds = int(float(raw))
+        except (TypeError, ValueError, OverflowError):
+            seconds = UNKNOWN_LIFETIME
+    return now + dt.timedelta(seconds=min(max(seconds, 0), 366 * 86400))
+
+
+def scope_of(token: Mapping[str, Any]) -> str | None:
+    """The granted ``scope`` of a token response (a string, or a list some servers send)."""
+    raw = token.get("scope")
+    if isinstance(raw, list):
+        raw = " ".join(str(s) for s in raw)
+    if not isinstance(raw, str):
+        return None
+    return " ".join(raw.split())[:4000]
+
+
+def backoff_seconds(failures: int, retry_after: float | None = None) -> float:
+    """Wait before the next refresh after ``failures`` failed ones in a row (at least 1)."""
+    wait = min(BACKOFF_FIRST * 2 ** max(failures - 1, 0), BACKOFF_MAX)
+    if retry_after:
+        wait = max(wait, min(retry_after, grants.RETRY_AFTER_MAX))
+    return wait
+
+
+def _renewed(now: dt.datetime) -> dict[Any, Any]:
+    """The columns a successful renewal resets: no failure remembered."""
+    return {
+        Account.last_refresh_at: now,
+        Account.last_error: "",
+        Account.refresh_failures: 0,
+        Account.refresh_failing_since: None,
+        Account.next_refresh_at: None,
+        Account.refresh_error_kind: "",
+    }
 
 
 def store_tokens(account: Account, token: Mapping[str, Any]) -> None:
@@ -105,13 +152,14 @@ def store_tokens(account: Account, token: Mapping[str, Any]) -> None:
     if not isinstance(access, str) or not access:
         raise GrantError("invalid_response", "the token response holds no access token")
     refresh = token.get("refresh_token")
+    now = utcnow()
     values: dict[Any, Any] = {
         Account.access_token: _seal(account, Account.access_token, access),
-        Account.token_expires_at: expiry_of(token),
+        Account.token_expires_at: expiry_of(token, now),
         Account.token_version: Account.token_version + 1,
         Account.refresh_claimed_until: None,
-        Account.last_refresh_at: utcnow(),
-        Account.last_error: "",
+        Account.granted_scope: scope_of(token) or "",
+        **_renewed(now),
     }
     if isinstance(refresh, str) and refresh:
         values[Account.refresh_token] = _seal(account, Account.refresh_token, refresh)
@@ -143,12 +191,56 @@ def _usable(account: Account) -> None:
         raise AccountUnusable("This mailbox is not authorized yet.")
 
 
+def _margin(account: Account) -> dt.timedelta:
+    """How long before its expiry a token is renewed: the setting, or half the token's life
+    when that is shorter (a 30-second token would otherwise be renewed at every use)."""
+    margin = dt.timedelta(seconds=settings().margin)
+    if account.last_refresh_at is not None and account.token_expires_at is not None:
+        margin = min(margin, (account.token_expires_at - account.last_refresh_at) / 2)
+    return max(margin, dt.timedelta(0))
+
+
 def _fresh(account: Account, now: dt.datetime) -> bool:
     return bool(
         account.__data__.get("access_token") is not None
         and account.token_expires_at is not None
-        and account.token_expires_at > now + dt.timedelta(seconds=settings().margin)
+        and account.token_expires_at > now + _margin(account)
     )
+
+
+def _valid(account: Account, now: dt.datetime) -> bool:
+    """Not expired yet (though maybe inside the renewal margin)."""
+    return bool(
+        account.__data__.get("access_token") is not None
+        and account.token_expires_at is not None
+        and account.token_expires_at > now + dt.timedelta(seconds=5)
+    )
+
+
+def backing_off(account: Account, now: dt.datetime | None = None) -> bool:
+    """A refresh failed and the next try is not due yet."""
+    return account.next_refresh_at is not None and account.next_refresh_at > (now or utcnow())
+
+
+def _recorded(account: Account, now: dt.datetime) -> TokenError:
+    """The remembered failure, as the error a caller gets without asking the provider again."""
+    said = account.last_error or "Renewing the token failed."
+    wait = None
+    if account.next_refresh_at is not None and account.next_refresh_at > now:
+        wait = max(1.0, (account.next_refresh_at - now).total_seconds())
+        said = f"{said} Next try in {_duration(wait)}."
+    if account.refresh_error_kind == "client":
+        return ClientRefused(said, retry_after=wait)
+    return TokenUnavailable(said, wait)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h"
 
 
 def get_access_token(account_id: int, force_refresh: bool = False) -> str:
@@ -177,11 +269,17 @@ def _get_access_token(account_id: int, force_refresh: bool) -> str:
         if not claimed and newer and _fresh(account, now):
             return str(account.access_token)
         if not claimed:
+            if backing_off(account, now):
+                # A refresh failed lately (maybe the one we waited for): no new request before
+                # the recorded time. A token that has not run out yet still serves (unless the
+                # server just refused it).
+                if newer and not force_refresh and _valid(account, now):
+                    return str(account.access_token)
+                raise _recorded(account, now)
             if waited_for_other:
-                # The refresh we waited for failed; its error is recorded. Do not pile on.
-                raise TokenUnavailable(
-                    account.last_error or "The token could not be refreshed; try again shortly."
-                )
+                # The refresh we waited for failed without a record (its caller died). Do not
+                # pile on.
+                raise _recorded(account, now)
             version = account.token_version
             won = (
                 Account.update(
@@ -192,8 +290,14 @@ def _get_access_token(account_id: int, force_refresh: bool) -> str:
                 .execute()
             )
             if won:
+                cached = account.access_token if _valid(account, now) else None
                 account.token_version = version + 1
-                return _refresh(account)
+                try:
+                    return _refresh(account)
+                except TokenUnavailable:
+                    if cached is None or force_refresh:
+                        raise
+                    return str(cached)  # renewal failed early: the old token still serves
             continue  # someone else moved the version first: look again
         waited_for_other = True
         if time.monotonic() > deadline:
@@ -244,31 +348,54 @@ def _outcome(exc: BaseException) -> str:
 
 
 def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseException) -> None:
-    """Record why a refresh failed and release the claim. A refused grant (NeedsReauthorization)
-    marks the account but keeps its tokens; anything else leaves it active with ``last_error``."""
+    """Record why a refresh failed, and when to try again, and release the claim.
+
+    A refused grant (NeedsReauthorization) marks the account but keeps its tokens; anything
+    else leaves it active with ``last_error`` and a back-off (``next_refresh_at``).
+    """
+    now = utcnow()
+    since = account.refresh_failing_since or now
     if isinstance(exc, NeedsReauthorization):
         log.warning("account %s needs re-authorization: %s", account.get_id(), exc.message)
         Account.update(
             status="needs_reauth",
             status_detail=exc.message,
             last_error=exc.message,
+            refresh_failures=account.refresh_failures + 1,
+            refresh_failing_since=since,
+            next_refresh_at=None,
+            refresh_error_kind="reauth",
             token_version=claim + 1,
             refresh_claimed_until=None,
         ).where(mine).execute()
     elif isinstance(exc, TokenUnavailable):
+        failures = account.refresh_failures + 1
+        wait = backoff_seconds(failures, exc.retry_after)
         Account.update(
-            last_error=f"{utcnow():%Y-%m-%d %H:%M} UTC: {exc.message}",
+            last_error=exc.message[:1000],
+            refresh_failures=failures,
+            refresh_failing_since=since,
+            next_refresh_at=now + dt.timedelta(seconds=wait),
+            refresh_error_kind="client" if isinstance(exc, ClientRefused) else "unavailable",
             token_version=claim + 1,
             refresh_claimed_until=None,
         ).where(mine).execute()
-        log.warning("token refresh for account %s failed: %s", account.get_id(), exc.message)
+        log.warning(
+            "token refresh for account %s failed (%d in a row, next try in %d s): %s",
+            account.get_id(), failures, wait, exc.message,
+        )  # fmt: skip
     else:
         Account.update(token_version=claim + 1, refresh_claimed_until=None).where(mine).execute()
 
 
 def _reauth_message(exc: GrantError) -> str:
     said = exc.description or exc.error
-    return f"The provider refused to renew the authorization ({exc.error}): {said}"[:1000]
+    known = oauth.known_explanation(exc.error, exc.description)
+    if known is None:
+        return f"The provider refused to renew the authorization ({exc.error}): {said}"[:1000]
+    return (f"{known.title}: {known.cause} {known.fix} (The provider said: {exc.error}: {said})")[
+        :1000
+    ]
 
 
 def _client_message(client: OAuthClient, exc: GrantError) -> str:
@@ -286,12 +413,16 @@ def _client_message(client: OAuthClient, exc: GrantError) -> str:
 
 def _classified(client: OAuthClient, exc: GrantError) -> TokenError:
     """The provider's refusal as the error that says what helps."""
-    if exc.grant_gone:
+    if exc.grant_gone and not oauth.is_throttling(exc.error, exc.description):
         return NeedsReauthorization(_reauth_message(exc))
     if exc.client_refused:
-        return ClientRefused(_client_message(client, exc), exc.error, exc.description)
+        return ClientRefused(
+            _client_message(client, exc), exc.error, exc.description, exc.retry_after
+        )
     said = exc.description or exc.error
-    return TokenUnavailable(f"The provider refused to renew the token ({exc.error}): {said}"[:1000])
+    return TokenUnavailable(
+        f"The provider refused to renew the token ({exc.error}): {said}"[:1000], exc.retry_after
+    )
 
 
 def _request_with_retries(account: Account) -> dict[str, Any]:
@@ -306,10 +437,10 @@ def _request_with_retries(account: Account) -> dict[str, Any]:
             return _renew(account, client)
         except GrantError as exc:
             raise _classified(client, exc) from None
-        except (_ClaimLost, ClientRefused):
-            raise  # retrying cannot help (and must not reuse a spent refresh token)
-        except TokenUnavailable:
-            if attempt == settings().attempts:
+        except TokenUnavailable as exc:
+            # Only a request that never reached the server is sent again now: an answer (a
+            # 503, a timeout that may have been processed) waits for the back-off.
+            if not exc.unreached or attempt == settings().attempts:
                 raise
         time.sleep(pause)
         pause *= 2
@@ -321,46 +452,62 @@ class _ClaimLost(TokenUnavailable):
 
 
 def _renew(account: Account, client: OAuthClient) -> dict[str, Any]:
-    """One token request; the new tokens are stored (under the claim) before returning."""
-    claim = account.token_version
-
-    def save(token: Mapping[str, Any], refresh_token: str | None = None, **_: Any) -> None:
-        access = token.get("access_token")
-        if not isinstance(access, str) or not access:
-            raise TokenUnavailable("the token endpoint answered without an access token")
-        rotated = token.get("refresh_token") or refresh_token
-        values: dict[Any, Any] = {
-            Account.access_token: _seal(account, Account.access_token, access),
-            Account.token_expires_at: expiry_of(token),
-            Account.token_version: claim + 1,
-            Account.refresh_claimed_until: None,
-            Account.last_refresh_at: utcnow(),
-            Account.last_error: "",
-        }
-        if isinstance(rotated, str) and rotated:
-            values[Account.refresh_token] = _seal(account, Account.refresh_token, rotated)
-        stored = (
-            Account.update(values)
-            .where(_ID == account.get_id(), Account.token_version == claim)
-            .execute()
-        )
-        if not stored:
-            # Our claim lapsed and someone else took over: their tokens win.
-            raise _ClaimLost("the refresh took too long and was taken over")
-
+    """One token request (two when a scope was refused); the new tokens are stored (under the
+    claim) before returning."""
     if client.grant == CLIENT_CREDENTIALS:
         token = client_credentials(client)
-        save(token)
+        _save(account, token, None)
         return token
     refresh = account.refresh_token
     if not refresh:
         raise NeedsReauthorization(
             "No refresh token is stored for this mailbox; authorize it again."
         )
-    check_endpoint(client.token_url)
-    session = session_for(client, update_token=save)
-    return call_endpoint(
-        lambda: session.refresh_token(
-            client.token_url, refresh_token=str(refresh), timeout=settings().timeout
-        )
+    scope = account.granted_scope or ""
+    try:
+        token = refresh_grant(client, str(refresh), scope)
+    except GrantError as exc:
+        if exc.error != "invalid_scope" or not scope:
+            raise
+        log.info("account %s: refresh refused for its scope; again without", account.get_id())
+        token = refresh_grant(client, str(refresh), "")
+        scope = ""
+    _save(account, token, scope)
+    return token
+
+
+def _save(account: Account, token: Mapping[str, Any], asked: str | None) -> None:
+    """Store a renewal's tokens under our claim. A rotated refresh token is kept even when the
+    rest of the answer is unusable: the old one may be spent."""
+    claim = account.token_version
+    now = utcnow()
+    rotated = token.get("refresh_token")
+    access = token.get("access_token")
+    values: dict[Any, Any] = {}
+    if isinstance(rotated, str) and rotated:
+        values[Account.refresh_token] = _seal(account, Account.refresh_token, rotated)
+    if not isinstance(access, str) or not access:
+        if values:
+            Account.update(values).where(
+                _ID == account.get_id(), Account.token_version == claim
+            ).execute()
+        raise TokenUnavailable("the token endpoint answered without an access token")
+    granted = scope_of(token)
+    values.update(
+        {
+            Account.access_token: _seal(account, Account.access_token, access),
+            Account.token_expires_at: expiry_of(token, now),
+            Account.token_version: claim + 1,
+            Account.refresh_claimed_until: None,
+            **_renewed(now),
+        }
     )
+    if granted is not None or asked is not None:
+        # what the provider says it granted; else what we asked for (none after a refusal)
+        values[Account.granted_scope] = granted if granted is not None else asked
+    stored = (
+        Account.update(values).where(_ID == account.get_id(), Account.token_version == claim)
+    ).execute()
+    if not stored:
+        # Our claim lapsed and someone else took over: their tokens win.
+        raise _ClaimLost("the refresh took too long and was taken over")

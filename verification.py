@@ -7,12 +7,17 @@ active (and before it replaces the tokens of an account that already works).
 
 from __future__ import annotations
 
+import base64
 import imaplib
+import poplib
+import smtplib
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import audit
 import grants
+import mailrefusals
 import providers
 import tokens
 from config import is_loopback_host
@@ -26,12 +31,33 @@ VERIFY_TIMEOUT = 20.0
 class Verification:
     ok: bool
     message: str
+    # protocol -> None when it worked, else why not (only the protocols that were checked)
+    protocols: dict[str, str | None] = field(default_factory=dict)
+
+
+# Which protocols a scope grants, by the permission names in it (Microsoft's delegated scopes);
+# a scope that names none of them (Google's mail.google.com, .default, a custom server's) is
+# taken to cover every protocol the client has a server for.
+_SCOPE_PROTOCOLS = {"imap.accessasuser.all": "imap", "pop.accessasuser.all": "pop3",
+                    "smtp.send": "smtp"}  # fmt: skip
+
+
+def protocols_covered(scope: str, served: list[str]) -> list[str]:
+    """The protocols of ``served`` that ``scope`` lets a token use."""
+    named = {
+        proto
+        for word in (scope or "").lower().split()
+        for suffix, proto in _SCOPE_PROTOCOLS.items()
+        if word.endswith("/" + suffix) or word == suffix
+    }
+    return [p for p in served if p in named] if named else list(served)
 
 
 def verify(
     account: Account, access_token: str | None = None, *, client: OAuthClient | None = None
 ) -> Verification:
-    """Log in upstream over IMAP with the account's token and run a follow-up command.
+    """Log in upstream over each protocol the scope covers, with a follow-up command each
+    (IMAP SELECT, POP3 STAT, SMTP without sending). The link works when one of them does.
 
     ``access_token`` and ``client``: check a new authorization before it is stored (default:
     the account's stored token and client).
@@ -39,25 +65,54 @@ def verify(
     client = client or account.client
     if client is None:
         return Verification(False, "The client this mailbox was linked with no longer exists.")
-    endpoint = providers.endpoints_for(client).get("imap")
-    if endpoint is None:
-        return Verification(False, "The client names no IMAP server to check the link with.")
+    endpoints = providers.endpoints_for(client)
+    scope = (account.granted_scope if access_token is None else "") or client.scope
+    covered = protocols_covered(scope, [p for p in ("imap", "pop3", "smtp") if p in endpoints])
+    if not covered:
+        return Verification(False, "The client names no mail server to check the link with.")
     if access_token is None:
         try:
             access_token = tokens.get_access_token(account.id)
         except tokens.TokenError as exc:
             return Verification(False, exc.message)
     mechanism = providers.sasl_mechanism_for(client)
-    try:
-        check_imap(endpoint, account.address, access_token, mechanism)
-    except VerificationFailed as exc:
-        return Verification(False, str(exc))
-    return Verification(True, f"Signed in to {endpoint.host} as {account.address}.")
+    results: dict[str, str | None] = {}
+    for protocol in covered:
+        try:
+            CHECKS[protocol](endpoints[protocol], account.address, access_token, mechanism)
+            results[protocol] = None
+        except VerificationFailed as exc:
+            results[protocol] = str(exc)
+    worked = [p for p, why in results.items() if why is None]
+    failed = [f"{NAMES[p]}: {why}" for p, why in results.items() if why is not None]
+    if not worked:
+        return Verification(False, " ".join(failed), results)
+    first = endpoints[worked[0]]
+    said = f"Signed in to {first.host} as {account.address}"
+    if len(worked) > 1:
+        said += f" ({', '.join(NAMES[p] for p in worked)})"
+    message = f"{said}." + (f" Not working: {' '.join(failed)}" if failed else "")
+    return Verification(True, message, results)
+
+
+NAMES = {"imap": "IMAP", "pop3": "POP3", "smtp": "SMTP"}
+
+
+def record_protocols(account: Account, result: Verification, app_only: bool) -> None:
+    """Show each checked protocol's outcome on the account page (mailrefusals)."""
+    for protocol, why in result.protocols.items():
+        if why is None:
+            mailrefusals.clear(account.id, protocol)
+        else:
+            refusal = mailrefusals.explain(protocol, why, account.address, app_only)
+            mailrefusals.record(account.id, refusal)
 
 
 def recheck(user: User, account: Account, *, ip: str = "") -> Verification:
     """Test an existing link again (the "Test connection" button)."""
     result = verify(account)
+    app_only = account.client is not None and account.client.grant == "client_credentials"
+    record_protocols(account, result, app_only)
     if account.status in ("active", "error"):
         tokens.set_status(
             account.id, "active" if result.ok else "error", "" if result.ok else result.message
@@ -135,3 +190,108 @@ def check_imap(
             conn.logout()
         except (OSError, imaplib.IMAP4.error):
             pass
+
+
+def _connect_error(where: str, exc: BaseException) -> VerificationFailed:
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return VerificationFailed(f"TLS with {where} failed: {exc}")
+    return VerificationFailed(f"Could not connect to {where}: {exc}")
+
+
+def check_pop3(
+    endpoint: Endpoint,
+    address: str,
+    access_token: str,
+    mechanism: str = "XOAUTH2",
+    timeout: float = VERIFY_TIMEOUT,
+) -> None:
+    """AUTH in two steps (as Exchange wants), then STAT; raises ``VerificationFailed``."""
+    if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
+        raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
+    where = f"{endpoint.host}:{endpoint.port}"
+    context = grants.ssl_context()
+    try:
+        if endpoint.security == "tls":
+            conn: poplib.POP3 = poplib.POP3_SSL(
+                endpoint.host, endpoint.port, context=context, timeout=timeout
+            )
+        else:
+            conn = poplib.POP3(endpoint.host, endpoint.port, timeout=timeout)
+            if endpoint.security == "starttls":
+                conn.stls(context=context)
+    except (OSError, poplib.error_proto, ssl.SSLError) as exc:
+        raise _connect_error(where, exc) from None
+    payload = base64.b64encode(sasl_payload(mechanism, address, access_token)).decode()
+    try:
+        try:
+            raw: Any = conn  # poplib has no AUTH: its command primitives are private
+            answer = raw._shortcmd(f"AUTH {mechanism.upper()}")
+            if not answer.startswith(b"+"):
+                raise poplib.error_proto(answer)
+            answer = raw._shortcmd(payload)
+            if not answer.startswith(b"+OK"):  # a failure challenge: an empty line ends it
+                raw._putcmd("")
+                raw._getresp()
+            conn.stat()
+        except poplib.error_proto as exc:
+            raise VerificationFailed(f"{where} refused the login for {address}: {exc}") from None
+    except OSError as exc:
+        raise VerificationFailed(f"The connection to {where} failed: {exc}") from None
+    finally:
+        try:
+            conn.quit()
+        except (OSError, poplib.error_proto):
+            pass
+
+
+def check_smtp(
+    endpoint: Endpoint,
+    address: str,
+    access_token: str,
+    mechanism: str = "XOAUTH2",
+    timeout: float = VERIFY_TIMEOUT,
+) -> None:
+    """EHLO and AUTH without sending anything; raises ``VerificationFailed``."""
+    if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
+        raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
+    where = f"{endpoint.host}:{endpoint.port}"
+    context = grants.ssl_context()
+    try:
+        if endpoint.security == "tls":
+            conn: smtplib.SMTP = smtplib.SMTP_SSL(
+                endpoint.host, endpoint.port, context=context, timeout=timeout
+            )
+        else:
+            conn = smtplib.SMTP(endpoint.host, endpoint.port, timeout=timeout)
+            if endpoint.security == "starttls":
+                conn.starttls(context=context)
+        conn.ehlo()
+    except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
+        raise _connect_error(where, exc) from None
+    payload = sasl_payload(mechanism, address, access_token).decode()
+    try:
+        try:
+            conn.auth(
+                mechanism.upper(), lambda challenge=None: payload if challenge is None else ""
+            )
+        except smtplib.SMTPResponseException as exc:
+            said = (
+                exc.smtp_error.decode(errors="replace")
+                if isinstance(exc.smtp_error, bytes)
+                else str(exc.smtp_error)
+            )
+            raise VerificationFailed(
+                f"{where} refused the login for {address}: {exc.smtp_code} {said}"
+            ) from None
+        except smtplib.SMTPException as exc:
+            raise VerificationFailed(f"{where} refused the login for {address}: {exc}") from None
+    except OSError as exc:
+        raise VerificationFailed(f"The connection to {where} failed: {exc}") from None
+    finally:
+        try:
+            conn.quit()
+        except (OSError, smtplib.SMTPException):
+            pass
+
+
+CHECKS = {"imap": check_imap, "pop3": check_pop3, "smtp": check_smtp}

@@ -12,7 +12,7 @@ Security = Literal["tls", "starttls", "plain"]
 Mechanism = Literal["XOAUTH2", "OAUTHBEARER"]
 
 #: The refusal kinds a Backend may raise.
-KINDS = frozenset({"credentials", "throttled", "reauth", "disabled", "unavailable"})
+KINDS = frozenset({"credentials", "throttled", "reauth", "disabled", "unavailable", "refused"})
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class ProxyAuthError(Exception):
     kind is one of: 'credentials' (wrong address or password), 'throttled' (too many failures;
     retry_after seconds), 'reauth' (account needs re-authorization; message names the page to
     visit), 'disabled' (account or user disabled), 'unavailable' (temporary: token endpoint or
-    upstream down).
+    upstream down), 'refused' (the mail server refuses this protocol for a reason a new token
+    cannot fix; message says what to change).
     """
 
     def __init__(self, kind: str, message: str, retry_after: int | None = None):
@@ -57,8 +58,14 @@ class Backend(Protocol):
         """Blocking (DB, HTTP). Raises ProxyAuthError('reauth' | 'unavailable')."""
         ...
 
-    def token_rejected(self, account_id: int, detail: str) -> None:
-        """Upstream refused a freshly refreshed token too: mark the account for re-authorization."""
+    def upstream_refused(self, account_id: int, protocol: str, detail: str) -> None:
+        """Upstream refused the token (``detail``: its words). Returns when one refresh and
+        retry is worth it; raises ProxyAuthError when a new token cannot help."""
+        ...
+
+    def token_rejected(self, account_id: int, protocol: str, detail: str) -> str | None:
+        """Upstream refused a freshly refreshed token too: record it for that protocol.
+        Returns the reason for the mail client (None: the generic re-authorize message)."""
         ...
 
     def session_opened(self, account_id: int, protocol: str, client_ip: str) -> None: ...

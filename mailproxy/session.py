@@ -89,7 +89,7 @@ class Session:
         msg = one_line(err.message)
         if err.kind == "credentials":
             return f"{self.REFUSAL['credentials']} {msg or 'Invalid address or password'}"
-        if err.kind in ("reauth", "disabled"):
+        if err.kind in ("reauth", "disabled", "refused"):
             return f"{self.REFUSAL['denied']} {msg}"
         if err.kind == "throttled" and err.retry_after:
             return f"{self.REFUSAL['temporary']} {msg} (retry in {err.retry_after} seconds)"
@@ -286,16 +286,27 @@ class Session:
         ok, detail = await self.upstream_auth(up, grant, token)
         if ok:
             return up
-        self.log.info("upstream rejected the token of %s, refreshing: %s", grant.address, detail)
         up.close()
-        token = await asyncio.to_thread(backend.access_token, grant.account_id, True)
-        self.upstream = up = await self.open_upstream(grant)
-        ok, detail = await self.upstream_auth(up, grant, token)
-        if ok:
-            return up
+        self.upstream = None
+        # Raises when a new token cannot help (a policy refusal, or one already recorded for
+        # this very token): no token request for it.
+        await asyncio.to_thread(backend.upstream_refused, grant.account_id, self.protocol, detail)
+        self.log.info("upstream rejected the token of %s, refreshing: %s", grant.address, detail)
+        fresh = await asyncio.to_thread(backend.access_token, grant.account_id, True)
+        if fresh != token:
+            self.upstream = up = await self.open_upstream(grant)
+            ok, detail = await self.upstream_auth(up, grant, fresh)
+            if ok:
+                return up
+            up.close()
+            self.upstream = None
         count_upstream_error(self.protocol, "token_rejected")
         self.log.warning("upstream rejected a fresh token of %s: %s", grant.address, detail)
-        await asyncio.to_thread(backend.token_rejected, grant.account_id, detail)
+        reason = await asyncio.to_thread(
+            backend.token_rejected, grant.account_id, self.protocol, detail
+        )
+        if reason:
+            raise ProxyAuthError("refused", reason)
         raise ProxyAuthError("reauth", self.settings.reauth_message)
 
     async def _relay(self, grant: Grant, up: Upstream) -> None:

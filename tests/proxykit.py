@@ -82,9 +82,14 @@ class RecordingBackend:
             self.tokens_issued.append(token)
         return token
 
-    def token_rejected(self, account_id: int, detail: str) -> None:
+    def upstream_refused(self, account_id: int, protocol: str, detail: str) -> None:
         with self.lock:
-            self.calls.append(("token_rejected", account_id, detail))
+            self.calls.append(("upstream_refused", account_id, detail, protocol))
+
+    def token_rejected(self, account_id: int, protocol: str, detail: str) -> str | None:
+        with self.lock:
+            self.calls.append(("token_rejected", account_id, detail, protocol))
+        return None
 
     def session_opened(self, account_id: int, protocol: str, client_ip: str) -> None:
         with self.lock:

@@ -65,3 +65,48 @@ def test_backup_restores_into_a_fresh_instance_that_still_decrypts(app, runner, 
     with fresh.app_context():
         assert OAuthClient.get(OAuthClient.name == "c").client_secret == "backup-secret-value"
         assert User.by_email("o@example.org") is not None
+
+
+def test_accounts_of_the_previous_schema_are_upgraded_in_place(instance):
+    """Version 3 had no renewal state: the columns are added, and nothing is lost."""
+    from mailbackend import AppBackend
+    from models import Account, MailPassword
+    from passwords import hash_password
+
+    instance.mkdir(parents=True)
+    path = instance / "auth-email.db"
+    app = make_app(instance)  # keys, and today's schema
+    with app.app_context():
+        owner = User.create(email="o@example.org", password_hash="x")
+        client = stored_client(owner, "c", "client-secret-value")
+        client.imap_host, client.imap_port = "127.0.0.1", 993
+        client.save()
+        account = Account.create(owner=owner, address="box@example.test", provider="other",
+                                 client=client, status="active")  # fmt: skip
+        account.access_token, account.refresh_token = "access-value", "refresh-value"
+        account.save()
+        MailPassword.create(
+            account=account, label="Laptop", password_hash=hash_password("mail-pw-1")
+        )
+    new = ["granted_scope", "refresh_failures", "refresh_failing_since", "next_refresh_at",
+           "refresh_error_kind", "protocol_state"]  # fmt: skip
+    with sqlite3.connect(path) as raw:  # back to version 3 as it shipped
+        for column in new:
+            raw.execute(f"ALTER TABLE account DROP COLUMN {column}")
+        raw.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    with sqlite3.connect(path) as raw:
+        assert not {r[1] for r in raw.execute("PRAGMA table_info(account)")} & set(new)
+
+    upgraded = make_app(instance)
+    with upgraded.app_context():
+        assert migrations.current_version() == migrations.LATEST
+        stored = Account.get(Account.address == "box@example.test")
+        assert (stored.access_token, stored.refresh_token) == ("access-value", "refresh-value")
+        assert stored.refresh_failures == 0 and stored.granted_scope == ""
+        assert stored.next_refresh_at is None and stored.protocol_state == ""
+        grant = AppBackend(upgraded.config).authenticate(
+            "imap", "box@example.test", "mail-pw-1", "127.0.0.1"
+        )
+        assert grant.account_id == stored.id
+    with sqlite3.connect(path) as raw:
+        assert set(new) <= {r[1] for r in raw.execute("PRAGMA table_info(account)")}

@@ -264,18 +264,22 @@ INVALID = [
     ({"provider": "evil"}, "provider", "Not a valid choice."),
     ({"client_id": "not-a-guid"}, "client_id", "A Microsoft client ID is a GUID"),
     ({"client_id": ""}, "client_id", "Enter the client ID."),
-    ({"client_secret": ""}, "client_secret", "Enter the client secret."),
+    (
+        {"client_secret": "", "grant": "client_credentials"},
+        "client_secret",
+        "Enter the client secret: with Client Credentials",
+    ),
     ({"tenant": ""}, "tenant", "Enter the Directory (tenant) ID"),
     ({"tenant": "not a tenant!"}, "tenant", "A tenant is a GUID or a domain"),
     (
         {"tenant": "organizations", "grant": "client_credentials"},
         "tenant",
-        "“organizations” works with Authorization Code only",
+        "Client Credentials needs your directory's own tenant: “organizations”",
     ),
     (
         {"tenant": "common", "grant": "client_credentials"},
         "tenant",
-        "“common” works with Authorization Code only",
+        "Client Credentials needs your directory's own tenant: “common”",
     ),
     ({"token_url": "http://login.example.org/token"}, "token_url", "Use https://"),
     ({"authorize_url": "javascript:alert(1)"}, "authorize_url", "Enter a full URL"),
@@ -775,8 +779,8 @@ def test_save_client_needs_a_secret_on_create_and_clears_preset_fields(app, admi
     values = {k: v for k, v in MICROSOFT_FORM.items() if k in oauth_clients.EDITABLE}
     values.update(imap_host="evil.example", imap_port=1, secret_expires_on=None)
     with app.app_context():
-        with pytest.raises(oauth_clients.ClientError):
-            oauth_clients.save_client(admin, values)
+        with pytest.raises(oauth_clients.ClientError):  # Client Credentials needs its secret
+            oauth_clients.save_client(admin, {**values, "grant": "client_credentials"})
         saved = oauth_clients.save_client(admin, values, secret="s")
         assert saved.imap_host == "" and saved.imap_port is None
         assert saved.client_secret == "s"

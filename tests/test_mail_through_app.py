@@ -9,6 +9,7 @@ tokens and accounting are the ones users get. Mail clients are the stdlib's.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import imaplib
 import logging
 import poplib
@@ -37,7 +38,7 @@ import users
 from mailbackend import MailProxyService
 from mailproxy.settings import LISTENER_NAMES
 from mailsetup import tls_files
-from models import Account, AuditEvent, MailPassword, OAuthClient, User
+from models import Account, AuditEvent, MailPassword, OAuthClient, User, utcnow
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
 
 pytestmark = pytest.mark.peers
@@ -622,14 +623,23 @@ def test_a_whole_session_at_debug_level_logs_no_password_and_no_token(
     handed_out += [str(linked.access_token), str(linked.refresh_token)]
     address = account.address
 
+    def expire() -> None:  # each login renews the token (with rotation) inside the capture
+        Account.update(token_expires_at=utcnow() - dt.timedelta(minutes=1)).where(
+            Account.id == account.id
+        ).execute()
+
+    expire()
     read_first_message(mail.imap(address, PASSWORD, "imaps"))
+    expire()
     conn = imaplib.IMAP4("127.0.0.1", mail.port("imap"), timeout=20)
     conn.starttls(ssl_context=mail.tls())
     conn.authenticate("PLAIN", lambda _: f"\0{address}\0{PASSWORD}".encode())
     conn.logout()
+    expire()
     pop = mail.pop3(address, PASSWORD)
     pop.retr(1)
     pop.quit()
+    expire()
     smtp = smtplib.SMTP("127.0.0.1", mail.port("submission"), timeout=20)
     smtp.starttls(context=mail.tls())
     smtp.ehlo()

@@ -31,6 +31,8 @@ def test_preset_keys_and_labels():
         "outlook",
         "google",
         "microsoft_china",
+        "microsoft_gcc_high",
+        "microsoft_dod",
         "fastmail",
         "yahoo",
         "aol",
@@ -327,7 +329,7 @@ def test_closed_registrations_and_tenants():
     closed = {p.key for p in providers.PRESETS.values() if p.registrations_closed}
     assert closed == {"fastmail", "yahoo", "aol"}
     with_tenant = {p.key for p in providers.PRESETS.values() if p.has_tenant}
-    assert with_tenant == {"microsoft365", "microsoft_china"}
+    assert with_tenant == {"microsoft365", "microsoft_china", "microsoft_gcc_high", "microsoft_dod"}
 
 
 @pytest.mark.parametrize(

@@ -382,7 +382,7 @@ def test_backend_error_in_access_token_is_a_temporary_refusal(
 def test_backend_error_in_token_rejected_is_a_temporary_refusal(
     proxy: Controller, backend: RecordingBackend
 ) -> None:
-    def broken(account_id: int, detail: str) -> None:
+    def broken(account_id: int, protocol: str, detail: str) -> None:
         raise RuntimeError("database gone")
 
     backend.bad_tokens += ["stale", "stale-too"]

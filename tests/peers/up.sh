@@ -510,6 +510,7 @@ data = {
     "test_stats_url": f"{e['I']}/_test/stats",
     "test_stats_reset_url": f"{e['I']}/_test/stats/reset",
     "test_revoke_url": f"{e['I']}/_test/revoke",
+    "test_token_behaviour_url": f"{e['I']}/_test/token_behaviour",
     "op_port": int(e["OP_PORT"]),
     "imap_port": int(e["IMAP_PORT"]),
     "imaps_port": int(e["IMAPS_PORT"]),

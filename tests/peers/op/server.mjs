@@ -241,6 +241,17 @@ provider.use(async (ctx, next) => {
     ctx.body = { active: false };
   }
 });
+// Test-only: a client's token requests answered with a scripted refusal (status, body,
+// Retry-After, content type), as a throttled or failing provider would; counted above.
+const tokenBehaviour = new Map(); // client_id -> { status, body, retry_after, content_type }
+provider.use(async (ctx, next) => {
+  const scripted = ctx.path === '/token' && ctx.method === 'POST' && tokenBehaviour.get(basicClientId(ctx));
+  if (!scripted) return next();
+  ctx.status = scripted.status || 400;
+  if (scripted.retry_after !== undefined) ctx.set('Retry-After', String(scripted.retry_after));
+  ctx.type = scripted.content_type || 'application/json';
+  ctx.body = typeof scripted.body === 'string' ? scripted.body : JSON.stringify(scripted.body || { error: 'invalid_request' });
+});
 provider.on('server_error', (ctx, err) => console.error('server_error', err));
 provider.on('grant.error', (ctx, err) => console.error('grant.error', err.message, err.error_description || ''));
 provider.on('introspection.error', (ctx, err) => console.error('introspection.error', err.message));
@@ -353,6 +364,14 @@ async function testEndpoints(req, res) {
   if (req.method === 'POST' && url.pathname === '/_test/stats/reset') {
     await readBody(req);
     Object.assign(stats, { total: 0, byClient: {}, byGrantType: {}, recent: [] });
+    return sendJson(res, 200, { ok: true });
+  }
+  if (req.method === 'POST' && url.pathname === '/_test/token_behaviour') {
+    // JSON body: { client_id, status, body, retry_after, content_type }; without status: normal again
+    const p = JSON.parse((await readBody(req)) || '{}');
+    if (!p.client_id) return sendJson(res, 400, { error: 'client_id required' });
+    if (p.status) tokenBehaviour.set(p.client_id, p);
+    else tokenBehaviour.delete(p.client_id);
     return sendJson(res, 200, { ok: true });
   }
   if (req.method === 'POST' && url.pathname === '/_test/revoke') {

@@ -1,0 +1,62 @@
+"""What the accounts pages say about a mailbox: its state in plain words, from the stored facts.
+
+``Account.status`` alone says "active" for a mailbox whose token cannot be renewed, or whose
+SMTP side the mail server refuses; ``health`` puts the renewal failure (what failed, since when,
+the next try) and each protocol's refusal beside it, so the pages never claim more than is true.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import mailrefusals
+from models import Account
+
+LABELS = {
+    "active": "Active",
+    "needs_reauth": "Needs re-authorization",
+    "error": "Error",
+    "disabled": "Disabled",
+    "pending": "Pending",
+}
+
+
+@dataclass(frozen=True)
+class Health:
+    label: str  # the badge
+    css: str  # the badge's class: status-<css>
+    problem: str = ""  # what fails, in plain words ("" when nothing does)
+    since: dt.datetime | None = None
+    next_try: dt.datetime | None = None
+    refusals: list[mailrefusals.Refusal] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.css == "active"
+
+
+def health(account: Account) -> Health:
+    """The account's state as the pages show it."""
+    refusals = sorted(mailrefusals.states(account).values(), key=lambda r: r.protocol)
+    if account.status == "active" and account.refresh_failures:
+        return Health(
+            "Cannot renew token",
+            "error",
+            account.last_error or "Renewing the access token failed.",
+            account.refresh_failing_since,
+            account.next_refresh_at,
+            refusals,
+        )
+    if account.status == "active" and refusals:
+        names = ", ".join(r.name for r in refusals)
+        problem = " ".join(f"{r.name}: {r.title}." for r in refusals)
+        return Health(f"Active, {names} refused", "partial", problem, refusals=refusals)
+    since = account.refresh_failing_since if account.status == "needs_reauth" else None
+    return Health(
+        LABELS.get(account.status, account.status),
+        account.status,
+        account.status_detail if account.status != "active" else "",
+        since,
+        refusals=refusals,
+    )

@@ -1,0 +1,493 @@
+"""Renewal that survives how real providers behave: the granted scope, back-off, bad answers.
+
+Against the real OAuth server (counted at the server) where it can show the behaviour, and a
+scripted local token endpoint for the answers the server cannot give (HTML, truncated JSON,
+a hang, ``invalid_scope`` for one request only).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+from flask import Flask
+
+import linking
+import tokens
+from models import Account, OAuthClient, User, utcnow
+from tests.conftest import make_app
+from tests.test_linking import (
+    PUBLIC,
+    REDIRECT,
+    PeerInfo,
+    mailbox,
+    op_sign_in,
+    peer,  # noqa: F401  (fixture)
+    peer_client,
+    query_of,
+    register,
+    token_requests,
+)
+
+USER_SCOPE = "openid email offline_access"
+
+
+@pytest.fixture
+def owner(instance: Path, peer: PeerInfo) -> User:  # noqa: F811
+    import users
+
+    app: Flask = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC)
+    with app.app_context():
+        users.create_admin("admin@example.org", "admin-password-1")
+        return users.create_user("owner@example.org", "owner-password-1", True)
+
+
+def link_with_scope(
+    owner: User,
+    peer: PeerInfo,  # noqa: F811
+    scope: str,
+    **meta: Any,
+) -> tuple[Account, dict[str, Any]]:
+    reg = register(peer, **meta)
+    client = peer_client(owner, peer, reg, scope=scope)
+    address = mailbox("scope")
+    started = linking.start(owner, address, client, REDIRECT)
+    back = op_sign_in(peer, started.url, address)
+    account, result = linking.complete_callback(owner, query_of(back), REDIRECT)
+    assert result.ok, result.message
+    return Account.get_by_id(account.id), reg
+
+
+def expire(account: Account) -> None:
+    Account.update(token_expires_at=utcnow() - dt.timedelta(minutes=1)).where(
+        Account.id == account.id
+    ).execute()
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("scope", [USER_SCOPE, f"{USER_SCOPE} mail"])
+def test_a_user_typed_scope_with_offline_access_keeps_renewing(
+    owner: User,
+    peer: PeerInfo,  # noqa: F811
+    scope: str,
+) -> None:
+    """The issue's reproduction: a 2-minute token, the scope a user would type, and the
+    refresh that failed with invalid_scope because it repeated the configured scope."""
+    account, reg = link_with_scope(owner, peer, scope, access_token_ttl=120)
+    expire(account)
+    before = token_requests(peer, reg["client_id"])
+
+    first = tokens.get_access_token(account.id)
+    expire(Account.get_by_id(account.id))
+    second = tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert first != account.access_token and second != first
+    assert stored.status == "active" and stored.last_error == ""
+    assert token_requests(peer, reg["client_id"]) == before + 2
+
+
+# ------------------------------------------------------------------ a scripted token endpoint
+
+
+class Scripted:
+    """A local token endpoint that plays ``answers`` in order (the last one repeats) and
+    records each request's form. An answer: (status, body, headers) or ("hang", seconds)."""
+
+    def __init__(self, *answers: tuple[Any, ...]) -> None:
+        self.answers = list(answers)
+        self.forms: list[dict[str, str]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                outer.forms.append({k: v[0] for k, v in parse_qs(raw.decode()).items()})
+                answer = outer.answers.pop(0) if len(outer.answers) > 1 else outer.answers[0]
+                if answer[0] == "hang":
+                    time.sleep(answer[1])
+                    return
+                status, body, headers = (*answer, {})[:3]
+                if isinstance(body, dict | list):
+                    payload, kind = json.dumps(body).encode(), "application/json"
+                else:
+                    payload, kind = str(body).encode(), "text/html"
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", kind)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("content-length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def hits(self) -> int:
+        return len(self.forms)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., Scripted]]:
+    started: list[Scripted] = []
+
+    def start(*answers: tuple[Any, ...]) -> Scripted:
+        started.append(Scripted(*answers))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def quick_app(instance: Path) -> Flask:
+    return make_app(instance, TOKEN_HTTP_TIMEOUT=0.5, TOKEN_BACKOFF=0.01, TOKEN_ATTEMPTS=3)
+
+
+def account_at(app: Flask, token_url: str, granted: str = "", provider: str = "other") -> Account:
+    """An active account whose access token has run out, renewed at ``token_url``."""
+    import users
+
+    with app.app_context():
+        user = users.create_user("renew@example.org", "renew-password-1", True)
+    client = OAuthClient.create(
+        owner=user,
+        name="scripted",
+        provider=provider,
+        token_url=token_url,
+        scope="openid email offline_access mail",
+        client_id="id",
+        client_secret="secret",
+    )
+    account = Account.create(
+        owner=user, address="renew@example.test", provider=provider, client=client, status="active"
+    )
+    tokens.store_tokens(
+        account, {"access_token": "a1", "refresh_token": "r1", "expires_in": 0, "scope": granted}
+    )
+    return Account.get_by_id(account.id)
+
+
+OK = (
+    200,
+    {"access_token": "a2", "refresh_token": "r2", "token_type": "Bearer", "expires_in": 3600},
+)
+
+
+def test_refresh_asks_for_the_granted_scope_not_the_configured_one(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted(OK)
+    account = account_at(quick_app, server.url, granted="openid email")
+
+    assert tokens.get_access_token(account.id) == "a2"
+
+    (form,) = server.forms
+    assert form["grant_type"] == "refresh_token" and form["refresh_token"] == "r1"
+    assert form["scope"] == "openid email"  # what was granted, not the client's setting
+
+
+def test_refresh_without_a_granted_scope_sends_no_scope(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted(OK)
+    account = account_at(quick_app, server.url, granted="")
+
+    assert tokens.get_access_token(account.id) == "a2"
+    assert "scope" not in server.forms[0]
+
+
+def test_a_refresh_refused_for_its_scope_is_tried_once_without_it(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    refused = (400, {"error": "invalid_scope", "error_description": "missing requested scope"})
+    server = scripted(refused, OK)
+    account = account_at(quick_app, server.url, granted="openid email offline_access")
+
+    assert tokens.get_access_token(account.id) == "a2"
+
+    assert [f.get("scope") for f in server.forms] == ["openid email offline_access", None]
+    stored = Account.get_by_id(account.id)
+    assert stored.granted_scope == "" and stored.refresh_token == "r2"
+    expire(stored)
+    tokens.get_access_token(account.id)
+    assert "scope" not in server.forms[2]  # and stays without
+
+
+def test_invalid_scope_without_a_scope_is_not_repeated(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted((400, {"error": "invalid_scope", "error_description": "no"}))
+    account = account_at(quick_app, server.url, granted="")
+
+    with pytest.raises(tokens.ClientRefused):
+        tokens.get_access_token(account.id)
+    assert server.hits == 1
+
+
+# ------------------------------------------------------------------------------- back-off
+
+
+def due_now(account: Account) -> None:
+    Account.update(next_refresh_at=utcnow() - dt.timedelta(seconds=1)).where(
+        Account.id == account.id
+    ).execute()
+
+
+def seconds_until_next_try(account: Account) -> float:
+    stored = Account.get_by_id(account.id)
+    return float((stored.next_refresh_at - utcnow()).total_seconds())
+
+
+def test_a_refused_refresh_is_remembered_and_not_asked_again_until_the_back_off_ends(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted((401, {"error": "invalid_client", "error_description": "bad secret"}))
+    account = account_at(quick_app, server.url)
+
+    with pytest.raises(tokens.ClientRefused):
+        tokens.get_access_token(account.id)
+    for _ in range(50):
+        with pytest.raises(tokens.ClientRefused, match="Next try in"):
+            tokens.get_access_token(account.id)
+    with pytest.raises(tokens.ClientRefused):
+        tokens.get_access_token(account.id, force_refresh=True)
+
+    assert server.hits == 1
+    assert 25 < seconds_until_next_try(account) <= 30
+    first = Account.get_by_id(account.id)
+    assert first.refresh_failures == 1 and first.refresh_failing_since is not None
+    assert first.status == "active" and "bad secret" in first.last_error
+
+    due_now(account)
+    with pytest.raises(tokens.ClientRefused):
+        tokens.get_access_token(account.id)
+    assert server.hits == 2
+    assert 55 < seconds_until_next_try(account) <= 60  # doubled
+    second = Account.get_by_id(account.id)
+    assert second.refresh_failing_since == first.refresh_failing_since  # since the first
+
+
+def test_the_back_off_doubles_to_an_hour() -> None:
+    waits = [tokens.backoff_seconds(n) for n in range(1, 10)]
+    assert waits[:4] == [30, 60, 120, 240] and waits[-1] == 3600 == max(waits)
+    assert tokens.backoff_seconds(1, retry_after=300) == 300
+    assert tokens.backoff_seconds(5, retry_after=10) == 480
+
+
+@pytest.mark.parametrize("header", ["120", "http-date"])
+def test_retry_after_is_honoured(
+    quick_app: Flask, scripted: Callable[..., Scripted], header: str
+) -> None:
+    if header == "http-date":
+        when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120)
+        header = email.utils.format_datetime(when, usegmt=True)
+    server = scripted((429, "Too Many Requests", {"Retry-After": header}))
+    account = account_at(quick_app, server.url)
+
+    with pytest.raises(tokens.TokenUnavailable):
+        tokens.get_access_token(account.id)
+
+    assert server.hits == 1
+    assert 110 < seconds_until_next_try(account) <= 121
+
+
+def test_a_success_after_failures_forgets_them(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted((503, "busy"), OK)
+    account = account_at(quick_app, server.url)
+    with pytest.raises(tokens.TokenUnavailable):
+        tokens.get_access_token(account.id)
+    due_now(account)
+
+    assert tokens.get_access_token(account.id) == "a2"
+
+    stored = Account.get_by_id(account.id)
+    assert stored.refresh_failures == 0 and stored.next_refresh_at is None
+    assert stored.refresh_failing_since is None and stored.last_error == ""
+
+
+def test_a_token_not_yet_run_out_still_serves_during_the_back_off(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted((503, "busy"))
+    account = account_at(quick_app, server.url)
+    # inside the renewal margin (60 s) but valid for 40 s more
+    Account.update(
+        token_expires_at=utcnow() + dt.timedelta(seconds=40),
+        last_refresh_at=utcnow() - dt.timedelta(hours=1),
+    ).where(Account.id == account.id).execute()
+
+    assert tokens.get_access_token(account.id) == "a1"  # the refresh failed; the token serves
+    assert tokens.get_access_token(account.id) == "a1"
+    assert server.hits == 1
+    with pytest.raises(tokens.TokenUnavailable):  # the server refused it: no other token
+        tokens.get_access_token(account.id, force_refresh=True)
+    assert server.hits == 1
+
+
+def test_a_token_shorter_than_the_margin_is_not_renewed_at_every_use(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    short = (200, {"access_token": "a2", "token_type": "Bearer", "expires_in": 30})
+    server = scripted(short)
+    account = account_at(quick_app, server.url)
+
+    for _ in range(5):
+        assert tokens.get_access_token(account.id) == "a2"
+    assert server.hits == 1
+
+
+def test_a_throttling_invalid_grant_is_not_a_lost_authorization(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    loop = "AADSTS50196: The server terminated an operation because it encountered a client "
+    server = scripted((400, {"error": "invalid_grant", "error_description": loop}))
+    account = account_at(quick_app, server.url)
+
+    with pytest.raises(tokens.TokenUnavailable):
+        tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert stored.status == "active" and stored.next_refresh_at is not None
+
+
+def test_google_expired_or_revoked_explains_the_testing_status(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    said = {"error": "invalid_grant", "error_description": "Token has been expired or revoked."}
+    server = scripted((400, said))
+    account = account_at(quick_app, server.url, provider="google")
+
+    with pytest.raises(tokens.NeedsReauthorization) as raised:
+        tokens.get_access_token(account.id)
+
+    assert "Testing" in raised.value.message and "7 days" in raised.value.message
+    assert Account.get_by_id(account.id).status == "needs_reauth"
+
+
+# ------------------------------------------------------------------------------- bad answers
+
+
+@pytest.mark.parametrize(
+    ("answer", "words"),
+    [
+        ((200, "<html><body>Sign in</body></html>"), "no usable answer"),
+        ((200, '{"access_token": "a2", "expires_'), "no usable answer"),
+        ((200, ["a2"]), "no usable answer"),
+        ((200, {"token_type": "Bearer", "expires_in": 3600}), "without an access token"),
+        ((502, "<html>Bad gateway</html>"), "HTTP 502"),
+        ((400, "<html>Bad request</html>"), "HTTP 400"),
+        (("hang", 2.0), "in time"),
+    ],
+)
+def test_a_malformed_or_missing_answer_keeps_the_tokens_and_the_account(
+    quick_app: Flask, scripted: Callable[..., Scripted], answer: tuple[Any, ...], words: str
+) -> None:
+    server = scripted(answer)
+    account = account_at(quick_app, server.url)
+
+    with pytest.raises(tokens.TokenUnavailable) as raised:
+        tokens.get_access_token(account.id)
+    with pytest.raises(tokens.TokenUnavailable):
+        tokens.get_access_token(account.id)  # recorded: no second request
+
+    assert not isinstance(raised.value, tokens.NeedsReauthorization)
+    assert server.hits == 1
+    stored = Account.get_by_id(account.id)
+    assert stored.status == "active" and words in stored.last_error
+    assert stored.refresh_token == "r1" and stored.access_token == "a1"
+    assert stored.refresh_claimed_until is None and stored.next_refresh_at is not None
+
+
+def test_a_rotated_refresh_token_is_kept_though_the_rest_of_the_answer_is_unusable(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted((200, {"refresh_token": "r2", "token_type": "Bearer"}))
+    account = account_at(quick_app, server.url)
+
+    with pytest.raises(tokens.TokenUnavailable, match="without an access token"):
+        tokens.get_access_token(account.id)
+
+    assert Account.get_by_id(account.id).refresh_token == "r2"
+
+
+@pytest.mark.parametrize(("expires_in", "seconds"), [("3600", 3600), ("soon", 300), (None, 3600)])
+def test_expires_in_as_text(
+    quick_app: Flask, scripted: Callable[..., Scripted], expires_in: Any, seconds: int
+) -> None:
+    body = {"access_token": "a2", "token_type": "Bearer", "expires_in": expires_in}
+    server = scripted((200, body))
+    account = account_at(quick_app, server.url)
+
+    assert tokens.get_access_token(account.id) == "a2"
+
+    stored = Account.get_by_id(account.id)
+    left = (stored.token_expires_at - utcnow()).total_seconds()
+    assert seconds - 10 < left <= seconds
+
+
+_SECOND_PROCESS = """
+import sys
+sys.path.insert(0, {root!r})
+from app import create_app
+import tokens
+create_app({config!r})
+try:
+    tokens.get_access_token({account_id})
+    print("got a token")
+except tokens.TokenUnavailable as exc:
+    print("refused:", exc.message)
+"""
+
+
+@pytest.mark.postgres
+def test_another_process_on_the_same_postgres_honours_the_back_off(
+    instance: Path, pg_url: str, scripted: Callable[..., Scripted]
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import FAST_HASHING
+
+    config = {"INSTANCE_PATH": str(instance), "DATABASE_URL": pg_url, "TOKEN_HTTP_TIMEOUT": 0.5,
+              "PUBLIC_URL": PUBLIC, **FAST_HASHING}  # fmt: skip
+    app = make_app(instance, **{k: v for k, v in config.items() if k != "INSTANCE_PATH"})
+    server = scripted((503, "busy"))
+    account = account_at(app, server.url)
+    with pytest.raises(tokens.TokenUnavailable):
+        tokens.get_access_token(account.id)
+
+    script = _SECOND_PROCESS.format(
+        root=str(Path(__file__).parents[1]), config=config, account_id=account.id
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+
+    assert "refused:" in done.stdout and "Next try in" in done.stdout, done.stderr[-2000:]
+    assert server.hits == 1
