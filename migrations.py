@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import peewee as pw
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as migrate_schema
 
 import models as m
 from db import database
@@ -31,7 +33,30 @@ def _v3_accounts() -> None:
     _create(m.Account, m.MailPassword, m.PendingAuthorization)
 
 
-MIGRATIONS: list[Callable[[], None]] = [_v1_foundation, _v2_oauth_clients, _v3_accounts]
+def _add_columns(model: type[pw.Model], *names: str) -> None:
+    """Add the model's columns ``names`` where the table lacks them."""
+    table = model._meta.table_name
+    present = {column.name for column in database.get_columns(table)}
+    migrator = SchemaMigrator.from_database(database)
+    operations = [
+        migrator.add_column(table, model._meta.fields[name].column_name, model._meta.fields[name])
+        for name in names
+        if model._meta.fields[name].column_name not in present
+    ]
+    if operations:
+        migrate_schema(*operations)
+
+
+def _v4_client_certificates() -> None:
+    _add_columns(m.OAuthClient, "credential", "private_key", "certificate")
+
+
+MIGRATIONS: list[Callable[[], None]] = [
+    _v1_foundation,
+    _v2_oauth_clients,
+    _v3_accounts,
+    _v4_client_certificates,
+]
 LATEST = len(MIGRATIONS)
 
 
