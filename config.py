@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "MAIL_MAX_CONNECTIONS_PER_IP": 256,
     "MAIL_IDLE_TIMEOUT_PRELOGIN": 60,
     "MAIL_IDLE_TIMEOUT": 1800,
+    # TCP load balancers in front of the mail listeners (addresses or CIDR ranges, comma
+    # separated): their PROXY protocol header (v1 or v2) names each client's real address.
+    "MAIL_TRUSTED_PROXIES": "",
     # Certificate for the mail listeners; empty: a self-signed pair in the instance folder.
     "TLS_CERT": "",
     "TLS_KEY": "",

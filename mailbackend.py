@@ -28,7 +28,7 @@ import providers
 import throttle
 import tokens
 from db import database
-from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings
+from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings, proxyproto
 from mailproxy.settings import LISTENER_NAMES, parse_hostport
 from models import Account, MailPassword, OAuthClient, User, utcnow
 from passwords import verify_password
@@ -324,11 +324,20 @@ def proxy_settings(app: Flask) -> ProxySettings:
         max_connections_per_ip=cfg["MAIL_MAX_CONNECTIONS_PER_IP"],
         idle_timeout_prelogin=cfg["MAIL_IDLE_TIMEOUT_PRELOGIN"],
         idle_timeout=cfg["MAIL_IDLE_TIMEOUT"],
+        trusted_proxies=trusted_proxies(cfg["MAIL_TRUSTED_PROXIES"]),
         reauth_message=(
             "The mail provider refused this account's token: re-authorize it on "
             f"{cfg['PUBLIC_URL']}/"
         ),
     )
+
+
+def trusted_proxies(value: str) -> tuple[str, ...]:
+    """MAIL_TRUSTED_PROXIES as a tuple; a value that is no address or network stops the start."""
+    try:
+        return tuple(str(n) for n in proxyproto.parse_networks(value or ""))
+    except ValueError as error:
+        raise ValueError(f"MAIL_TRUSTED_PROXIES: {error}") from None
 
 
 class MailProxyService:

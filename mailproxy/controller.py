@@ -14,6 +14,7 @@ import ssl
 import threading
 from typing import Any
 
+from . import proxyproto
 from .backend import Backend
 from .imap import IMAPSession
 from .metrics import SESSIONS_OPEN
@@ -64,15 +65,21 @@ class Hub:
         if settings.tls_cert and settings.tls_key:
             self.server_ssl = server_context(settings.tls_cert, settings.tls_key)
         self.upstream_ssl = upstream_context(settings.upstream_ca_file)
+        self.trusted = proxyproto.parse_networks(settings.trusted_proxies)
         self.per_ip: dict[str, int] = {}
         self.total = 0
         self.tasks: set[asyncio.Task[Any]] = set()
         self.errors = 0  # unexpected exceptions: should stay 0
 
-    async def serve(self, cls: type[Session], tls: bool, reader: Any, writer: Any) -> None:
-        """One accepted connection, from limits check to close."""
+    async def serve(
+        self, cls: type[Session], tls: bool, reader: Any, writer: Any, client: str | None = None
+    ) -> None:
+        """One accepted connection, from limits check to close.
+
+        ``client``: the address a trusted load balancer's PROXY header named (see proxyproto).
+        """
         peer = writer.get_extra_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) else "unknown"
+        ip = client or (peer[0] if isinstance(peer, tuple) else "unknown")
         s = self.settings
         if self.total >= s.max_connections or self.per_ip.get(ip, 0) >= s.max_connections_per_ip:
             log.warning("connection from %s refused: too many connections", ip)
@@ -91,7 +98,9 @@ class Hub:
         gauge = SESSIONS_OPEN.labels(cls.protocol)
         gauge.inc()
         try:
-            await cls(self, reader, writer, tls).run()
+            session = cls(self, reader, writer, tls)
+            session.peer_ip = ip
+            await session.run()
         except asyncio.CancelledError:
             # stop(): end quietly (asyncio reports a cancelled connection task as an error)
             writer.close()
@@ -119,7 +128,7 @@ class Controller:
         self.hub: Hub | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._servers: dict[str, Any] = {}  # asyncio servers, or proxyproto's
         self._listening: dict[str, tuple[str, int]] = {}
 
     @property
@@ -168,16 +177,34 @@ class Controller:
                 def serve(r: Any, w: Any, cls: type[Session] = cls, tls: bool = tls) -> Any:
                     return hub.serve(cls, tls, r, w)
 
+                def proxied(
+                    r: Any, w: Any, ip: str | None, cls: type[Session] = cls, tls: bool = tls
+                ) -> Any:
+                    return hub.serve(cls, tls, r, w, ip)
+
                 try:
-                    server = await asyncio.start_server(
-                        serve,
-                        host,
-                        port,
-                        ssl=hub.server_ssl if tls else None,
-                        ssl_handshake_timeout=self.settings.idle_timeout_prelogin if tls else None,
-                        limit=65536,
-                        backlog=1024,
-                    )
+                    server: Any
+                    if hub.trusted:  # behind a load balancer: PROXY headers first
+                        server = await proxyproto.start_server(
+                            proxied,
+                            host,
+                            port,
+                            trusted=hub.trusted,
+                            tls=hub.server_ssl if tls else None,
+                            timeout=self.settings.idle_timeout_prelogin,
+                        )
+                    else:
+                        server = await asyncio.start_server(
+                            serve,
+                            host,
+                            port,
+                            ssl=hub.server_ssl if tls else None,
+                            ssl_handshake_timeout=self.settings.idle_timeout_prelogin
+                            if tls
+                            else None,
+                            limit=65536,
+                            backlog=1024,
+                        )
                 except OSError as exc:
                     # Name the listener, so the person knows which setting to change.
                     raise OSError(
