@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
 
 # Debian packages the test suite's peers need (Dovecot, Postfix, Chromium, curl, swaks, node,
-# PostgreSQL). `make test` installs them when run as root, and otherwise prints the apt line.
+# PostgreSQL; podman, runc and mmdebstrap build and run the container image; haproxy). `make test`
+# installs them when run as root, and otherwise prints the apt line.
 TEST_DEBS := dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond dovecot-lmtpd postfix \
-	chromium chromium-driver curl swaks openssl ca-certificates postgresql
+	chromium chromium-driver curl swaks openssl ca-certificates postgresql \
+	podman runc mmdebstrap haproxy
 
 .PHONY: run test lint typecheck pytest bench deps test-deps peers-up peers-down clean
 

@@ -77,6 +77,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     import auth
     import cli
     import clients
+    import health
     import mailsetup
     import ops
     import settings
@@ -87,6 +88,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(clients.bp)
     clients.init_app(app)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(health.bp)
     app.register_blueprint(mailsetup.bp)
     app.register_blueprint(ops.bp)
     cli.init_app(app)

@@ -1,4 +1,7 @@
-"""Command-line tasks: ``flask --app app create-admin | rotate-key | backup``."""
+"""Command-line tasks: ``flask --app app create-admin | rotate-key | backup``, and the import.
+
+``import-emailproxy`` lives in ``emailproxy_import.py``.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(create_admin)
     app.cli.add_command(rotate_key)
     app.cli.add_command(backup)
+    import emailproxy_import
+
+    app.cli.add_command(emailproxy_import.import_command)
 
 
 @click.command("create-admin")

@@ -26,6 +26,7 @@ from markupsafe import Markup
 from werkzeug.wrappers import Response
 
 import audit
+import client_certificates
 import oauth_clients
 import providers
 from forms import ClientForm, DefaultClientsForm, DeleteClientForm, EmptyForm
@@ -179,7 +180,44 @@ def _render_editor(form: ClientForm, client: OAuthClient | None, status: int) ->
         grant_labels=providers.GRANT_LABELS,
         redirect_uri=current_app.config["PUBLIC_URL"] + "/authorize",
         accounts=oauth_clients.accounts_using(client, _user()) if client else [],
+        certificate=client_certificates.summary(client) if client else None,
+        certificate_form=EmptyForm(),
     ), status
+
+
+@bp.post("/<int:client_id>/certificate")
+@login_required
+def new_certificate(client_id: int) -> Response:
+    """Generate a key pair and certificate: the client then signs assertions instead of a secret."""
+    client = editable_or_404(_user(), client_id)
+    if EmptyForm().validate_on_submit():
+        certificate = client_certificates.generate(client)
+        audit.record_request(
+            "client.certificate_created",
+            target=client.name,
+            detail=f"sha1={client_certificates.thumbprint(certificate)}",
+        )
+        flash(
+            "Certificate created. Upload it to the app registration; until then token requests "
+            "are refused.",
+            "success",
+        )
+    return redirect(url_for("clients.edit", client_id=client.id, _anchor="certificate"))
+
+
+@bp.get("/<int:client_id>/certificate.pem")
+@login_required
+def download_certificate(client_id: int) -> Response:
+    """The certificate (public) as a file for the provider's upload form."""
+    client = editable_or_404(_user(), client_id)
+    if not client.certificate:
+        abort(404)
+    name = "".join(c if c.isalnum() else "-" for c in client.name)[:60] or "client"
+    return Response(
+        client.certificate,
+        mimetype="application/x-pem-file",
+        headers={"Content-Disposition": f'attachment; filename="auth-email-{name}.pem"'},
+    )
 
 
 @bp.route("/<int:client_id>/delete", methods=["GET", "POST"])

@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "MAIL_HANDSHAKE_TIMEOUT": 10,
     "MAIL_PRELOGIN_SECONDS": 300,
     "MAIL_PRELOGIN_COMMANDS": 50,
+    # TCP load balancers in front of the mail listeners (addresses or CIDR ranges, comma
+    # separated): their PROXY protocol header (v1 or v2) names each client's real address.
+    "MAIL_TRUSTED_PROXIES": "",
     # Certificate for the mail listeners; empty: a self-signed pair in the instance folder.
     "TLS_CERT": "",
     "TLS_KEY": "",

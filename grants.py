@@ -202,16 +202,24 @@ def session_for(
     update_token: Callable[..., None] | None = None,
 ) -> OAuth2Session:
     """An Authlib session built for this client (never a global registry entry)."""
+    import client_certificates
+
     secret = client.client_secret or None
+    method = "client_secret_basic" if secret else "none"
+    if client_certificates.uses_certificate(client):
+        # RFC 7523: the "secret" Authlib signs the client assertion with is the private key.
+        secret, method = client.private_key, "private_key_jwt"
     session = OAuth2Session(
         client_id=client.client_id,
         client_secret=secret,
-        token_endpoint_auth_method="client_secret_basic" if secret else "none",
+        token_endpoint_auth_method=method,
         scope=client.scope or None,
         redirect_uri=redirect_uri,
         update_token=update_token,
         code_challenge_method="S256",
     )
+    if method == "private_key_jwt":
+        session.register_client_auth_method(client_certificates.assertion_auth(client))
     session.mount("https://", _VerifyingAdapter())
     session.hooks["response"].append(_raise_when_busy)
     return session
@@ -298,7 +306,10 @@ def _post(client: OAuthClient, url: str, data: dict[str, str]) -> dict[str, Any]
     def send() -> dict[str, Any]:
         # Without a secret the method is "none", which puts client_id into the body itself.
         auth = session.client_auth(session.token_endpoint_auth_method)
-        response = session.post(url, data={**data}, auth=auth, timeout=_settings.timeout)
+        body = {**data}
+        if session.token_endpoint_auth_method == "private_key_jwt":
+            body["client_id"] = client.client_id
+        response = session.post(url, data=body, auth=auth, timeout=_settings.timeout)
         try:
             payload = response.json() if response.content else {}
         except ValueError:

@@ -30,7 +30,7 @@ import throttle
 import tokens
 from config import HostPolicy
 from db import database
-from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings
+from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings, proxyproto
 from mailproxy.settings import LISTENER_NAMES, parse_hostport
 from models import (
     MAIL_LOOKUP_SECRET,
@@ -412,11 +412,20 @@ def proxy_settings(app: Flask) -> ProxySettings:
         prelogin_lifetime=cfg["MAIL_PRELOGIN_SECONDS"],
         max_prelogin_commands=cfg["MAIL_PRELOGIN_COMMANDS"],
         allow_plaintext_from_loopback=bool(cfg["MAIL_PLAINTEXT_FROM_LOOPBACK"]),
+        trusted_proxies=trusted_proxies(cfg["MAIL_TRUSTED_PROXIES"]),
         reauth_message=(
             "The mail provider refused this account's token: re-authorize it on "
             f"{cfg['PUBLIC_URL']}/"
         ),
     )
+
+
+def trusted_proxies(value: str) -> tuple[str, ...]:
+    """MAIL_TRUSTED_PROXIES as a tuple; a value that is no address or network stops the start."""
+    try:
+        return tuple(str(n) for n in proxyproto.parse_networks(value or ""))
+    except ValueError as error:
+        raise ValueError(f"MAIL_TRUSTED_PROXIES: {error}") from None
 
 
 class MailProxyService:

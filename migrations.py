@@ -81,12 +81,18 @@ def _v5_renewal_state() -> None:
     )
 
 
+def _v6_client_certificates() -> None:
+    """Certificate credentials (private_key_jwt) for custom clients."""
+    _add_columns(m.OAuthClient, "credential", "private_key", "certificate")
+
+
 MIGRATIONS: list[Callable[[], None]] = [
     _v1_foundation,
     _v2_oauth_clients,
     _v3_accounts,
     _v4_password_lookup,
     _v5_renewal_state,
+    _v6_client_certificates,
 ]
 LATEST = len(MIGRATIONS)
 

@@ -125,7 +125,12 @@ class OAuthClient(SecretModel):
     client_id = pw.CharField(max_length=255)
     client_secret = EncryptedField(null=True)
     secret_set_at = pw.DateTimeField(null=True)
+    # For a certificate credential: the certificate's last day (expiry warnings read this).
     secret_expires_on = pw.DateField(null=True)
+    # "secret" (client_secret_basic) or "certificate" (private_key_jwt, RFC 7523).
+    credential = pw.CharField(max_length=16, default="secret")
+    private_key = EncryptedField(null=True)  # PEM (PKCS#8) of the certificate's key
+    certificate = pw.TextField(default="")  # PEM, public: what the app registration holds
     shared = pw.BooleanField(default=False)
     # Mail servers; used by "Other (custom server)", presets bring their own.
     imap_host = pw.CharField(max_length=255, default="")

@@ -217,12 +217,13 @@ class ExpiryWarning:
     def message(self) -> str:
         date = self.client.secret_expires_on.isoformat()
         name = self.client.name
+        what = "certificate" if self.client.credential == "certificate" else "secret"
         if self.level == "expired":
-            return f"The secret of “{name}” expired on {date}; set a new one."
+            return f"The {what} of “{name}” expired on {date}; set a new one."
         if self.days_left == 0:
-            return f"The secret of “{name}” expires today ({date})."
+            return f"The {what} of “{name}” expires today ({date})."
         days = "1 day" if self.days_left == 1 else f"{self.days_left} days"
-        return f"The secret of “{name}” expires in {days}, on {date}."
+        return f"The {what} of “{name}” expires in {days}, on {date}."
 
 
 def expiry_level(expires_on: dt.date | None, today: dt.date) -> tuple[str, int] | None:

@@ -137,7 +137,7 @@ def main() -> int:
         for service in services(app):
             service.start()
             running.append(service)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # a port in use, a setting that cannot be used
         log.error("cannot start: %s", error)
         for service in reversed(running):
             service.stop()

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import concurrent.futures
+import contextlib
 import logging
 import socket
 import ssl
 import threading
 from typing import Any
 
+from . import proxyproto
 from .accept import Acceptor, RareLog, connection_ceiling, listen, open_file_limit
 from .backend import Backend
 from .imap import IMAPSession
@@ -86,6 +88,7 @@ class Hub:
                 self.open_files,
             )
             self.max_connections = ceiling
+        self.trusted = proxyproto.parse_networks(settings.trusted_proxies)
         self.per_ip: dict[str, int] = {}
         self.total = 0
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -130,6 +133,44 @@ class Hub:
             self.total,
         )
 
+    async def proxied_client(
+        self, conn: socket.socket, ip: str, cls: type[Session], tls: bool
+    ) -> str | None:
+        """Read a trusted load balancer's PROXY header (before TLS) and move this connection's
+        count to the client it names; None when the header is bad or that client is over its
+        limit (the connection is then closed by the caller)."""
+        conn.setblocking(False)
+        try:
+            found = await proxyproto.read_header(
+                proxyproto.socket_reader(conn), self.settings.handshake_timeout
+            )
+        except (proxyproto.ProxyHeaderError, OSError) as error:
+            quiet = isinstance(error, proxyproto.ClosedEarly)  # a health check's bare connect
+            log.log(logging.DEBUG if quiet else logging.WARNING, "%s refused: %s", ip, error)
+            return None
+        if found is None or found[0] == ip:  # PROXY UNKNOWN / LOCAL: the balancer itself
+            return ip
+        client = found[0]
+        if self.per_ip.get(client, 0) >= self.settings.max_connections_per_ip:
+            CONNECTIONS_REFUSED.labels(cls.protocol, "per_ip").inc()
+            self.rare.warning(
+                "per_ip", "connection from %s refused: %s reached", client, REFUSED_WHY["per_ip"]
+            )
+            if not tls:
+                with contextlib.suppress(OSError):
+                    conn.send(BUSY[cls.protocol])
+            return None
+        self._release(ip)
+        self.per_ip[client] = self.per_ip.get(client, 0) + 1
+        return client
+
+    def _release(self, ip: str) -> None:
+        left = self.per_ip[ip] - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]
+
     async def serve(self, conn: socket.socket, ip: str, cls: type[Session], tls: bool) -> None:
         """One counted connection, from TLS handshake to close."""
         loop = asyncio.get_running_loop()
@@ -138,6 +179,11 @@ class Hub:
         gauge.inc()
         writer: asyncio.StreamWriter | None = None
         try:
+            if self.trusted and proxyproto.is_trusted(ip, self.trusted):
+                client = await self.proxied_client(conn, ip, cls, tls)
+                if client is None:
+                    return
+                ip = client
             reader = asyncio.StreamReader(limit=STREAM_LIMIT)
             made: list[asyncio.StreamWriter] = []
             protocol = asyncio.StreamReaderProtocol(reader, lambda r, w: made.append(w))
@@ -152,7 +198,9 @@ class Hub:
                 log.debug("connection from %s ended in the TLS handshake: %r", ip, exc)
                 return
             writer = made[0]
-            await cls(self, reader, writer, tls, accepted).run()
+            session = cls(self, reader, writer, tls, accepted)
+            session.peer_ip = ip
+            await session.run()
         except asyncio.CancelledError:
             pass  # stop(): end quietly
         except Exception:
@@ -165,11 +213,7 @@ class Hub:
                 conn.close()
             gauge.dec()
             self.total -= 1
-            left = self.per_ip[ip] - 1
-            if left:
-                self.per_ip[ip] = left
-            else:
-                del self.per_ip[ip]
+            self._release(ip)
             task = asyncio.current_task()
             if task is not None:
                 self.tasks.discard(task)

@@ -47,6 +47,9 @@ class ProxySettings:
     fd_reserve: int = 320  # web server, database, token requests, logs
     max_auth_failures: int = 3
     allow_plaintext_from_loopback: bool = True
+    # Load balancers whose PROXY protocol header (v1/v2) gives the client's address: addresses
+    # or CIDR ranges. Connections from them must start with one; from others it is never read.
+    trusted_proxies: tuple[str, ...] = ()
     backend_threads: int = 32
     reauth_message: str = (
         "The mail provider refused this account's token: re-authorize the account on the "
