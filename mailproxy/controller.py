@@ -101,7 +101,9 @@ class Hub:
         refused = None
         if self.total >= self.max_connections:
             refused = "limit"
-        elif self.per_ip.get(ip, 0) >= self.settings.max_connections_per_ip:
+        elif self.per_ip.get(ip, 0) >= self.settings.max_connections_per_ip and not (
+            self.trusted and proxyproto.is_trusted(ip, self.trusted)
+        ):  # a load balancer's clients are counted once its PROXY header names them
             refused = "per_ip"
         if refused is not None:
             CONNECTIONS_REFUSED.labels(cls.protocol, refused).inc()
@@ -142,7 +144,8 @@ class Hub:
         conn.setblocking(False)
         try:
             found = await proxyproto.read_header(
-                proxyproto.socket_reader(conn), self.settings.handshake_timeout
+                proxyproto.socket_reader(conn),
+                min(self.settings.handshake_timeout, self.settings.idle_timeout_prelogin),
             )
         except (proxyproto.ProxyHeaderError, OSError) as error:
             quiet = isinstance(error, proxyproto.ClosedEarly)  # a health check's bare connect
