@@ -23,7 +23,6 @@ from wtforms import (
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import (
     DataRequired,
-    Email,
     EqualTo,
     Length,
     NumberRange,
@@ -31,6 +30,7 @@ from wtforms.validators import (
     ValidationError,
 )
 
+import addresses
 import providers
 from config import is_loopback_host
 from models import OAuthClient, User
@@ -54,10 +54,16 @@ def _confirm(label: str = "Repeat password", of: str = "password") -> PasswordFi
     )
 
 
-def _email() -> EmailField:
+def address_rule(form: FlaskForm, field: StringField) -> None:
+    """The one address rule (``addresses``): internal domains such as ``.test`` are fine."""
+    if field.data and not addresses.is_valid(field.data):
+        raise ValidationError(addresses.MESSAGE)
+
+
+def _email(label: str = "Email") -> EmailField:
     return EmailField(
-        "Email",
-        validators=[DataRequired(), Email(message="Enter an email address."), Length(max=254)],
+        label,
+        validators=[DataRequired(message="Enter an email address."), address_rule],
         filters=[lambda v: v.strip().lower() if v else v],
     )
 
@@ -190,19 +196,49 @@ class ClientForm(FlaskForm):
         validators=[DataRequired(message="Give the client a name."), Length(max=100)],
         filters=[_strip],
     )
-    provider = SelectField("Service provider", choices=_choices(providers.choices()))
-    grant = SelectField("OAuth flow / grant", choices=_choices(providers.grant_choices()))
+    provider = SelectField(
+        "Service provider",
+        choices=_choices(providers.choices()),
+        description="Where the mailboxes are hosted.",
+    )
+    grant = SelectField(
+        "OAuth flow / grant",
+        choices=_choices(providers.grant_choices()),
+        description="How the mailbox's permission is obtained. Authorization Code: each person "
+        "signs in once in the browser (the usual choice). Device Code: they sign in on another "
+        "device with a code. Client Credentials: the app itself, for mailboxes an Exchange "
+        "administrator assigned to it.",
+    )
     tenant = StringField(
         "Directory (tenant) ID",
         description="The directory's GUID or a domain such as contoso.onmicrosoft.com.",
         filters=[_strip],
     )
-    authorize_url = URLField("Permission URL", filters=[_strip])
-    token_url = URLField("Token URL", filters=[_strip])
-    device_url = URLField("Device authorization URL", filters=[_strip])
-    scope = TextAreaField("OAuth scope", filters=[lambda v: " ".join(v.split()) if v else v])
+    authorize_url = URLField(
+        "Permission URL",
+        filters=[_strip],
+        description="The page where people sign in and allow access (the authorize endpoint).",
+    )
+    token_url = URLField(
+        "Token URL",
+        filters=[_strip],
+        description="Where Auth-Email gets and renews the tokens (the token endpoint).",
+    )
+    device_url = URLField(
+        "Device authorization URL",
+        filters=[_strip],
+        description="Where the sign-in code for another device is requested.",
+    )
+    scope = TextAreaField(
+        "OAuth scope",
+        filters=[lambda v: " ".join(v.split()) if v else v],
+        description="The permissions asked for, separated by spaces; the default fits mail.",
+    )
     client_id = StringField(
-        "Client ID", validators=[DataRequired(message="Enter the client ID.")], filters=[_strip]
+        "Client ID",
+        validators=[DataRequired(message="Enter the client ID.")],
+        filters=[_strip],
+        description="The app registration's ID (at Microsoft: Application (client) ID).",
     )
     client_secret = PasswordField("Client secret", validators=[Length(max=4096)])
     secret_expires_on = DateField(
@@ -221,9 +257,17 @@ class ClientForm(FlaskForm):
     smtp_port = _port("SMTP", 587)
     smtp_security = _security("SMTP", "starttls")
     sasl_mechanism = SelectField(
-        "SASL mechanism", choices=[SelectChoice(m) for m in providers.MECHANISMS], default="XOAUTH2"
+        "SASL mechanism",
+        choices=[SelectChoice(m) for m in providers.MECHANISMS],
+        default="XOAUTH2",
+        description="How the token is handed to the mail server: XOAUTH2 (Microsoft, Google "
+        "and most others) or OAUTHBEARER (the standard, RFC 7628).",
     )
-    revocation_url = URLField("Revocation URL", filters=[_strip])
+    revocation_url = URLField(
+        "Revocation URL",
+        filters=[_strip],
+        description="Optional: where tokens are revoked when an account is removed.",
+    )
     submit = SubmitField("Save client")
     load_defaults = SubmitField("Load defaults")
 
