@@ -73,7 +73,7 @@ def dashboard(user: User) -> dict[str, Any]:
         "secret_warnings": oauth_clients.secret_expiry_warnings(user),
         "provider_names": dict(providers.choices()),
         "steps": steps if not all(step.done for step in steps) else [],
-        "without_default": onboarding.providers_without_default() if user.is_admin else [],
+        "missing_defaults": onboarding.missing_defaults() if user.is_admin else None,
         "options": onboarding.authorization_options(user, ""),
     }
 

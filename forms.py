@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask_wtf import FlaskForm
+from markupsafe import Markup
 from wtforms import (
     BooleanField,
     DateField,
@@ -29,6 +30,7 @@ from wtforms.validators import (
     Optional,
     ValidationError,
 )
+from wtforms.widgets import HiddenInput
 
 import addresses
 import providers
@@ -68,40 +70,49 @@ def _email(label: str = "Email") -> EmailField:
     )
 
 
-class EmptyForm(FlaskForm):
+class Form(FlaskForm):
+    """The base of every form: its hidden fields carry no id, so that a page with several forms
+    (each with its CSRF token) still has unique ids."""
+
+    def hidden_tag(self, *fields: Any) -> Markup:
+        hidden = fields or [f for f in self if isinstance(f.widget, HiddenInput)]
+        return Markup("\n".join(str(f(id=False)) for f in hidden))
+
+
+class EmptyForm(Form):
     """For buttons that change state: a POST carrying only the CSRF token."""
 
     submit = SubmitField("Submit")
 
 
-class LoginForm(FlaskForm):
+class LoginForm(Form):
     email = _email()
     password = PasswordField("Password", validators=[DataRequired()])
     remember = BooleanField("Keep me signed in on this device")
     submit = SubmitField("Sign in")
 
 
-class SetupForm(FlaskForm):
+class SetupForm(Form):
     email = _email()
     password = _new_password()
     confirm = _confirm()
     submit = SubmitField("Create administrator")
 
 
-class InviteAcceptForm(FlaskForm):
+class InviteAcceptForm(Form):
     password = _new_password()
     confirm = _confirm()
     submit = SubmitField("Set password")
 
 
-class PasswordChangeForm(FlaskForm):
+class PasswordChangeForm(Form):
     current = PasswordField("Current password", validators=[DataRequired()])
     password = _new_password("New password")
     confirm = _confirm("Repeat new password")
     submit = SubmitField("Change password")
 
 
-class NewUserForm(FlaskForm):
+class NewUserForm(Form):
     email = _email()
     password = PasswordField(
         "Password",
@@ -120,12 +131,12 @@ class NewUserForm(FlaskForm):
             raise ValidationError(f"Use at least {MIN_PASSWORD} characters.")
 
 
-class ResetPasswordForm(FlaskForm):
+class ResetPasswordForm(Form):
     password = _new_password("New password")
     submit = SubmitField("Set password")
 
 
-class InstanceSettingsForm(FlaskForm):
+class InstanceSettingsForm(Form):
     new_users_custom_clients = BooleanField("New users may add custom OAuth clients")
     allow_ropc = BooleanField(
         "Allow the legacy Resource Owner Password grant (Microsoft; fails with MFA)"
@@ -185,7 +196,7 @@ def _security(label: str, default: str) -> SelectField:
     return SelectField(f"{label} security", choices=_choices(_SECURITY_CHOICES), default=default)
 
 
-class ClientForm(FlaskForm):
+class ClientForm(Form):
     """The client editor. Which fields are required depends on the provider and the grant.
 
     The secret is write-only: the form never carries the stored value, and blank on edit keeps it.
@@ -403,7 +414,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-class DefaultClientsForm(FlaskForm):
+class DefaultClientsForm(Form):
     """The admin's choice, per provider, of the client behind the main authorize button.
 
     Built per request by ``build``: one select per provider, listing the clients that may serve.
@@ -425,7 +436,7 @@ class DefaultClientsForm(FlaskForm):
         return type("BoundDefaultClientsForm", (cls,), fields)(**kwargs)
 
 
-class DeleteClientForm(FlaskForm):
+class DeleteClientForm(Form):
     """Delete a client; when accounts use it, the user picks ``reauth`` (or cancels by a link)."""
 
     delete = SubmitField("Delete client")

@@ -64,11 +64,27 @@ def authorization_options(user: User, provider: str) -> AuthorizationOptions:
     return options
 
 
-def providers_without_default() -> list[str]:
-    """Names of the providers whose authorization page has no main button."""
-    return [
-        p.name for p in providers.PRESETS.values() if oauth_clients.default_client(p.key) is None
-    ]
+@dataclass(frozen=True)
+class DefaultsWarning:
+    """No provider has a default client (``none_at_all``), or these ones in use lack one."""
+
+    none_at_all: bool
+    providers: list[str]
+
+    def __bool__(self) -> bool:
+        return self.none_at_all or bool(self.providers)
+
+
+def missing_defaults() -> DefaultsWarning:
+    """Where the authorization page has no main button although people need one: every
+    provider when none has a default yet, else the providers of linked mailboxes without one."""
+    missing = {key for key in providers.PRESETS if oauth_clients.default_client(key) is None}
+    if len(missing) == len(providers.PRESETS):
+        return DefaultsWarning(True, [])
+    in_use = {a.provider for a in Account.select(Account.provider).distinct()}
+    return DefaultsWarning(
+        False, [p.name for key, p in providers.PRESETS.items() if key in missing & in_use]
+    )
 
 
 @dataclass(frozen=True)

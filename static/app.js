@@ -11,16 +11,20 @@ document.addEventListener("click", (event) => {
     button.textContent = "Copied";
     setTimeout(() => { button.textContent = label; }, 1500);
   };
-  if (navigator.clipboard && window.isSecureContext) {
-    navigator.clipboard.writeText(text.trim()).then(done);
-  } else {
-    // Plain-http instances: select the text so that the person can copy it by hand.
-    const range = document.createRange();
-    range.selectNodeContents(source);
-    const selection = window.getSelection();
-    selection.removeAllRanges();
-    selection.addRange(range);
+  // Without the clipboard API (plain http) the text is selected, to be copied by hand.
+  const byHand = () => {
+    if (source.select) { source.select(); } else {
+      const range = document.createRange();
+      range.selectNodeContents(source);
+      window.getSelection().removeAllRanges();
+      window.getSelection().addRange(range);
+    }
     try { if (document.execCommand("copy")) done(); } catch (e) { /* selected is enough */ }
+  };
+  if (navigator.clipboard && window.isSecureContext) {
+    navigator.clipboard.writeText(text.trim()).then(done, byHand);
+  } else {
+    byHand();
   }
 });
 

@@ -175,9 +175,10 @@ def test_the_whole_journey_from_first_visit_to_mail_through_the_proxy(
     # First link: set the password mail clients will use.
     assert "Set the password your mail clients will use" in browser.page_source
     fill(browser, "label", "Thunderbird")
+    click(browser, "#choose-own")  # a generated password is the default; this one is typed
     fill(browser, "password", MAIL_PW)
     fill(browser, "confirm", MAIL_PW)
-    click(browser, "#password-form button[type=submit]")
+    click(browser, "#save-own-password")
     wait_for(browser, lambda d: "The password is saved" in d.page_source)
     assert MAIL_PW not in browser.page_source
     assert MailPassword.get(MailPassword.account == account).label == "Thunderbird"
@@ -191,6 +192,7 @@ def test_the_whole_journey_from_first_visit_to_mail_through_the_proxy(
     browser.get(f"{base}/accounts/{account.id}")
     browser.find_element(By.LINK_TEXT, "Mail client settings").click()
     wait_for(browser, lambda d: d.find_elements(By.ID, "fingerprint"))
+    click(browser, "#other-ports summary")  # the STARTTLS ports are folded away
     ports = settings_table(browser.find_element(By.TAG_NAME, "main").text)
     fingerprint = browser.find_element(By.ID, "fingerprint").text.strip()
     host = browser.find_element(By.ID, "mail-host").text.strip()
