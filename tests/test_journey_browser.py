@@ -2,11 +2,11 @@
 
 First visit → setup creates the administrator → sign out and in → Account settings → Add client
 ("Other (custom server)" with the OAuth server's URLs and Dovecot's servers, registered there with
-``<live_server.url>/authorize``) → Accounts → Add account → the custom client (the only one: the main button of
-the authorization page) → sign in and consent at the OAuth server → back through ``/authorize``
-→ set the mail-client password → the account is active. Then the serving process's mail proxy
-runs on the same app, and stdlib IMAP, POP3 and SMTP clients use the address and that password
-with the settings the "Mail client settings" page shows (ports and certificate fingerprint).
+``<live_server.url>/authorize``) → Accounts → Add account → the custom client (the only one, so
+the authorization page's main button) → sign in and consent at the OAuth server → back through
+``/authorize`` → set the mail-client password → the account is active. Then the serving process's
+mail proxy runs on the same app, and stdlib IMAP, POP3 and SMTP clients use the address and that
+password with the settings the "Mail client settings" page shows (ports, certificate fingerprint).
 """
 
 from __future__ import annotations
