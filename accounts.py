@@ -6,6 +6,7 @@ route looks the account up with the signed-in user as owner; someone else's acco
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import peewee as pw
@@ -20,7 +21,7 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from markupsafe import Markup
+from markupsafe import Markup, escape
 from werkzeug.wrappers import Response
 
 import linking
@@ -118,6 +119,12 @@ def _ropc_allowed() -> bool:
 def when(value: Any, empty: str = "never") -> Markup:
     """A stored time as "2 minutes ago", with the absolute UTC time on hover (every page)."""
     return timefmt.time_tag(value, utcnow(), empty)
+
+
+@bp.app_template_filter("breakable")
+def breakable(text: str) -> Markup:
+    """An address or host that may wrap after "@", "." and "-" (a long one fits a table cell)."""
+    return Markup(re.sub(r"([@.\-])", r"\1<wbr>", str(escape(text or ""))))
 
 
 @bp.app_template_global()

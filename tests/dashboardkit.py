@@ -2,7 +2,7 @@
 
 The layout check is what a person on a phone notices: the page must not scroll sideways
 (``scrollWidth <= innerWidth``) and nothing they can act on (a link, button, field, select or
-summary) may lie outside the viewport horizontally.
+summary) may lie outside the viewport horizontally, nor outside the card that holds it.
 """
 
 from __future__ import annotations
@@ -31,9 +31,16 @@ for (const el of actions) {
   const box = el.getBoundingClientRect();
   if (box.width === 0 && box.height === 0) continue;  // not rendered (hidden, closed details)
   if (getComputedStyle(el).visibility === "hidden") continue;
+  const span = `${Math.round(box.left)}..${Math.round(box.right)}`;
   if (box.left < -1 || box.right > width + 1) {
-    const span = `${Math.round(box.left)}..${Math.round(box.right)}`;
     outside.push(`${el.outerHTML.slice(0, 140)} spans ${span}`);
+    continue;
+  }
+  // Nor may it stick out of its card (as a cell that left its table would).
+  const card = el.closest(".card");
+  const edge = card && card.getBoundingClientRect();
+  if (edge && (box.left < edge.left - 1 || box.right > edge.right + 1)) {
+    outside.push(`${el.outerHTML.slice(0, 140)} spans ${span}, out of its card`);
   }
 }
 return {scrollWidth: document.documentElement.scrollWidth, innerWidth: width, outside: outside};
@@ -64,7 +71,7 @@ def layout_problems(driver: Any, width: int) -> list[str]:
         problems.append(f"viewport is {found['innerWidth']} px, expected {width}")
     if found["scrollWidth"] > found["innerWidth"]:
         problems.append(f"scrolls sideways: {found['scrollWidth']} > {found['innerWidth']} px")
-    problems.extend(f"outside the viewport: {text}" for text in found["outside"])
+    problems.extend(f"action out of place: {text}" for text in found["outside"])
     return problems
 
 
