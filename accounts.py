@@ -6,6 +6,7 @@ route looks the account up with the signed-in user as owner; someone else's acco
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import peewee as pw
@@ -20,15 +21,18 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
+from markupsafe import Markup, escape
 from werkzeug.wrappers import Response
 
 import linking
 import mailrefusals
 import oauth
 import oauth_clients
+import onboarding
 import providers
+import timefmt
 import verification
-from account_forms import AddressForm, AuthorizeForm, MailPasswordForm
+from account_forms import AddressForm, AuthorizeForm, MailPasswordForm, UnlinkForm
 from account_health import Health, health
 from forms import EmptyForm
 from models import Account, OAuthClient, User, utcnow
@@ -72,21 +76,25 @@ def dashboard(user: User) -> dict[str, Any]:
         .join(OAuthClient, pw.JOIN.LEFT_OUTER)
         .order_by(Account.address)
     )
+    steps = onboarding.first_run_steps(user) if user.is_admin else []
     return {
         "accounts": accounts,
         "attention": [a for a in accounts if a.status != "pending" and not health(a).ok],
         "secret_warnings": oauth_clients.secret_expiry_warnings(user),
         "provider_names": dict(providers.choices()),
+        "steps": steps if not all(step.done for step in steps) else [],
+        "missing_defaults": onboarding.missing_defaults() if user.is_admin else None,
+        "options": onboarding.authorization_options(user, ""),
     }
 
 
 def authorization_choices(user: User, provider: str) -> dict[str, Any]:
-    """The main button's client (the instance default for the provider) and the custom ones."""
+    """The page's one primary client, the others below it, and who to ask when none is usable."""
     return {
-        "default": linking.default_client(provider) if provider else None,
-        "custom": list(OAuthClient.usable_by(user)),
+        "options": onboarding.authorization_options(user, provider),
         "provider_name": dict(providers.choices()).get(provider, ""),
         "grant_labels": dict(providers.GRANT_LABELS),
+        "provider_names": dict(providers.choices()),
     }
 
 
@@ -131,6 +139,18 @@ def account_protocols(account: Account) -> list[tuple[str, Any]]:
     served = providers.endpoints_for(account.client)
     return [(mailrefusals.PROTOCOL_NAMES[p], refused.get(p)) for p in ("imap", "pop3", "smtp")
             if p in served]  # fmt: skip
+
+
+@bp.app_template_global()
+def when(value: Any, empty: str = "never") -> Markup:
+    """A stored time as "2 minutes ago", with the absolute UTC time on hover (every page)."""
+    return timefmt.time_tag(value, utcnow(), empty)
+
+
+@bp.app_template_filter("breakable")
+def breakable(text: str) -> Markup:
+    """An address or host that may wrap after "@", "." and "-" (a long one fits a table cell)."""
+    return Markup(re.sub(r"([@.\-])", r"\1<wbr>", str(escape(text or ""))))
 
 
 @bp.app_template_global()
@@ -266,6 +286,7 @@ def _detail(
         password_form=password_form or MailPasswordForm(),
         passwords=list(account.passwords.order_by(account.passwords.model.created_at)),
         shown_password=shown,
+        just_saved=request.args.get("saved") == "1",
         empty=EmptyForm(),
         provider_name=dict(providers.choices()).get(account.provider, account.provider),
         choices=authorization_choices(_user(), account.provider),
@@ -312,12 +333,24 @@ def test(account_id: int) -> Response:
     return redirect(url_for("accounts.detail", account_id=account.id))
 
 
+@bp.get("/accounts/<int:account_id>/unlink")
+@login_required
+def unlink_confirm(account_id: int) -> str:
+    """Unlinking also revokes at the provider: the person types the address to confirm."""
+    account = _own(account_id)
+    return render_template("accounts/unlink.html", account=account, form=UnlinkForm())
+
+
 @bp.post("/accounts/<int:account_id>/unlink")
 @login_required
-def unlink(account_id: int) -> Response:
+def unlink(account_id: int) -> View:
     account = _own(account_id)
-    if not EmptyForm().validate_on_submit():
-        abort(400)
+    form = UnlinkForm()
+    if not form.validate_on_submit():
+        return render_template("accounts/unlink.html", account=account, form=form), 400
+    if (form.address.data or "").strip().lower() != account.address:
+        form.address.errors.append(f"Type {account.address} exactly to unlink it.")
+        return render_template("accounts/unlink.html", account=account, form=form), 400
     address = account.address
     revoked = linking.unlink(_user(), account, ip=_ip())
     note = " Its authorization was revoked at the provider." if revoked else ""
@@ -332,18 +365,27 @@ def add_password(account_id: int) -> View:
     form = MailPasswordForm()
     if not form.validate_on_submit():
         return _detail(account, form, status=400)
+    own = form.chooses_own
     plain = linking.add_password(
-        _user(),
-        account,
-        form.label.data or "",
-        None if form.generate.data else form.password.data,
-        ip=_ip(),
+        _user(), account, form.label.data or "", form.password.data if own else None, ip=_ip()
     )
-    if form.generate.data:
+    if not own:
         # Shown once, in this response only (never stored in plain text, never in a redirect).
         return _detail(account, MailPasswordForm(formdata=None), shown=plain)
     flash("The password is saved. Use it with the address in your mail client.", "success")
-    return redirect(url_for("accounts.detail", account_id=account.id))
+    return redirect(url_for("accounts.detail", account_id=account.id, saved=1))
+
+
+@bp.get("/accounts/<int:account_id>/passwords/<int:password_id>/revoke")
+@login_required
+def revoke_confirm(account_id: int, password_id: int) -> str:
+    account = _own(account_id)
+    found = account.passwords.where(account.passwords.model.id == password_id).first()
+    if found is None:
+        abort(404)
+    return render_template(
+        "accounts/revoke.html", account=account, password=found, form=EmptyForm()
+    )
 
 
 @bp.post("/accounts/<int:account_id>/passwords/<int:password_id>/revoke")

@@ -6,14 +6,25 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, url_for
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask_login import current_user, login_required
 from werkzeug.wrappers import Response
 
 import audit
+import audit_view
+import invites
 import users
 from forms import EmptyForm, InstanceSettingsForm, NewUserForm, ResetPasswordForm
-from models import AuditEvent, Setting, User
+from models import Setting, User, utcnow
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -38,15 +49,21 @@ def _user_or_404(user_id: int) -> User:
     return user
 
 
-@bp.get("/users")
-@admin_required
-def user_list() -> str:
+def _users_page(form: NewUserForm) -> str:
     return render_template(
         "admin/users.html",
         users=User.select().order_by(User.email),
-        form=NewUserForm(can_custom_clients=_new_user_default()),
+        invites=invites.pending(),
+        now=utcnow(),
+        form=form,
         action=EmptyForm(),
     )
+
+
+@bp.get("/users")
+@admin_required
+def user_list() -> str:
+    return _users_page(NewUserForm(can_custom_clients=_new_user_default()))
 
 
 def _new_user_default() -> bool:
@@ -58,13 +75,7 @@ def _new_user_default() -> bool:
 def user_create() -> Response | tuple[str, int]:
     form = NewUserForm()
     if not form.validate_on_submit():
-        page = render_template(
-            "admin/users.html",
-            users=User.select().order_by(User.email),
-            form=form,
-            action=EmptyForm(),
-        )
-        return page, 400
+        return _users_page(form), 400
     if form.password.data:
         user = users.create_user(form.email.data, form.password.data, form.can_custom_clients.data)
         audit.record_request("user.created", target=user.email)
@@ -77,11 +88,47 @@ def user_create() -> Response | tuple[str, int]:
         current_app.config["INVITE_HOURS"],
     )
     audit.record_request("user.invited", target=form.email.data)
+    return _invite_page(form.email.data, token)
+
+
+def _invite_page(email: str, token: str) -> tuple[str, int]:
     link = current_app.config["PUBLIC_URL"] + url_for("auth.invite", token=token)
     hours = current_app.config["INVITE_HOURS"]
-    return render_template(
-        "admin/invite_created.html", link=link, email=form.email.data, hours=hours
-    ), 201
+    return render_template("admin/invite_created.html", link=link, email=email, hours=hours), 201
+
+
+@bp.post("/invites/<int:invite_id>/renew")
+@admin_required
+def invite_renew(invite_id: int) -> Response | tuple[str, int]:
+    """A new link for a pending invitation (the old one stops working)."""
+    invite = invites.get_pending(invite_id)
+    if invite is None:
+        abort(404)
+    if not EmptyForm().validate_on_submit():
+        abort(400)
+    token = invites.renew(invite, current_app.config["INVITE_HOURS"])
+    audit.record_request("user.invite_renewed", target=invite.email)
+    return _invite_page(invite.email, token)
+
+
+@bp.post("/invites/<int:invite_id>/revoke")
+@admin_required
+def invite_revoke(invite_id: int) -> Response:
+    invite = invites.get_pending(invite_id)
+    if invite is None:
+        abort(404)
+    if EmptyForm().validate_on_submit():
+        invites.revoke(invite)
+        audit.record_request("user.invite_revoked", target=invite.email)
+        flash(f"The invitation for {invite.email} is revoked; its link no longer works.", "success")
+    return redirect(url_for("admin.user_list"))
+
+
+@bp.get("/users/<int:user_id>/disable")
+@admin_required
+def user_disable_confirm(user_id: int) -> str:
+    user = _user_or_404(user_id)
+    return render_template("admin/user_disable.html", user=user, form=EmptyForm())
 
 
 @bp.post("/users/<int:user_id>/enable")
@@ -167,5 +214,4 @@ def settings_sections() -> list[Callable[[], str]]:
 @bp.get("/audit")
 @admin_required
 def audit_log() -> str:
-    events = AuditEvent.select().order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(500)
-    return render_template("admin/audit.html", events=events, everyone=True)
+    return render_template("admin/audit.html", **audit_view.page_context(request.args))

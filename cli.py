@@ -14,6 +14,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+import addresses
 import audit
 import users
 from app import VAULT_KEY_FILE
@@ -37,6 +38,10 @@ def init_app(app: Flask) -> None:
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def create_admin(email: str, password_stdin: bool) -> None:
     """Create the first administrator (the same as the setup page)."""
+    try:
+        email = addresses.normalize(email)
+    except addresses.AddressError as error:
+        raise click.ClickException(str(error)) from None
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:

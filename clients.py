@@ -114,6 +114,7 @@ def _editor(client: OAuthClient | None) -> Response | tuple[str, int]:
         follow_defaults(form, force=True)
         return _render_editor(form, client, 200)
     follow_defaults(form)
+    clear_unused(form)
     if not form.validate():
         return _render_editor(form, client, 400)
     values = {name: getattr(form, name).data for name in oauth_clients.EDITABLE}
@@ -167,6 +168,23 @@ def follow_defaults(form: ClientForm, force: bool = False) -> None:
             continue  # "Load defaults" on Other clears only what came from a preset
         current.data = value
         current.raw_data = [value]
+
+
+def clear_unused(form: ClientForm) -> None:
+    """Empty the fields the chosen provider and grant do not use (the editor hides them), so
+    that nothing stale is saved: the Permission URL outside Authorization Code, the device URL
+    outside Device Code, the tenant where the provider has none."""
+    grant = form.grant.data
+    unused = []
+    if grant != providers.AUTHORIZATION_CODE:
+        unused.append(form.authorize_url)
+    if grant != providers.DEVICE_CODE:
+        unused.append(form.device_url)
+    if form.provider.data in providers.PRESETS and not form.preset.has_tenant:
+        unused.append(form.tenant)
+    for field in unused:
+        field.data = ""
+        field.raw_data = [""]
 
 
 def _render_editor(form: ClientForm, client: OAuthClient | None, status: int) -> tuple[str, int]:

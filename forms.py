@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask_wtf import FlaskForm
+from markupsafe import Markup
 from wtforms import (
     BooleanField,
     DateField,
@@ -23,14 +24,15 @@ from wtforms import (
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import (
     DataRequired,
-    Email,
     EqualTo,
     Length,
     NumberRange,
     Optional,
     ValidationError,
 )
+from wtforms.widgets import HiddenInput
 
+import addresses
 import grants
 import providers
 from config import is_loopback_host
@@ -55,50 +57,69 @@ def _confirm(label: str = "Repeat password", of: str = "password") -> PasswordFi
     )
 
 
-def _email() -> EmailField:
+def address_rule(form: FlaskForm, field: StringField) -> None:
+    """The one address rule (``addresses``): internal domains such as ``.test`` are fine."""
+    if field.data and not addresses.is_valid(field.data):
+        raise ValidationError(addresses.MESSAGE)
+
+
+def _email(label: str = "Email") -> EmailField:
     return EmailField(
-        "Email",
-        validators=[DataRequired(), Email(message="Enter an email address."), Length(max=254)],
+        label,
+        validators=[
+            DataRequired(message="Enter an email address."),
+            address_rule,
+            Length(max=254),
+        ],
         # Cut to one past the limit: the length error still shows, and a page never echoes
         # megabytes back.
         filters=[lambda v: v.strip().lower()[:255] if isinstance(v, str) else v],
     )
 
 
-class EmptyForm(FlaskForm):
+class Form(FlaskForm):
+    """The base of every form: its hidden fields carry no id, so that a page with several forms
+    (each with its CSRF token) still has unique ids."""
+
+    def hidden_tag(self, *fields: Any) -> Markup:
+        hidden = fields or [f for f in self if isinstance(f.widget, HiddenInput)]
+        return Markup("\n".join(str(f(id=False)) for f in hidden))
+
+
+class EmptyForm(Form):
     """For buttons that change state: a POST carrying only the CSRF token."""
 
     submit = SubmitField("Submit")
 
 
-class LoginForm(FlaskForm):
+class LoginForm(Form):
     email = _email()
     password = PasswordField("Password", validators=[DataRequired()])
     remember = BooleanField("Keep me signed in on this device")
     submit = SubmitField("Sign in")
 
 
-class SetupForm(FlaskForm):
+class SetupForm(Form):
     email = _email()
     password = _new_password()
     confirm = _confirm()
     submit = SubmitField("Create administrator")
 
 
-class InviteAcceptForm(FlaskForm):
+class InviteAcceptForm(Form):
     password = _new_password()
     confirm = _confirm()
     submit = SubmitField("Set password")
 
 
-class PasswordChangeForm(FlaskForm):
+class PasswordChangeForm(Form):
     current = PasswordField("Current password", validators=[DataRequired()])
     password = _new_password("New password")
     confirm = _confirm("Repeat new password")
     submit = SubmitField("Change password")
 
 
-class NewUserForm(FlaskForm):
+class NewUserForm(Form):
     email = _email()
     password = PasswordField(
         "Password",
@@ -117,12 +138,12 @@ class NewUserForm(FlaskForm):
             raise ValidationError(f"Use at least {MIN_PASSWORD} characters.")
 
 
-class ResetPasswordForm(FlaskForm):
+class ResetPasswordForm(Form):
     password = _new_password("New password")
     submit = SubmitField("Set password")
 
 
-class InstanceSettingsForm(FlaskForm):
+class InstanceSettingsForm(Form):
     new_users_custom_clients = BooleanField("New users may add custom OAuth clients")
     allow_ropc = BooleanField(
         "Allow the legacy Resource Owner Password grant (Microsoft; fails with MFA)"
@@ -182,7 +203,7 @@ def _security(label: str, default: str) -> SelectField:
     return SelectField(f"{label} security", choices=_choices(_SECURITY_CHOICES), default=default)
 
 
-class ClientForm(FlaskForm):
+class ClientForm(Form):
     """The client editor. Which fields are required depends on the provider and the grant.
 
     The secret is write-only: the form never carries the stored value, and blank on edit keeps it.
@@ -193,19 +214,49 @@ class ClientForm(FlaskForm):
         validators=[DataRequired(message="Give the client a name."), Length(max=100)],
         filters=[_strip],
     )
-    provider = SelectField("Service provider", choices=_choices(providers.choices()))
-    grant = SelectField("OAuth flow / grant", choices=_choices(providers.grant_choices()))
+    provider = SelectField(
+        "Service provider",
+        choices=_choices(providers.choices()),
+        description="Where the mailboxes are hosted.",
+    )
+    grant = SelectField(
+        "OAuth flow / grant",
+        choices=_choices(providers.grant_choices()),
+        description="How the mailbox's permission is obtained. Authorization Code: each person "
+        "signs in once in the browser (the usual choice). Device Code: they sign in on another "
+        "device with a code. Client Credentials: the app itself, for mailboxes an Exchange "
+        "administrator assigned to it.",
+    )
     tenant = StringField(
         "Directory (tenant) ID",
         description="The directory's GUID or a domain such as contoso.onmicrosoft.com.",
         filters=[_strip],
     )
-    authorize_url = URLField("Permission URL", filters=[_strip])
-    token_url = URLField("Token URL", filters=[_strip])
-    device_url = URLField("Device authorization URL", filters=[_strip])
-    scope = TextAreaField("OAuth scope", filters=[lambda v: " ".join(v.split()) if v else v])
+    authorize_url = URLField(
+        "Permission URL",
+        filters=[_strip],
+        description="The page where people sign in and allow access (the authorize endpoint).",
+    )
+    token_url = URLField(
+        "Token URL",
+        filters=[_strip],
+        description="Where Auth-Email gets and renews the tokens (the token endpoint).",
+    )
+    device_url = URLField(
+        "Device authorization URL",
+        filters=[_strip],
+        description="Where the sign-in code for another device is requested.",
+    )
+    scope = TextAreaField(
+        "OAuth scope",
+        filters=[lambda v: " ".join(v.split()) if v else v],
+        description="The permissions asked for, separated by spaces; the default fits mail.",
+    )
     client_id = StringField(
-        "Client ID", validators=[DataRequired(message="Enter the client ID.")], filters=[_strip]
+        "Client ID",
+        validators=[DataRequired(message="Enter the client ID.")],
+        filters=[_strip],
+        description="The app registration's ID (at Microsoft: Application (client) ID).",
     )
     client_secret = PasswordField("Client secret", validators=[Length(max=4096)])
     clear_secret = BooleanField("Remove the stored secret (a public client has none)")
@@ -225,9 +276,17 @@ class ClientForm(FlaskForm):
     smtp_port = _port("SMTP", 587)
     smtp_security = _security("SMTP", "starttls")
     sasl_mechanism = SelectField(
-        "SASL mechanism", choices=[SelectChoice(m) for m in providers.MECHANISMS], default="XOAUTH2"
+        "SASL mechanism",
+        choices=[SelectChoice(m) for m in providers.MECHANISMS],
+        default="XOAUTH2",
+        description="How the token is handed to the mail server: XOAUTH2 (Microsoft, Google "
+        "and most others) or OAUTHBEARER (the standard, RFC 7628).",
     )
-    revocation_url = URLField("Revocation URL", filters=[_strip])
+    revocation_url = URLField(
+        "Revocation URL",
+        filters=[_strip],
+        description="Optional: where tokens are revoked when an account is removed.",
+    )
     submit = SubmitField("Save client")
     load_defaults = SubmitField("Load defaults")
 
@@ -382,7 +441,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-class DefaultClientsForm(FlaskForm):
+class DefaultClientsForm(Form):
     """The admin's choice, per provider, of the client behind the main authorize button.
 
     Built per request by ``build``: one select per provider, listing the clients that may serve.
@@ -404,7 +463,7 @@ class DefaultClientsForm(FlaskForm):
         return type("BoundDefaultClientsForm", (cls,), fields)(**kwargs)
 
 
-class DeleteClientForm(FlaskForm):
+class DeleteClientForm(Form):
     """Delete a client; when accounts use it, the user picks ``reauth`` (or cancels by a link)."""
 
     delete = SubmitField("Delete client")

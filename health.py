@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import peewee as pw
 from flask import Blueprint, render_template, request
 
+import account_health
 import oauth_clients
 import providers
 from admin import admin_required
@@ -40,6 +41,8 @@ class Row:
     expiry: str = ""
     protocols: dict[str, tuple[str, dt.datetime]] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    label: str = ""  # the badge, as account_health words it
+    css: str = ""
 
     @property
     def needs_attention(self) -> bool:
@@ -114,10 +117,12 @@ def overview(today: dt.date | None = None) -> list[Row]:
         for protocol in PROTOCOLS:
             if (account.address, protocol) in outcomes:
                 row.protocols[protocol] = outcomes[account.address, protocol]
+        state = account_health.health(account)  # the same words as the owner's pages
+        row.label, row.css = state.label, state.css
         if account.status in ("needs_reauth", "error"):
             row.reasons.append(account.status_detail or "the provider refused its authorization")
-        if account.last_error:
-            row.reasons.append("token renewal failing")
+        elif not state.ok and state.problem and account.status != "pending":
+            row.reasons.append(state.problem)
         if client is not None and client.secret_expires_on:
             what = "certificate" if client.credential == "certificate" else "secret"
             row.expiry = f"{what} until {client.secret_expires_on.isoformat()}"
@@ -132,7 +137,7 @@ def overview(today: dt.date | None = None) -> list[Row]:
 def counts(rows: list[Row]) -> dict[str, int]:
     return {
         "mailboxes": len(rows),
-        "active": sum(r.status == "active" and not r.needs_attention for r in rows),
+        "active": sum(r.css == "active" and not r.needs_attention for r in rows),
         "attention": sum(r.needs_attention for r in rows),
         "reauth": sum(r.status == "needs_reauth" for r in rows),
     }

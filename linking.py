@@ -8,13 +8,13 @@ account that has tokens replaces them only once the new ones passed that check.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import peewee as pw
 
+import addresses
 import audit
 import grants
 import oauth
@@ -38,8 +38,6 @@ from verification import Verification, record_protocols, verify
 
 # A placeholder account that never got tokens is deleted by upkeep after this long.
 ABANDONED_AFTER = dt.timedelta(hours=1)
-
-_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
 class LinkError(Exception):
@@ -71,10 +69,10 @@ def device_account(user: User, account_id: int, state: str) -> Account | None:
 
 
 def normalize_address(address: str) -> str:
-    address = (address or "").strip().lower()
-    if len(address) > 254 or not _ADDRESS.match(address):
-        raise LinkError("Enter a mailbox address such as name@example.com.")
-    return address
+    try:
+        return addresses.normalize(address)
+    except addresses.AddressError as exc:
+        raise LinkError(str(exc)) from None
 
 
 def usable_client(user: User, client_id: int) -> OAuthClient | None:

@@ -53,7 +53,7 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(CSRFError)
     def _csrf(error: CSRFError) -> tuple[str, int]:
-        return render_template("errors/400.html", reason=error.description), 400
+        return render_template("errors/400.html", expired=True), 400
 
     @app.errorhandler(400)
     def _bad(error: Exception) -> tuple[str, int]:

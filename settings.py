@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, flash, redirect, render_template, url_for
+from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required, login_user
 from werkzeug.wrappers import Response
 
 import audit
+import audit_view
 import users
 from forms import PasswordChangeForm
-from models import AuditEvent
 from passwords import verify_password
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -51,10 +51,5 @@ def change_password() -> Response | tuple[str, int]:
 @bp.get("/activity")
 @login_required
 def activity() -> str:
-    events = (
-        AuditEvent.select()
-        .where(AuditEvent.actor == current_user.id)
-        .order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
-        .limit(200)
-    )
-    return render_template("admin/audit.html", events=events, everyone=False)
+    context = audit_view.page_context(request.args, actor=current_user.id)
+    return render_template("admin/audit.html", **context)

@@ -7,6 +7,7 @@
   if (!form || !data) return;
   const presets = JSON.parse(data.textContent);
   const FIELDS = ["authorize_url", "token_url", "device_url", "scope"];
+  const ALIASES = ["organizations", "common", "consumers"];
   const el = (name) => form.elements.namedItem(name);
   const provider = el("provider");
   const grant = el("grant");
@@ -47,6 +48,13 @@
     };
     for (const node of document.querySelectorAll("[data-show-if]")) {
       node.hidden = !flags[node.dataset.showIf];
+      // What the grant does not use is cleared, so that nothing stale is saved.
+      if (node.hidden && node.dataset.field) el(node.dataset.field).value = "";
+    }
+    // "organizations"/"common" name no directory: only Authorization Code can use them.
+    if (tenant && flags.tenant && grant.value !== "authorization_code" &&
+        ALIASES.includes(tenant.value.trim().toLowerCase())) {
+      tenant.value = "";
     }
     const wanted = `${provider.value}:${grant.value}`;
     for (const node of document.querySelectorAll("[data-guide]")) {

@@ -2,11 +2,11 @@
 
 First visit → setup creates the administrator → sign out and in → Account settings → Add client
 ("Other (custom server)" with the OAuth server's URLs and Dovecot's servers, registered there with
-``<live_server.url>/authorize``) → Accounts → Add account → the custom client at the bottom of
-the authorization page → sign in and consent at the OAuth server → back through ``/authorize``
-→ set the mail-client password → the account is active. Then the serving process's mail proxy
-runs on the same app, and stdlib IMAP, POP3 and SMTP clients use the address and that password
-with the settings the "Mail client settings" page shows (ports and certificate fingerprint).
+``<live_server.url>/authorize``) → Accounts → Add account → the custom client (the only one, so
+the authorization page's main button) → sign in and consent at the OAuth server → back through
+``/authorize`` → set the mail-client password → the account is active. Then the serving process's
+mail proxy runs on the same app, and stdlib IMAP, POP3 and SMTP clients use the address and that
+password with the settings the "Mail client settings" page shows (ports, certificate fingerprint).
 """
 
 from __future__ import annotations
@@ -144,12 +144,12 @@ def test_the_whole_journey_from_first_visit_to_mail_through_the_proxy(
     assert CLIENT_NAME in browser.page_source and secret not in browser.page_source
     client = OAuthClient.get(OAuthClient.name == CLIENT_NAME)
 
-    # Accounts → Add account → the custom client at the bottom of the authorization page.
+    # Accounts → Add account → the custom client, the only usable one, is the main button.
     browser.find_element(By.LINK_TEXT, "Accounts").click()
     click(browser, "#add-account")
     fill(browser, "address", address)
     click(browser, "#address-form button[type=submit]")
-    wait_for(browser, lambda d: d.find_elements(By.ID, "custom-clients"))
+    wait_for(browser, lambda d: d.find_elements(By.ID, "authorize-form"))
     buttons = browser.find_elements(By.CSS_SELECTOR, "#authorize-form button[type=submit]")
     assert buttons[-1].get_attribute("id") == f"authorize-client-{client.id}"
     assert buttons[-1].text == f"Authorize with {CLIENT_NAME}"
@@ -175,9 +175,10 @@ def test_the_whole_journey_from_first_visit_to_mail_through_the_proxy(
     # First link: set the password mail clients will use.
     assert "Set the password your mail clients will use" in browser.page_source
     fill(browser, "label", "Thunderbird")
+    click(browser, "#choose-own")  # a generated password is the default; this one is typed
     fill(browser, "password", MAIL_PW)
     fill(browser, "confirm", MAIL_PW)
-    click(browser, "#password-form button[type=submit]")
+    click(browser, "#save-own-password")
     wait_for(browser, lambda d: "The password is saved" in d.page_source)
     assert MAIL_PW not in browser.page_source
     assert MailPassword.get(MailPassword.account == account).label == "Thunderbird"
@@ -191,6 +192,7 @@ def test_the_whole_journey_from_first_visit_to_mail_through_the_proxy(
     browser.get(f"{base}/accounts/{account.id}")
     browser.find_element(By.LINK_TEXT, "Mail client settings").click()
     wait_for(browser, lambda d: d.find_elements(By.ID, "fingerprint"))
+    click(browser, "#other-ports summary")  # the STARTTLS ports are folded away
     ports = settings_table(browser.find_element(By.TAG_NAME, "main").text)
     fingerprint = browser.find_element(By.ID, "fingerprint").text.strip()
     host = browser.find_element(By.ID, "mail-host").text.strip()

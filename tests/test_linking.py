@@ -450,9 +450,7 @@ def test_unlink_revokes_at_the_provider_and_deletes_everything(
     refresh = account.refresh_token
     linking.add_password(user, account, "phone", "correct horse battery")
 
-    answer = post_form(
-        client, f"/accounts/{account.id}/unlink", {}, form_page=f"/accounts/{account.id}"
-    )
+    answer = post_form(client, f"/accounts/{account.id}/unlink", {"address": address})
 
     assert answer.status_code == 302
     assert Account.get_or_none(Account.id == account.id) is None

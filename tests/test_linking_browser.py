@@ -89,11 +89,12 @@ def test_authorization_code_with_pkce_in_chromium(
     assert account.status == "active", account.status_detail
     assert "is linked and its sign-in works" in browser.page_source
 
-    # First link: the page asks for the mail-client password, entered twice.
+    # First link: the page asks for the mail-client password (here one of their own, twice).
     browser.find_element(By.ID, "label").send_keys("Thunderbird")
+    browser.find_element(By.ID, "choose-own").click()
     browser.find_element(By.ID, "password").send_keys("mail-client-password-1")
     browser.find_element(By.ID, "confirm").send_keys("mail-client-password-1")
-    browser.find_element(By.CSS_SELECTOR, "#password-form button[type=submit]").click()
+    browser.find_element(By.ID, "save-own-password").click()
     wait_for(browser, lambda d: "The password is saved" in d.page_source)
     assert MailPassword.get().label == "Thunderbird"
     browser.get(base + "/")

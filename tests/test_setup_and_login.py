@@ -35,7 +35,7 @@ def test_setup_form_shows_errors_and_saves_nothing(app, client):
     )
     page = response.get_data(as_text=True)
     assert response.status_code == 200
-    assert "Enter an email address." in page
+    assert "Enter an email address such as name@example.com." in page
     assert "Use at least 10 characters." in page
     assert "The passwords do not match." in page
     with app.app_context():

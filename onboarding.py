@@ -1,0 +1,128 @@
+"""What a person can do next: the authorization page's choices and the admin's first-run checklist.
+
+Plain functions over the models, so the accounts screen stays thin and tests need no request.
+The rule for the authorization page: exactly one primary action when there is one obvious client
+(the provider's default, or the only usable client), no client listed twice, and when nothing is
+usable, the names of the people who can fix that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import oauth_clients
+import providers
+from models import Account, MailPassword, OAuthClient, User
+
+
+@dataclass
+class AuthorizationOptions:
+    """The authorization page's buttons: one ``primary`` (or none) and the ``others`` below it."""
+
+    primary: OAuthClient | None = None
+    primary_is_default: bool = False
+    others: list[OAuthClient] = field(default_factory=list)
+    admins: list[str] = field(default_factory=list)
+
+    @property
+    def nothing_usable(self) -> bool:
+        return self.primary is None and not self.others
+
+
+def admin_emails() -> list[str]:
+    """Who to ask for a client: the enabled administrators."""
+    query = User.select(User.email).where(User.is_admin == True, User.is_enabled == True)  # noqa: E712
+    return [u.email for u in query.order_by(User.email)]
+
+
+def authorization_options(user: User, provider: str) -> AuthorizationOptions:
+    """The clients ``user`` may authorize an address of ``provider`` with ("" = not guessed).
+
+    With a known provider its default client is the primary action. Without one, the defaults
+    of every provider are offered too, so a guess that failed is no dead end; a single usable
+    client then becomes the primary action.
+    """
+    usable = list(OAuthClient.usable_by(user))
+    default = oauth_clients.default_client(provider) if provider else None
+    options = AuthorizationOptions(admins=admin_emails())
+    if default is not None:
+        options.primary, options.primary_is_default = default, True
+        options.others = [c for c in usable if c.id != default.id]
+        return options
+    candidates = list(usable)
+    if not provider:
+        seen = {c.id for c in candidates}
+        for key in providers.PRESETS:
+            found = oauth_clients.default_client(key)
+            if found is not None and found.id not in seen:
+                candidates.append(found)
+                seen.add(found.id)
+    if len(candidates) == 1:
+        options.primary = candidates[0]
+    else:
+        options.others = candidates
+    return options
+
+
+@dataclass(frozen=True)
+class DefaultsWarning:
+    """No provider has a default client (``none_at_all``), or these ones in use lack one."""
+
+    none_at_all: bool
+    providers: list[str]
+
+    def __bool__(self) -> bool:
+        return self.none_at_all or bool(self.providers)
+
+
+def missing_defaults() -> DefaultsWarning:
+    """Where the authorization page has no main button although people need one: every
+    provider when none has a default yet, else the providers of linked mailboxes without one."""
+    missing = {key for key in providers.PRESETS if oauth_clients.default_client(key) is None}
+    if len(missing) == len(providers.PRESETS):
+        return DefaultsWarning(True, [])
+    in_use = {a.provider for a in Account.select(Account.provider).distinct()}
+    return DefaultsWarning(
+        False, [p.name for key, p in providers.PRESETS.items() if key in missing & in_use]
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    key: str
+    title: str
+    done: bool
+    hint: str
+
+
+def first_run_steps(user: User) -> list[Step]:
+    """The admin's first-run checklist, each step ticked from the data (not from clicks)."""
+    shared = OAuthClient.select().where(OAuthClient.shared == True).exists()  # noqa: E712
+    has_default = any(oauth_clients.default_client(key) for key in providers.PRESETS)
+    accounts = Account.owned_by(user)
+    linked = accounts.where(Account.status == "active").exists()
+    passwords = MailPassword.select().join(Account).where(Account.owner == user)
+    has_password = passwords.exists()
+    used = passwords.where(MailPassword.last_used_at.is_null(False)).exists()
+    return [
+        Step(
+            "share",
+            "Share an OAuth client with the team",
+            shared,
+            "Add your app registration under Account settings, then “Share with the team”.",
+        ),
+        Step(
+            "default",
+            "Make it a provider's default client",
+            has_default,
+            "Admin → Instance settings → Default authorization method.",
+        ),
+        Step("link", "Link a mailbox", linked, "Add account, then authorize once."),
+        Step("password", "Set a mail-client password", has_password, "On the mailbox's page."),
+        Step(
+            "mailclient",
+            "Configure a mail program",
+            used,
+            "Mail client settings, on each account; ticked once a mail program signed in.",
+        ),
+    ]
