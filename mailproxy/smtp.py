@@ -67,7 +67,7 @@ class SMTPSession(Session):
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
         self.greeted = True
-        lines = [self.settings.hostname, "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        lines = [self.settings.hostname, "SIZE", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
         if self.can_starttls:
             lines.append("STARTTLS")
         if self.credentials_allowed:

@@ -232,8 +232,8 @@ class RawSMTP:
         self.sock.sendall(line.encode() + b"\r\n")
         return self.reply()
 
-    def send(self, sender: str, rcpt: str, data: bytes) -> str:
-        assert self.command(f"MAIL FROM:<{sender}>").startswith("250")
+    def send(self, sender: str, rcpt: str, data: bytes, params: str = "") -> str:
+        assert self.command(f"MAIL FROM:<{sender}>{params}").startswith("250")
         assert self.command(f"RCPT TO:<{rcpt}>").startswith("250")
         assert self.command("DATA").startswith("354")
         self.sock.sendall(data)
@@ -311,6 +311,21 @@ def test_bad_input_gets_protocol_correct_replies(
     data = f"From: {user.email}\nTo: {user.email}\nSubject: {subject}\n\nline one\n..dot\n.\n"
     assert raw.send(user.email, user.email, data.encode()).startswith("250 2.0.0")
     assert sims.peers.wait_for_message(user.email, subject)
+    # 8BITMIME and SMTPUTF8: raw UTF-8 in the header and an 8bit body arrive unchanged
+    subject = f"Grüße-{time.time_ns()}"
+    data = (
+        f"From: {user.email}\r\nTo: {user.email}\r\nSubject: {subject}\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nÄrger über Öl: 8 bit.\r\n.\r\n"
+    )
+    assert raw.send(user.email, user.email, data.encode(), " BODY=8BITMIME SMTPUTF8").startswith(
+        "250 2.0.0"
+    )
+    assert sims.peers.wait_for_message(user.email, subject)
+    fetched = sims.peers.doveadm(
+        "fetch", "-u", user.email, "text", "mailbox", "INBOX", "header", "subject", subject
+    )
+    assert "Ärger über Öl: 8 bit." in fetched
     # 5 MB without SIZE: read to its end, then 552; nothing reaches Graph
     sent = len(sims.graph.sent)
     body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 5_000 + b".\r\n"
