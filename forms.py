@@ -32,6 +32,7 @@ from wtforms.validators import (
 )
 
 import providers
+import smtpdelivery
 from config import is_loopback_host
 from models import OAuthClient, User
 
@@ -224,6 +225,16 @@ class ClientForm(FlaskForm):
         "SASL mechanism", choices=[SelectChoice(m) for m in providers.MECHANISMS], default="XOAUTH2"
     )
     revocation_url = URLField("Revocation URL", filters=[_strip])
+    smtp_delivery = SelectField(
+        "How mail from devices goes out",
+        choices=[SelectChoice(k, v) for k, v in smtpdelivery.MODES.items()],
+        default=smtpdelivery.AUTO,
+        description=(
+            "The default of this client's mailboxes (each account can choose its own). "
+            "Microsoft Graph is for tenants that turn SMTP AUTH off; it needs the Mail.Send "
+            "permission of Microsoft Graph."
+        ),
+    )
     submit = SubmitField("Save client")
     load_defaults = SubmitField("Load defaults")
 

@@ -23,7 +23,7 @@ import linking
 import users
 from mailbackend import MailProxyService
 from models import Account, OAuthClient, User
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
 from tests.providers.plugin import ProviderSims
 from tests.test_mail_through_app import EVERY_LISTENER_ON_A_FREE_PORT, MailClients
 from tests.test_provider_sims_e2e import PUBLIC, link_through_the_web, preset_client
@@ -60,9 +60,11 @@ def mail(app: Flask) -> Iterator[MailClients]:
     assert proxy.controller.errors == 0, "an unexpected exception reached the proxy"
 
 
-def mailbox(app: Flask, sims: ProviderSims, mode: str, situation: str = "") -> Any:
+def mailbox(
+    app: Flask, sims: ProviderSims, mode: str, situation: str = "", **app_options: Any
+) -> Any:
     """A Microsoft 365 mailbox linked with Authorization Code, its client set to ``mode``."""
-    entra_app = sims.entra.add_app(redirect_uris=[PUBLIC + "/authorize"])
+    entra_app = sims.entra.add_app(redirect_uris=[PUBLIC + "/authorize"], **app_options)
     user = sims.entra_user("scan", seed=1)
     if situation:
         sims.entra.situation(user.email, situation)
@@ -202,6 +204,43 @@ def test_smtp_auth_mode_explains_a_refusal_by_policy_and_keeps_the_account(
         account = Account.get(Account.address == user.email)
         assert account.status == "active"  # a tenant policy: re-authorizing cannot help
         assert account.smtp_auth_refused_at is not None
+
+
+def test_the_account_page_chooses_graph_and_checks_it_without_sending(
+    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+) -> None:
+    sims = simulated_presets
+    user = mailbox(app, sims, "smtp")
+    other = mailbox(app, sims, "smtp", admin_consented={("exchange", "SMTP.Send")})
+    web = app.test_client()
+    AuthActions(app, web).login()
+    with app.app_context():
+        ids = {u.email: Account.get(Account.address == u.email).id for u in (user, other)}
+    page = f"/accounts/{ids[user.email]}"
+    assert "goes out over SMTP AUTH" in web.get(page).get_data(as_text=True)
+    chosen = post_form(web, f"{page}/delivery", {"mode": "graph"}, form_page=page)
+    assert chosen.status_code == 302
+    sends = len(sims.graph.sent)
+    checked = post_form(web, f"{page}/delivery/test", {}, form_page=page, follow_redirects=True)
+    html = checked.get_data(as_text=True)
+    assert f"Microsoft Graph knows {user.email}" in html
+    assert "goes out through Microsoft Graph" in html
+    assert ("GET", f"/v1.0/users/{user.email}", 200) in sims.graph.calls
+    assert len(sims.graph.sent) == sends  # nothing was sent
+    assert post_form(web, f"{page}/delivery", {"mode": "fax"}, form_page=page).status_code == 400
+
+    # an app without Graph's Mail.Send: the check (and a device) says which permission to add
+    page = f"/accounts/{ids[other.email]}"
+    post_form(web, f"{page}/delivery", {"mode": "graph"}, form_page=page)
+    html = post_form(
+        web, f"{page}/delivery/test", {}, form_page=page, follow_redirects=True
+    ).get_data(as_text=True)
+    assert "Microsoft Graph check failed" in html and "Mail.Send" in html
+    smtp = mail.smtp(other.email, PASSWORD)
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        smtp.send_message(message(other.email, other.email, "no permission"))
+    assert refused.value.smtp_code == 550 and b"Mail.Send" in refused.value.smtp_error
+    smtp.quit()
 
 
 # ---------------------------------------------------------------------------------- bad input
