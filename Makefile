@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 
 # Debian packages the test suite's peers need (Dovecot, Postfix, Chromium, curl, swaks, node,
 # PostgreSQL). `make test` installs them when run as root, and otherwise prints the apt line.
-TEST_DEBS := dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond dovecot-lmtpd postfix \
+TEST_DEBS := dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond dovecot-lmtpd postfix msmtp \
 	chromium chromium-driver curl swaks openssl ca-certificates postgresql
 
 .PHONY: run test lint typecheck pytest bench deps test-deps peers-up peers-down clean

@@ -154,14 +154,15 @@ def test_msmtp_sends_through_graph(
     )
     config.chmod(0o600)
     text = f"From: {user.email}\nTo: {other}\nSubject: {subject}\n\nScan from msmtp.\n"
+    hidden = sims.entra_user("mbcc", seed=1).email
     done = subprocess.run(
-        ["msmtp", "-C", str(config), "-t", "--", other, "hidden-" + other],
+        ["msmtp", "-C", str(config), "--", other, hidden],
         input=text.encode(),
         capture_output=True,
         timeout=60,
     )
-    # hidden-… is no mailbox: Graph's Postfix bounces it, msmtp only learns about the others
     assert done.returncode == 0, done.stderr.decode()
+    assert sims.peers.wait_for_message(hidden, subject)  # an envelope-only (Bcc) recipient
     assert sims.peers.wait_for_message(other, subject)
     assert sent_folder_has(sims, user.email, subject)
 
@@ -372,3 +373,52 @@ def test_bad_input_gets_protocol_correct_replies(
     assert len(sims.graph.sent) == sent
     assert raw.command("QUIT").startswith("221")
     raw.close()
+
+    # the device goes away in the middle of DATA: nothing is sent
+    raw = RawSMTP(mail.port("submission"), user.email, PASSWORD)
+    assert raw.command(f"MAIL FROM:<{user.email}>").startswith("250")
+    assert raw.command(f"RCPT TO:<{user.email}>").startswith("250")
+    assert raw.command("DATA").startswith("354")
+    raw.sock.sendall(b"Subject: cut short\r\n\r\nhalf a message")
+    raw.close()
+    time.sleep(0.5)
+    assert len(sims.graph.sent) == sent
+
+
+def test_client_credentials_send_through_graph_with_the_application_permission(
+    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+) -> None:
+    """App-only: the Graph token comes from Client Credentials for graph.microsoft.com/.default."""
+    import oauth_clients
+    import providers
+
+    sims = simulated_presets
+    entra_app = sims.entra.add_app()
+    user = sims.entra_user("apponly", seed=1)
+    sims.entra.situation(user.email, "smtp_auth_disabled_tenant")
+    sims.entra.grant_full_access(user.email, entra_app.client_id)
+    grant, tenant = "client_credentials", sims.entra.tenant.id
+    with app.app_context():
+        owner = User.get(User.email == ADMIN_EMAIL)
+        values = {
+            "name": f"app-only {secrets.token_hex(3)}",
+            "provider": "microsoft365",
+            "grant": grant,
+            "tenant": tenant,
+            **providers.defaults_for("microsoft365", grant, tenant),
+            "revocation_url": "",
+            "client_id": entra_app.client_id,
+            "secret_expires_on": None,
+            "sasl_mechanism": "XOAUTH2",
+            "smtp_delivery": "auto",
+        }
+        client = oauth_clients.save_client(owner, values, str(entra_app.secret))
+        linked = linking.start(owner, user.email, client, PUBLIC + "/authorize")
+        assert linked.done is not None and linked.done.ok, linked.done
+        linking.add_password(owner, Account.get(Account.address == user.email), "Scanner", PASSWORD)
+    subject = f"app-only-{time.time_ns()}"
+    smtp = mail.smtp(user.email, PASSWORD)
+    smtp.send_message(message(user.email, user.email, subject))
+    smtp.quit()
+    assert sims.peers.wait_for_message(user.email, subject)
+    assert sims.entra.requests.count(client_id=entra_app.client_id, grant_type=grant) >= 2
