@@ -167,6 +167,9 @@ class SMTPSession(Session):
             )
             if instead is None:
                 raise
+            if self.upstream is not None:
+                self.upstream.close()  # the refused SMTP session is not needed any more
+                self.upstream = None
             raise DeliverInstead(instead) from None
 
     async def _reply(self, up: Upstream) -> tuple[int, str]:
