@@ -129,6 +129,23 @@ def test_a_scanner_sends_through_graph_when_the_tenant_refuses_smtp_auth(
     assert "through Microsoft Graph" in html
 
 
+def test_an_expired_graph_token_is_renewed_once_and_the_message_still_goes(
+    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+) -> None:
+    sims = simulated_presets
+    user = mailbox(app, sims, "graph", "smtp_auth_disabled_tenant")
+    smtp = mail.smtp(user.email, PASSWORD)
+    smtp.send_message(message(user.email, user.email, f"first-{time.time_ns()}"))
+    calls = len(sims.graph.calls)
+    sims.entra.clock.advance(6 * 3600)  # Graph now sees the stored token as expired
+    subject = f"renewed-{time.time_ns()}"
+    smtp.send_message(message(user.email, user.email, subject))
+    smtp.quit()
+    assert sims.peers.wait_for_message(user.email, subject)
+    statuses = [c[2] for c in sims.graph.calls[calls:] if c[1].endswith("/sendMail")]
+    assert statuses == [401, 202]
+
+
 def test_msmtp_sends_through_graph(
     app: Flask, simulated_presets: ProviderSims, mail: MailClients, tmp_path: Path
 ) -> None:
