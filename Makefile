@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
 
 # Debian packages the test suite's peers need (Dovecot, Postfix, Chromium, curl, swaks, node,
-# PostgreSQL; podman, runc and mmdebstrap build and run the container image; haproxy). `make test`
+# PostgreSQL; podman, runc and mmdebstrap build and run the container image; haproxy; msmtp, a scanner-like mail client). `make test`
 # installs them when run as root, and otherwise prints the apt line.
-TEST_DEBS := dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond dovecot-lmtpd postfix \
+TEST_DEBS := dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond dovecot-lmtpd postfix msmtp \
 	chromium chromium-driver curl swaks openssl ca-certificates postgresql \
 	podman runc mmdebstrap haproxy
 

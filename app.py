@@ -16,6 +16,7 @@ from flask import Flask
 
 import config
 import grants
+import graphsend
 import passwords
 from db import check_keyring, database, has_ciphertext, open_database, use_database, vault
 from migrations import migrate
@@ -66,6 +67,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     _quiet_sql_log(app.config["LOG_SQL"])
     passwords.configure(app.config)
     grants.configure(app.config)
+    graphsend.configure(app.config)
     init_database(app)
 
     import security
@@ -77,6 +79,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     import auth
     import cli
     import clients
+    import delivery_pages
     import health
     import mailsetup
     import ops
@@ -84,6 +87,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     auth.init_app(app)
     app.register_blueprint(accounts.bp)
+    app.register_blueprint(delivery_pages.bp)
     app.register_blueprint(settings.bp)
     app.register_blueprint(clients.bp)
     clients.init_app(app)

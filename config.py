@@ -59,6 +59,11 @@ DEFAULTS: dict[str, Any] = {
     "TOKEN_HTTP_TIMEOUT": 15,
     "TOKEN_ATTEMPTS": 3,
     "TOKEN_BACKOFF": 0.5,
+    # Microsoft Graph (SMTP through sendMail when a tenant turns SMTP AUTH off): base URL,
+    # seconds per request, tries while Graph answers 5xx.
+    "GRAPH_URL": "https://graph.microsoft.com",
+    "GRAPH_TIMEOUT": 30,
+    "GRAPH_ATTEMPTS": 3,
     # How often the serving process refreshes idle accounts (refresh tokens age out unused).
     "UPKEEP_INTERVAL_SECONDS": 3600,
     # Hosts that OAuth clients' URLs (permission, token, device, revocation) and custom mail

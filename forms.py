@@ -35,6 +35,7 @@ from wtforms.widgets import HiddenInput
 import addresses
 import grants
 import providers
+import smtpdelivery
 from config import is_loopback_host
 from models import OAuthClient, User
 
@@ -286,6 +287,16 @@ class ClientForm(Form):
         "Revocation URL",
         filters=[_strip],
         description="Optional: where tokens are revoked when an account is removed.",
+    )
+    smtp_delivery = SelectField(
+        "How mail from devices goes out",
+        choices=[SelectChoice(k, v) for k, v in smtpdelivery.MODES.items()],
+        default=smtpdelivery.AUTO,
+        description=(
+            "The default of this client's mailboxes (each account can choose its own). "
+            "Microsoft Graph is for tenants that turn SMTP AUTH off; it needs the Mail.Send "
+            "permission of Microsoft Graph."
+        ),
     )
     submit = SubmitField("Save client")
     load_defaults = SubmitField("Load defaults")

@@ -17,20 +17,29 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import peewee as pw
 from flask import Flask
 
 import audit
+import graphsend
 import mailrefusals
 import providers
+import smtpdelivery
 import throttle
 import tokens
 from config import HostPolicy
 from db import database
-from mailproxy import Controller, Grant, ProxyAuthError, ProxySettings, proxyproto
+from mailproxy import (
+    Controller,
+    DeliveryRefused,
+    Grant,
+    ProxyAuthError,
+    ProxySettings,
+    proxyproto,
+)
 from mailproxy.settings import LISTENER_NAMES, parse_hostport
 from models import (
     MAIL_LOOKUP_SECRET,
@@ -296,12 +305,57 @@ class AppBackend:
         # A shared mailbox: Exchange wants the delegate who authorized in the SMTP login (and
         # the shared address in From, which needs SendAs); IMAP and POP3 name the mailbox.
         login_as = account.signed_in_as if protocol == "smtp" and account.signed_in_as else ""
-        return Grant(
+        grant = Grant(
             account_id=account.id,
             address=login_as or account.address,
             upstream=endpoint,
             mechanism=providers.sasl_mechanism_for(account.client),  # type: ignore[arg-type]
         )
+        if protocol == "smtp" and smtpdelivery.through_graph(account):
+            return self._graph_grant(grant)
+        return grant
+
+    # -- SMTP through Microsoft Graph (smtpdelivery, graphsend) ---------------------------------
+    @staticmethod
+    def _graph_grant(grant: Grant) -> Grant:
+        return replace(grant, deliver=True, max_message=graphsend.MAX_MESSAGE)
+
+    def smtp_auth_refused(self, account_id: int, detail: str) -> Grant | None:
+        with database.connection_context():
+            switch = smtpdelivery.record_refusal(account_id, detail)
+            account = Account.get_by_id(account_id)
+            self.later(
+                audit.record,
+                "mail.smtp_auth_refused",
+                actor=account.owner,
+                target=account.address,
+                detail="switched to Microsoft Graph" if switch else detail[:200],
+            )
+            if account.client is None:
+                return None
+            if not switch:  # SMTP AUTH by choice: recorded for SMTP only, with its fix
+                self.upstream_refused(account_id, "smtp", detail)
+                return None
+            endpoint = providers.endpoints_for(account.client)["smtp"]
+            mechanism = providers.sasl_mechanism_for(account.client)
+            return self._graph_grant(
+                Grant(account.id, account.address, endpoint, mechanism)  # type: ignore[arg-type]
+            )
+
+    def deliver(self, account_id: int, sender: str, recipients: list[str], message: bytes) -> str:
+        with database.connection_context():
+            account = Account.get_or_none(Account.id == account_id)
+            if account is None:
+                raise DeliveryRefused(451, "4.7.0", "This mailbox is not linked any more")
+            said = graphsend.send(account, sender, recipients, message)
+            self.later(
+                audit.record,
+                "mail.sent_via_graph",
+                actor=account.owner,
+                target=account.address,
+                detail=f"{len(recipients)} recipients, {len(message)} bytes",
+            )
+            return said
 
     # -- tokens -------------------------------------------------------------------------------
     def access_token(self, account_id: int, force_refresh: bool = False) -> str:

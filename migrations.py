@@ -86,6 +86,19 @@ def _v6_client_certificates() -> None:
     _add_columns(m.OAuthClient, "credential", "private_key", "certificate")
 
 
+def _v7_graph_delivery() -> None:
+    """SMTP through Microsoft Graph: delivery modes, the Graph token, the remembered refusal."""
+    _add_columns(m.OAuthClient, "smtp_delivery")
+    _add_columns(
+        m.Account,
+        "smtp_delivery",
+        "graph_access_token",
+        "graph_token_expires_at",
+        "smtp_auth_refused_at",
+        "smtp_auth_refused_detail",
+    )
+
+
 MIGRATIONS: list[Callable[[], None]] = [
     _v1_foundation,
     _v2_oauth_clients,
@@ -93,6 +106,7 @@ MIGRATIONS: list[Callable[[], None]] = [
     _v4_password_lookup,
     _v5_renewal_state,
     _v6_client_certificates,
+    _v7_graph_delivery,
 ]
 LATEST = len(MIGRATIONS)
 

@@ -143,6 +143,8 @@ class OAuthClient(SecretModel):
     smtp_port = pw.IntegerField(null=True)
     smtp_security = pw.CharField(max_length=10, default="starttls")
     sasl_mechanism = pw.CharField(max_length=16, default="XOAUTH2")
+    # Microsoft 365: how mail from devices goes out by default (see smtpdelivery.MODES).
+    smtp_delivery = pw.CharField(max_length=8, default="smtp")
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
 
@@ -203,6 +205,13 @@ class Account(SecretModel):
     last_used_ip = pw.CharField(max_length=64, default="")
     bytes_relayed = pw.BigIntegerField(default=0)
     created_at = pw.DateTimeField(default=utcnow)
+    # Microsoft Graph delivery (smtpdelivery.py, graphsend.py): the mode ("" = the client's),
+    # the separate Graph access token, and when the tenant refused SMTP AUTH by policy.
+    smtp_delivery = pw.CharField(max_length=8, default="")
+    graph_access_token = EncryptedField(null=True)
+    graph_token_expires_at = pw.DateTimeField(null=True)
+    smtp_auth_refused_at = pw.DateTimeField(null=True)
+    smtp_auth_refused_detail = pw.TextField(default="")
 
     @classmethod
     def owned_by(cls, user: User) -> pw.ModelSelect[Account]:

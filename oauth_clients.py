@@ -29,6 +29,7 @@ EDITABLE = (
     "secret_expires_on",
     *(f"{p}_{a}" for p in ("imap", "pop3", "smtp") for a in ("host", "port", "security")),
     "sasl_mechanism",
+    "smtp_delivery",
 )
 SERVER_DEFAULTS = {"host": "", "port": None}
 
@@ -129,6 +130,8 @@ def normalized(values: dict[str, Any]) -> dict[str, Any]:
             values[f"{proto}_security"] = getattr(OAuthClient, f"{proto}_security").default
         values["sasl_mechanism"] = preset.sasl_mechanism
         values["revocation_url"] = ""
+    if not (preset.is_custom or preset.is_microsoft):
+        values["smtp_delivery"] = "smtp"  # Microsoft Graph is for Microsoft mailboxes
     return {k: ("" if v is None and k not in _NULLABLE else v) for k, v in values.items()}
 
 

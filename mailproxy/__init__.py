@@ -1,6 +1,6 @@
 """The mail proxy: IMAP, POP3 and SMTP with a per-device password in front, XOAUTH2 behind."""
 
-from .backend import Backend, Endpoint, Grant, ProxyAuthError, Security
+from .backend import Backend, DeliveryRefused, Endpoint, Grant, ProxyAuthError, Security
 from .controller import Controller
 from .settings import DEFAULT_LISTENERS, ProxySettings
 from .tls import ensure_self_signed, fingerprint_sha256
@@ -9,6 +9,7 @@ __all__ = [
     "DEFAULT_LISTENERS",
     "Backend",
     "Controller",
+    "DeliveryRefused",
     "Endpoint",
     "Grant",
     "ProxyAuthError",

@@ -30,6 +30,21 @@ class Grant:
     address: str  # mailbox address: goes into XOAUTH2 user= / OAUTHBEARER a=
     upstream: Endpoint  # server for the protocol that was asked for
     mechanism: Mechanism
+    #: SMTP: the proxy takes the message itself and hands it to ``Backend.deliver`` (e.g.
+    #: Microsoft Graph) instead of relaying to ``upstream``; messages of at most this many bytes.
+    deliver: bool = False
+    max_message: int = 0
+
+
+class DeliveryRefused(Exception):
+    """``Backend.deliver`` did not send the message: the SMTP reply (code, enhanced status,
+    a reason a person can act on). 4xx: the device may try again; 5xx: it must not."""
+
+    def __init__(self, code: int, status: str, text: str):
+        super().__init__(f"{code} {status} {text}")
+        self.code = code
+        self.status = status
+        self.text = text
 
 
 class ProxyAuthError(Exception):
@@ -66,6 +81,16 @@ class Backend(Protocol):
     def token_rejected(self, account_id: int, protocol: str, detail: str) -> str | None:
         """Upstream refused a freshly refreshed token too: record it for that protocol.
         Returns the reason for the mail client (None: the generic re-authorize message)."""
+        ...
+
+    def smtp_auth_refused(self, account_id: int, detail: str) -> Grant | None:
+        """The SMTP server refused AUTH by policy (Exchange's 535 5.7.139). A Grant with
+        ``deliver`` when the account should send through ``deliver`` from now on, else None."""
+        ...
+
+    def deliver(self, account_id: int, sender: str, recipients: list[str], message: bytes) -> str:
+        """Blocking (HTTP). Send a message the proxy accepted (CRLF line ends, dots unstuffed);
+        returns the confirmation text. Raises DeliveryRefused."""
         ...
 
     def session_opened(self, account_id: int, protocol: str, client_ip: str) -> None: ...

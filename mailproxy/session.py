@@ -116,6 +116,10 @@ class Session:
         """Answer the client's successful login."""
         raise NotImplementedError
 
+    async def deliver_instead(self, grant: Grant) -> None:
+        """SMTP: accept the login and take the mail to ``Backend.deliver`` (no upstream)."""
+        raise NotImplementedError
+
     # ---- the write path ------------------------------------------------------------------
     async def push(self, text: str, secret: bool = False) -> None:
         """The one way to write a line to the client; secret lines are masked in the log."""
@@ -239,7 +243,12 @@ class Session:
             await self._refused(address, internal)
             return
         try:
+            if grant.deliver:
+                raise DeliverInstead(grant)
             up = await self._upstream_login(grant)
+        except DeliverInstead as instead:
+            await self.deliver_instead(instead.grant)
+            return
         except ProxyAuthError as err:
             await self._refused(address, err)
             return
@@ -352,10 +361,18 @@ class Session:
                 self.log.exception("backend.session_closed failed")
 
 
+class DeliverInstead(Exception):
+    """The Backend delivers this session's mail itself (``Grant.deliver``)."""
+
+    def __init__(self, grant: Grant):
+        super().__init__(grant.address)
+        self.grant = grant
+
+
 def _consume(task: asyncio.Future[str]) -> None:
     """Mark a background result as seen, so an abandoned failure is not reported as an error."""
     if not task.cancelled():
         task.exception()
 
 
-__all__ = ["Session", "one_line"]
+__all__ = ["DeliverInstead", "Session", "one_line"]

@@ -3,6 +3,7 @@ STARTTLS, AUTH XOAUTH2/OAUTHBEARER to the upstream server before the relay."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -13,11 +14,16 @@ from .common import (
     Upstream,
     UpstreamError,
     connect_upstream,
+    count_login,
     decode_challenge,
     sasl_initial_response,
 )
 from .plain import decode_plain
-from .session import Session, one_line
+from .session import DeliverInstead, Session, one_line
+from .submit import Submission
+
+#: Exchange's "SMTP AUTH is disabled" (tenant, mailbox, security defaults, Conditional Access).
+POLICY_REFUSAL = "535 5.7.139"
 
 NEED_AUTH = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "ETRN", "EXPN"})
 
@@ -61,7 +67,7 @@ class SMTPSession(Session):
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
         self.greeted = True
-        lines = [self.settings.hostname, "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        lines = [self.settings.hostname, "SIZE", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
         if self.can_starttls:
             lines.append("STARTTLS")
         if self.credentials_allowed:
@@ -138,8 +144,33 @@ class SMTPSession(Session):
         return response
 
     # ---- login outcome ---------------------------------------------------------------------
-    async def accept_login(self, up: Upstream) -> None:
+    async def accept_login(self, up: Upstream | None) -> None:
         await self.push("235 2.7.0 Authentication successful")
+
+    async def deliver_instead(self, grant: Grant) -> None:
+        self.log.info("login %s from %s, mail goes to the backend", grant.address, self.peer_ip)
+        count_login(self.protocol, "ok")
+        await self.accept_login(None)
+        self.done = True
+        await Submission(self, grant).run()
+
+    async def _upstream_login(self, grant: Grant) -> Upstream:
+        """As for every protocol; a refusal by policy (5.7.139) may switch to ``deliver``."""
+        try:
+            return await super()._upstream_login(grant)
+        except UpstreamError as exc:
+            if exc.reason != "policy":
+                raise
+            backend = self.hub.backend
+            instead = await asyncio.to_thread(
+                backend.smtp_auth_refused, grant.account_id, exc.message
+            )
+            if instead is None:
+                raise
+            if self.upstream is not None:
+                self.upstream.close()  # the refused SMTP session is not needed any more
+                self.upstream = None
+            raise DeliverInstead(instead) from None
 
     async def _reply(self, up: Upstream) -> tuple[int, str]:
         """A whole (multi-line) upstream reply: (code, text of its last line)."""
@@ -186,6 +217,9 @@ class SMTPSession(Session):
                 detail = decode_challenge(line[4:])
                 await up.send("")
                 continue
+            if line.startswith(POLICY_REFUSAL):
+                # No token can change a tenant's policy: neither refresh nor re-authorize.
+                raise UpstreamError("policy", f"mail server: {one_line(line)}")
             if code == 535 or challenged:
                 return False, one_line(f"{line} {detail}")
             # 454, 421, 530, 550...: the server refused the session, not the token.

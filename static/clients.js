@@ -43,6 +43,7 @@
     const flags = {
       tenant: !!preset.has_tenant,
       custom: !!preset.custom,
+      graph: !!(preset.microsoft || preset.custom),
       authorization_code: grant.value === "authorization_code",
       device_code: grant.value === "device_code",
     };

@@ -110,3 +110,56 @@ def test_accounts_of_the_previous_schema_are_upgraded_in_place(instance):
         assert grant.account_id == stored.id
     with sqlite3.connect(path) as raw:
         assert set(new) <= {r[1] for r in raw.execute("PRAGMA table_info(account)")}
+
+
+def test_a_version_3_database_gains_the_graph_delivery_columns_and_keeps_its_data(instance):
+    """Schema 4 (SMTP through Microsoft Graph) upgrades a schema-3 database in place: the
+    accounts, their encrypted tokens and the clients' secrets are all still there and readable."""
+    import peewee as pw
+
+    import tokens
+    from models import Account
+
+    app = make_app(instance)
+    new_columns = {
+        "account": [
+            "smtp_delivery",
+            "graph_access_token",
+            "graph_token_expires_at",
+            "smtp_auth_refused_at",
+            "smtp_auth_refused_detail",
+        ],
+        "o_auth_client": ["smtp_delivery"],
+    }
+    with app.app_context():
+        owner = User.create(email="old@example.org", password_hash="h")
+        client = stored_client(owner, "old client", "the-secret")
+        account = Account.create(owner=owner, address="box@example.org", provider="other",
+                                 client=client, status="active")  # fmt: skip
+        tokens.store_tokens(account, {"access_token": "at-1", "refresh_token": "rt-1"})
+        # back to the schema that version 3 shipped: the new columns did not exist
+        for table, columns in new_columns.items():
+            for column in columns:
+                database.execute_sql(f'ALTER TABLE "{table}" DROP COLUMN "{column}"')
+        database.execute_sql("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        assert migrations.current_version() == 3
+        with database.atomic():  # peewee cannot read a row missing a model column
+            try:
+                Account.get_by_id(account.id).smtp_delivery  # noqa: B018
+            except pw.OperationalError:
+                pass
+            else:
+                raise AssertionError("the column should be gone before the upgrade")
+
+        assert migrations.migrate() == [4]
+        assert migrations.current_version() == migrations.LATEST
+        for table, columns in new_columns.items():
+            present = {c.name for c in database.get_columns(table)}
+            assert set(columns) <= present
+        kept = Account.get(Account.address == "box@example.org")
+        assert kept.status == "active" and kept.owner.email == "old@example.org"
+        assert kept.access_token == "at-1" and kept.refresh_token == "rt-1"
+        assert kept.client.client_secret == "the-secret"
+        assert kept.smtp_delivery == "" and kept.client.smtp_delivery == "smtp"
+        assert kept.graph_access_token is None and kept.smtp_auth_refused_at is None
+        assert migrations.migrate() == []  # applying again changes nothing

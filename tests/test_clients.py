@@ -811,3 +811,23 @@ def test_load_defaults_on_other_keeps_typed_urls_and_drops_preset_ones(app, admi
 def test_custom_server_may_keep_a_big_providers_endpoints(app, admin_client):
     assert add(admin_client, provider="other", token_url=M365["token_url"]).status_code == 302
     assert one_client(app, name="Local IdP").token_url == M365["token_url"]
+
+
+def test_the_editor_sets_how_a_microsoft_clients_mail_goes_out(app, admin_client):
+    """Microsoft clients default to automatic (Graph once the tenant refuses SMTP AUTH) and say
+    which Graph permission that needs; a Google client always uses SMTP AUTH."""
+    page = admin_client.get(NEW).get_data(as_text=True)
+    assert 'name="smtp_delivery"' in page and "Mail.Send" in page
+    assert "https://graph.microsoft.com/Mail.Send" in page  # the delegated guide
+    assert add(admin_client).status_code == 302
+    assert add(admin_client, name="Graph only", smtp_delivery="graph").status_code == 302
+    refused = add(admin_client, name="Bad mode", smtp_delivery="fax")
+    assert refused.status_code == 400
+    google = providers.defaults_for("google", "authorization_code")
+    assert (
+        add(admin_client, name="Gmail", provider="google", tenant="", smtp_delivery="graph",
+            **google).status_code == 302
+    )  # fmt: skip
+    with app.app_context():
+        modes = {c.name: c.smtp_delivery for c in OAuthClient.select()}
+    assert modes == {"Contoso Entra": "auto", "Graph only": "graph", "Gmail": "smtp"}
