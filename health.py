@@ -122,7 +122,8 @@ def overview(today: dt.date | None = None) -> list[Row]:
         if account.status in ("needs_reauth", "error"):
             row.reasons.append(account.status_detail or "the provider refused its authorization")
         elif not state.ok and state.problem and account.status != "pending":
-            row.reasons.append(state.problem)
+            failing = "token renewal failing: " if account.refresh_failures else ""
+            row.reasons.append(failing + state.problem)
         if client is not None and client.secret_expires_on:
             what = "certificate" if client.credential == "certificate" else "secret"
             row.expiry = f"{what} until {client.secret_expires_on.isoformat()}"

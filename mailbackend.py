@@ -334,7 +334,7 @@ class AppBackend:
             if account.client is None:
                 return None
             if not switch:  # SMTP AUTH by choice: recorded for SMTP only, with its fix
-                self.upstream_refused(account_id, "smtp", detail)
+                self.upstream_refused(account_id, "smtp", detail.removeprefix("mail server: "))
                 return None
             endpoint = providers.endpoints_for(account.client)["smtp"]
             mechanism = providers.sasl_mechanism_for(account.client)

@@ -69,6 +69,7 @@ def seed(app, auth) -> None:
             client=fine,
             status="active",
             last_error="2026-12-01 10:00 UTC: the token endpoint answered HTTP 503",
+            refresh_failures=1,
         )
         audit.record(
             "mail.login", actor=alice, ip="192.0.2.1", target="ok@team.example", detail="imap"

@@ -151,7 +151,7 @@ def test_a_version_3_database_gains_the_graph_delivery_columns_and_keeps_its_dat
             else:
                 raise AssertionError("the column should be gone before the upgrade")
 
-        assert migrations.migrate() == [4]
+        assert migrations.migrate() == list(range(4, migrations.LATEST + 1))
         assert migrations.current_version() == migrations.LATEST
         for table, columns in new_columns.items():
             present = {c.name for c in database.get_columns(table)}

@@ -106,6 +106,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, peers: Any) -> Iterator[Ser
         BIND=f"127.0.0.1:{ports['web']}",
         PUBLIC_URL=f"http://127.0.0.1:{ports['web']}",
         UPSTREAM_CA_FILE=peers.ca_file,
+        CUSTOM_CLIENT_LOOPBACK="true",  # the test bed's mail server is on loopback
         **{f"{n.upper()}_LISTEN": f"127.0.0.1:{ports[n]}" for n in LISTENER_NAMES},
     )
     log = tmp / "serve.log"
