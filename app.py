@@ -17,10 +17,10 @@ from flask import Flask
 import config
 import grants
 import passwords
-from db import database, has_ciphertext, open_database, use_database, vault
+from db import database, has_ciphertext, key_ids_in_use, open_database, use_database, vault
 from migrations import migrate
 from models import SECRET_MODELS
-from vault import load_keyring, load_or_create_secret_key
+from vault import KeyFileError, load_keyring, load_or_create_secret_key
 
 log = logging.getLogger("auth_email")
 
@@ -103,9 +103,16 @@ def init_database(app: Flask) -> None:
     with database.connection_context():
         migrate()
         _private_sqlite_files(app.config["DATABASE_URL"])
-        vault.keyring = load_keyring(
-            Path(app.instance_path) / VAULT_KEY_FILE, has_ciphertext(SECRET_MODELS)
-        )
+        key_file = Path(app.instance_path) / VAULT_KEY_FILE
+        vault.keyring = load_keyring(key_file, has_ciphertext(SECRET_MODELS))
+        missing = key_ids_in_use(SECRET_MODELS) - vault.keyring.keys.keys()
+        if missing:
+            # e.g. the key was rotated on another instance sharing this database
+            raise KeyFileError(
+                f"The database holds secrets sealed with key {', '.join(sorted(missing))}, "
+                f"which {key_file} does not have. If the key was rotated on another instance "
+                "sharing this database, copy its vault.key here and start again."
+            )
 
     @app.before_request
     def _connect() -> None:

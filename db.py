@@ -141,6 +141,18 @@ def has_ciphertext(models: list[type[SecretModel]]) -> bool:
     return False
 
 
+def key_ids_in_use(models: list[type[SecretModel]]) -> set[str]:
+    """The ids of the keys that sealed the stored secrets."""
+    found: set[str] = set()
+    for model in models:
+        if not model.table_exists():
+            continue
+        for f in model.encrypted_fields():
+            for row in model.select(f).where(f.is_null(False)).tuples():
+                found.add(Keyring.key_id_of(bytes(row[0])))
+    return found
+
+
 def reencrypt_all(models: list[type[SecretModel]], new: Keyring) -> int:
     """Re-seal every secret under ``new.current`` in one transaction; returns the values moved."""
     old = vault.get()
