@@ -148,8 +148,9 @@ def key_ids_in_use(models: list[type[SecretModel]]) -> set[str]:
         if not model.table_exists():
             continue
         for f in model.encrypted_fields():
-            for row in model.select(f).where(f.is_null(False)).tuples():
-                found.add(Keyring.key_id_of(bytes(row[0])))
+            rows: Any = model.select(f).where(f.is_null(False)).tuples()
+            for (blob,) in rows:
+                found.add(Keyring.key_id_of(bytes(blob)))
     return found
 
 
