@@ -400,6 +400,23 @@ class Peers:
                 raise AssertionError(f"unexpected device page: {text[:500]}")
         raise AssertionError("device approval did not finish")
 
+    def deny_device(self, user_code: str) -> None:
+        """Play a user who enters the device code and then aborts (the device gets
+        ``access_denied``)."""
+        s = requests.Session()
+        page = s.get(self.device_verification_url, timeout=15)
+        xsrf = re.search(r'name="xsrf" value="([^"]+)"', page.text)
+        assert xsrf, page.text[:500]
+        answer = s.post(
+            self.device_verification_url,
+            data={"xsrf": xsrf.group(1), "user_code": user_code},
+            timeout=15,
+        )
+        assert 'id="op.deviceConfirmForm"' in answer.text, answer.text[:500]
+        fields = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', answer.text))
+        action = _form_action(answer.text, "op.deviceConfirmForm")
+        s.post(urljoin(answer.url, action), data={**fields, "abort": "yes"}, timeout=15)
+
     # ----------------------------------------------------------------- mailboxes
     def new_mailbox(
         self, prefix: str = "user", messages: int = 3, domain: str = "example.test"
