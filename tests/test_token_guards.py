@@ -17,7 +17,8 @@ import tokens
 import upkeep
 from db import Ciphertext
 from models import Account, User, utcnow
-from tests.test_linking import PeerInfo, peer, revoke_at_op, token_requests  # noqa: F401
+from tests.conftest import make_app
+from tests.test_linking import PUBLIC, PeerInfo, peer, revoke_at_op, token_requests  # noqa: F401
 from tests.test_tokens import (
     FlakyTokenEndpoint,
     broken_account,
@@ -29,6 +30,16 @@ from tests.test_tokens import (
 )
 
 CALLERS = 6
+
+
+@pytest.fixture
+def sqlite_owner(instance: Any, peer: PeerInfo) -> User:  # noqa: F811
+    """A user of an app on SQLite only (where PostgreSQL would add time, not proof)."""
+    import users
+
+    app = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC)
+    with app.app_context():
+        return users.create_user("owner@example.org", "owner-password-1", True)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
@@ -136,10 +147,10 @@ def test_a_token_about_to_expire_is_renewed_before_it_is_handed_out(
 
 @pytest.mark.peers
 def test_the_refresh_counter_counts_each_outcome_once(
-    owner: User,  # noqa: F811
+    sqlite_owner: User,
     peer: PeerInfo,  # noqa: F811
 ) -> None:
-    account, reg = link(owner, peer)
+    account, reg = link(sqlite_owner, peer)
     counts = {r: refreshes(r) for r in ("ok", "needs_reauth", "unavailable", "error")}
 
     tokens.get_access_token(account.id, force_refresh=True)
@@ -203,12 +214,12 @@ def running_upkeep() -> Iterator[Callable[..., upkeep.Upkeep]]:
 
 @pytest.mark.peers
 def test_upkeep_thread_refreshes_idle_accounts_round_after_round_and_survives_a_failed_round(
-    owner: User,  # noqa: F811
+    sqlite_owner: User,
     peer: PeerInfo,  # noqa: F811
     running_upkeep: Callable[..., upkeep.Upkeep],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    account, _ = link(owner, peer)
+    account, _ = link(sqlite_owner, peer)
     rounds: list[str] = []
     real_round = upkeep.refresh_idle_accounts
 
@@ -235,15 +246,15 @@ def test_upkeep_thread_refreshes_idle_accounts_round_after_round_and_survives_a_
 
 @pytest.mark.peers
 def test_upkeep_goes_on_to_the_other_accounts_when_one_fails(
-    owner: User,  # noqa: F811
+    sqlite_owner: User,
     peer: PeerInfo,  # noqa: F811
     running_upkeep: Callable[..., upkeep.Upkeep],
 ) -> None:
     """A grant revoked at the provider, and a stored token that no longer decrypts, are taken
     first (they are the oldest); the healthy account is refreshed all the same."""
-    revoked, revoked_reg = link(owner, peer)
-    unreadable, _ = link(owner, peer)
-    healthy, _ = link(owner, peer)
+    revoked, revoked_reg = link(sqlite_owner, peer)
+    unreadable, _ = link(sqlite_owner, peer)
+    healthy, _ = link(sqlite_owner, peer)
     revoke_at_op(peer, client_id=revoked_reg["client_id"])
     Account.update(refresh_token=Ciphertext(b"\x01" + b"\x00" * 40)).where(
         Account.id == unreadable.id
