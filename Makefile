@@ -11,7 +11,7 @@ TEST_DEBS := dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond doveco
 	chromium chromium-driver curl swaks openssl ca-certificates postgresql \
 	podman runc mmdebstrap haproxy
 
-.PHONY: run test lint typecheck pytest bench deps test-deps peers-up peers-down clean
+.PHONY: run test lint typecheck pytest bench mutation mutation-table deps test-deps peers-up peers-down clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ pytest: deps
 bench: test-deps
 	$(PY) -m bench $(BENCH_ARGS)
 
+## mutation: mutmut over the token lifecycle, mail backend, vault and proxy sessions/protocols,
+## each mutant against the tests that reach it (slow: hours; not part of `make test`).
+## MUTANTS narrows the run, e.g. MUTANTS='vault.*'; scores go into tests/MUTATION.md.
+mutation: test-deps
+	PEERS_KEEP=1 bash tests/peers/up.sh
+	PEERS_KEEP=1 $(VENV)/bin/mutmut run $(MUTANTS) || true
+	$(VENV)/bin/mutmut results --all true > mutants/results.txt || $(VENV)/bin/mutmut results > mutants/results.txt
+	$(PY) -m tests.mutation_score mutants/results.txt
+
+## mutation-table: re-run issue 18's table of one-line changes against the tests named for them
+mutation-table: test-deps
+	PEERS_KEEP=1 $(PY) -m tests.mutation_table $(CHANGES)
+
 peers-up: test-deps
 	bash tests/peers/up.sh
 
@@ -53,4 +66,4 @@ peers-down:
 	bash tests/peers/down.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts mutants

@@ -18,10 +18,18 @@ import config
 import grants
 import graphsend
 import passwords
-from db import check_keyring, database, has_ciphertext, open_database, use_database, vault
+from db import (
+    check_keyring,
+    database,
+    has_ciphertext,
+    key_ids_in_use,
+    open_database,
+    use_database,
+    vault,
+)
 from migrations import migrate
 from models import SECRET_MODELS, Meta
-from vault import load_keyring, load_or_create_secret_key
+from vault import KeyFileError, load_keyring, load_or_create_secret_key
 
 log = logging.getLogger("auth_email")
 
@@ -120,9 +128,16 @@ def init_database(app: Flask) -> None:
     with database.connection_context():
         migrate()
         _private_sqlite_files(app.config["DATABASE_URL"])
-        keyring = load_keyring(
-            Path(app.instance_path) / VAULT_KEY_FILE, has_ciphertext(SECRET_MODELS)
-        )
+        key_file = Path(app.instance_path) / VAULT_KEY_FILE
+        keyring = load_keyring(key_file, has_ciphertext(SECRET_MODELS))
+        missing = key_ids_in_use(SECRET_MODELS) - keyring.keys.keys()
+        if missing:
+            # e.g. the key was rotated on another instance sharing this database
+            raise KeyFileError(
+                f"The database holds secrets sealed with key {', '.join(sorted(missing))}, "
+                f"which {key_file} does not have. If the key was rotated on another instance "
+                "sharing this database, copy its vault.key here and start again."
+            )
         check_keyring(keyring, Meta, SECRET_MODELS)
         vault.keyring = keyring
 

@@ -154,6 +154,19 @@ def has_ciphertext(models: list[type[SecretModel]]) -> bool:
     return False
 
 
+def key_ids_in_use(models: list[type[SecretModel]]) -> set[str]:
+    """The ids of the keys that sealed the stored secrets."""
+    found: set[str] = set()
+    for model in models:
+        if not model.table_exists():
+            continue
+        for f in model.encrypted_fields():
+            rows: Any = model.select(f).where(f.is_null(False)).tuples()
+            for (blob,) in rows:
+                found.add(Keyring.key_id_of(bytes(blob)))
+    return found
+
+
 def reencrypt_all(models: list[type[SecretModel]], new: Keyring) -> int:
     """Re-seal every secret under ``new.current`` in one transaction; returns the values moved."""
     old = vault.get()

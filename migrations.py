@@ -109,6 +109,7 @@ MIGRATIONS: list[Callable[[], None]] = [
     _v7_graph_delivery,
 ]
 LATEST = len(MIGRATIONS)
+MIGRATION_LOCK = 0x417574684D61696C  # any constant shared by every instance ("AuthMail")
 
 
 def current_version() -> int:
@@ -118,15 +119,31 @@ def current_version() -> int:
     return int(row.value) if row else 0
 
 
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer Auth-Email; this code must not touch it."""
+
+
 def migrate(target: int = LATEST) -> list[int]:
-    """Bring the schema up to ``target``; returns the versions applied."""
+    """Bring the schema up to ``target``; returns the versions applied.
+
+    One transaction; on PostgreSQL under an advisory lock, so instances that start at once on
+    an empty database do not create the same tables concurrently (one waits, then sees them).
+    """
     applied = []
-    version = current_version()
-    for number in range(version + 1, target + 1):
-        with database.atomic():
+    with database.atomic():
+        if isinstance(database.obj, pw.PostgresqlDatabase):
+            database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        version = current_version()
+        if version > LATEST:
+            raise SchemaTooNew(
+                f"The database's schema is version {version}, newer than this Auth-Email knows "
+                f"(version {LATEST}): run the newer Auth-Email that upgraded it, or restore a "
+                "backup made with this one."
+            )
+        for number in range(version + 1, target + 1):
             MIGRATIONS[number - 1]()
             m.Meta.insert(key="schema_version", value=str(number)).on_conflict(
                 conflict_target=[m.Meta.key], update={m.Meta.value: str(number)}
             ).execute()
-        applied.append(number)
+            applied.append(number)
     return applied

@@ -56,6 +56,9 @@ def refresh_idle_accounts(now: dt.datetime | None = None, idle_days: int = IDLE_
             except tokens.TokenError as exc:
                 log.warning("upkeep: account %s not refreshed: %s", account_id, exc.message)
                 continue
+            except Exception:  # one broken account (e.g. unreadable) must not stop the others
+                log.exception("upkeep: refreshing account %s failed", account_id)
+                continue
             refreshed += 1
         oauth.forget_expired(now)
         abandoned = linking.forget_abandoned(now)

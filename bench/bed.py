@@ -243,10 +243,10 @@ class Bed:
                     scope="mail",
                     client_id=cid,
                     client_secret=secret,
-                    imap_host="127.0.0.1",
+                    imap_host=p.mail_host,
                     imap_port=p.imaps_port,
                     imap_security="tls",
-                    smtp_host="127.0.0.1",
+                    smtp_host=p.mail_host,
                     smtp_port=p.submissions_port,
                     smtp_security="tls",
                 )

@@ -108,6 +108,7 @@ class Peers:
     """Addresses of the running peers (every peers.json key is an attribute) and helpers."""
 
     host: str
+    mail_host: str  # Dovecot: another loopback address, so it refuses authentication before TLS
     issuer: str
     auth_url: str
     token_url: str
@@ -399,6 +400,23 @@ class Peers:
                 raise AssertionError(f"unexpected device page: {text[:500]}")
         raise AssertionError("device approval did not finish")
 
+    def deny_device(self, user_code: str) -> None:
+        """Play a user who enters the device code and then aborts (the device gets
+        ``access_denied``)."""
+        s = requests.Session()
+        page = s.get(self.device_verification_url, timeout=15)
+        xsrf = re.search(r'name="xsrf" value="([^"]+)"', page.text)
+        assert xsrf, page.text[:500]
+        answer = s.post(
+            self.device_verification_url,
+            data={"xsrf": xsrf.group(1), "user_code": user_code},
+            timeout=15,
+        )
+        assert 'id="op.deviceConfirmForm"' in answer.text, answer.text[:500]
+        fields = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', answer.text))
+        action = _form_action(answer.text, "op.deviceConfirmForm")
+        s.post(urljoin(answer.url, action), data={**fields, "abort": "yes"}, timeout=15)
+
     # ----------------------------------------------------------------- mailboxes
     def new_mailbox(
         self, prefix: str = "user", messages: int = 3, domain: str = "example.test"
@@ -481,17 +499,17 @@ class Peers:
         """
         if tls == "implicit":
             conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(
-                self.host, self.imaps_port, ssl_context=self.ssl_context(), timeout=15
+                self.mail_host, self.imaps_port, ssl_context=self.ssl_context(), timeout=15
             )
         else:
-            conn = imaplib.IMAP4(self.host, self.imap_port, timeout=15)
+            conn = imaplib.IMAP4(self.mail_host, self.imap_port, timeout=15)
             if tls == "starttls":
                 conn.starttls(self.ssl_context())
         port = self.imaps_port if tls == "implicit" else self.imap_port
         payload = (
             xoauth2(address, token)
             if mech == "XOAUTH2"
-            else oauthbearer(address, token, self.host, port)
+            else oauthbearer(address, token, self.mail_host, port)
         )
         sent: list[int] = []
 
@@ -518,10 +536,10 @@ class Peers:
         """
         if tls == "implicit":
             conn: poplib.POP3 = poplib.POP3_SSL(
-                self.host, self.pop3s_port, context=self.ssl_context(), timeout=15
+                self.mail_host, self.pop3s_port, context=self.ssl_context(), timeout=15
             )
         else:
-            conn = poplib.POP3(self.host, self.pop3_port, timeout=15)
+            conn = poplib.POP3(self.mail_host, self.pop3_port, timeout=15)
             if tls == "starttls":
                 conn.stls(self.ssl_context())
         b64 = base64.b64encode(xoauth2(address, token).encode()).decode()
@@ -543,10 +561,10 @@ class Peers:
         """
         if tls == "implicit":
             conn: smtplib.SMTP = smtplib.SMTP_SSL(
-                self.host, self.submissions_port, context=self.ssl_context(), timeout=15
+                self.mail_host, self.submissions_port, context=self.ssl_context(), timeout=15
             )
         else:
-            conn = smtplib.SMTP(self.host, self.submission_port, timeout=15)
+            conn = smtplib.SMTP(self.mail_host, self.submission_port, timeout=15)
             if tls == "starttls":
                 conn.starttls(context=self.ssl_context())
         conn.ehlo("tests.example.test")

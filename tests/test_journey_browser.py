@@ -135,7 +135,7 @@ def test_the_whole_journey_from_first_visit_to_mail_through_the_proxy(
         "smtp": (peers.submission_port, "starttls"),
     }
     for proto, (port, security) in servers.items():
-        fill(browser, f"{proto}_host", "127.0.0.1")
+        fill(browser, f"{proto}_host", peers.mail_host)
         fill(browser, f"{proto}_port", port)
         choose(browser, f"{proto}_security", security)
     fill(browser, "revocation_url", peers.revocation_url)

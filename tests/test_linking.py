@@ -142,7 +142,7 @@ def peer_client(
         "scope": "openid email mail",
         "client_id": reg["client_id"],
         "client_secret": reg.get("client_secret"),
-        "imap_host": "127.0.0.1",
+        "imap_host": peer.mail_host,
         "imap_port": peer.imaps_port,
         "imap_security": "tls",
         **over,

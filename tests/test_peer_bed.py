@@ -39,16 +39,15 @@ def cc_token(peers: Peers, mailbox: str, ttl: int | None = None) -> str:
     return str(peers.client_credentials_token(cid, secret)["access_token"])
 
 
-def test_client_credentials_token_opens_imap_plain_starttls_and_tls(peers: Peers) -> None:
+def test_client_credentials_token_opens_imap_over_starttls_and_tls(peers: Peers) -> None:
     address, _ = peers.new_mailbox("cc", messages=3)
     token = cc_token(peers, address)
     assert peers.introspect(token)["email"] == address
-    for tls in ("none", "starttls", "implicit"):
+    for tls in ("starttls", "implicit"):
         conn = peers.imap(address, token, tls=tls)
         try:
             assert inbox_count(conn) == 3, tls
-            if tls != "none":
-                assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+            assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
         finally:
             conn.logout()
     conn = peers.imap(address, token, tls="implicit", mech="OAUTHBEARER")
@@ -57,20 +56,34 @@ def test_client_credentials_token_opens_imap_plain_starttls_and_tls(peers: Peers
 
 def test_server_certificate_is_signed_by_the_throwaway_ca(peers: Peers) -> None:
     """The certificate verifies against ca_file only (for 127.0.0.1, localhost, the name)."""
-    for name in ("127.0.0.1", "localhost", "mail.example.test"):
+    for name in ("127.0.0.1", "localhost", "mail.example.test", peers.mail_host):
         ctx = peers.ssl_context()
-        raw = socket.create_connection((peers.host, peers.imaps_port), timeout=10)
+        raw = socket.create_connection((peers.mail_host, peers.imaps_port), timeout=10)
         with ctx.wrap_socket(raw, server_hostname=name) as sock:
             assert sock.getpeercert()
     no_ca = ssl.create_default_context()  # the system store does not know the throwaway CA
     with pytest.raises(ssl.SSLCertVerificationError):
-        imaplib.IMAP4_SSL(peers.host, peers.imaps_port, ssl_context=no_ca, timeout=10)
+        imaplib.IMAP4_SSL(peers.mail_host, peers.imaps_port, ssl_context=no_ca, timeout=10)
 
 
-def test_pop3_xoauth2_plain_stls_and_tls(peers: Peers) -> None:
+def test_dovecot_refuses_a_token_sent_before_tls(peers: Peers) -> None:
+    """Like real providers, the peer refuses any authentication in clear (IMAP, POP3, SMTP):
+    a proxy that skipped the upstream STARTTLS cannot pass a functional test."""
+    address, _ = peers.new_mailbox("clear", messages=1)
+    token = cc_token(peers, address)
+    with pytest.raises(imaplib.IMAP4.error):
+        peers.imap(address, token, tls="none")
+    with pytest.raises(poplib.error_proto):
+        peers.pop3(address, token, tls="none")
+    with pytest.raises(smtplib.SMTPException):
+        peers.smtp(address, token, tls="none")
+    peers.imap(address, token, tls="starttls").logout()  # the same token over TLS works
+
+
+def test_pop3_xoauth2_stls_and_tls(peers: Peers) -> None:
     address, _ = peers.new_mailbox("pop", messages=2)
     token = cc_token(peers, address)
-    for tls in ("none", "starttls", "implicit"):
+    for tls in ("starttls", "implicit"):
         conn = peers.pop3(address, token, tls=tls)
         try:
             count, _size = conn.stat()

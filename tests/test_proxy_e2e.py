@@ -35,7 +35,7 @@ REAUTH_PAGE = "https://auth-email.example.test/accounts"
 
 
 def upstreams(peers: Any, imap: str = "starttls") -> dict[str, Endpoint]:
-    host = getattr(peers, "host", "127.0.0.1")
+    host = peers.mail_host
     return {
         "imap": Endpoint(host, peers.imap_port, "starttls")
         if imap == "starttls"
@@ -252,7 +252,9 @@ def test_upstream_tls_failure_is_unavailable(
     proxy: Controller, backend: RecordingBackend, address: str, peers: Any
 ) -> None:
     # implicit TLS against the plain-text IMAP port: the handshake fails
-    backend.accounts[address].upstreams = {"imap": Endpoint("127.0.0.1", peers.imap_port, "tls")}
+    backend.accounts[address].upstreams = {
+        "imap": Endpoint(peers.mail_host, peers.imap_port, "tls")
+    }
     text = login_error(proxy, "imap", address, PASSWORD)
     assert "[UNAVAILABLE]" in text and "TLS" in text
 

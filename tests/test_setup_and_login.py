@@ -58,7 +58,7 @@ def test_login_with_wrong_password_gives_one_generic_message(auth, client, app):
 
 
 def test_throttling_kicks_in_then_lifts(instance):
-    app = make_app(instance, LOGIN_FAILURE_LIMIT=3, LOGIN_BLOCK_SECONDS=1)
+    app = make_app(instance, LOGIN_FAILURE_LIMIT=3, LOGIN_BLOCK_SECONDS=5)
     client = app.test_client()
     post_form(
         client,
@@ -71,8 +71,13 @@ def test_throttling_kicks_in_then_lifts(instance):
     blocked = post_form(client, "/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
     assert blocked.status_code == 401
     assert "Too many failed sign-ins. Try again in" in blocked.get_data(as_text=True)
-    time.sleep(1.2)
-    allowed = post_form(client, "/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+    # a pause long enough for a loaded machine; then the block lifts (poll, do not guess)
+    deadline = time.monotonic() + 30
+    while True:
+        time.sleep(0.5)
+        allowed = post_form(client, "/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        if allowed.status_code == 302 or time.monotonic() > deadline:
+            break
     assert allowed.status_code == 302
 
 

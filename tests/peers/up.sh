@@ -26,6 +26,10 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 W=${PEERS_STATE:-/tmp/auth-email-peers}
 BASE=${PEERS_PORT_BASE:-24000}
 HOST=127.0.0.1
+# Dovecot (IMAP, POP3, submission) listens on another loopback address: Dovecot treats a
+# connection whose remote IP equals its local IP as secured and would accept a token sent in
+# clear. From 127.0.0.1 to 127.0.0.2 it refuses authentication before TLS, as real providers do.
+MAIL_HOST=${PEERS_MAIL_HOST:-127.0.0.2}
 DEBUG=${PEERS_DEBUG:-0}
 
 OP_PORT=$((BASE + 80))
@@ -139,7 +143,8 @@ TLS=$W/tls
 TLS_NEW=0
 if ! [ -s "$TLS/ca.pem" ] || ! [ -s "$TLS/server.pem" ] \
   || ! openssl verify -CAfile "$TLS/ca.pem" "$TLS/server.pem" >/dev/null 2>&1 \
-  || ! openssl x509 -checkend 86400 -noout -in "$TLS/server.pem" >/dev/null 2>&1; then
+  || ! openssl x509 -checkend 86400 -noout -in "$TLS/server.pem" >/dev/null 2>&1 \
+  || ! openssl x509 -noout -ext subjectAltName -in "$TLS/server.pem" 2>/dev/null | grep -q "IP Address:$MAIL_HOST"; then
   log "making a throwaway CA and server certificate in $TLS"
   rm -f "$TLS"/*
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -sha256 \
@@ -153,7 +158,7 @@ if ! [ -s "$TLS/ca.pem" ] || ! [ -s "$TLS/server.pem" ] \
 basicConstraints = critical,CA:FALSE
 keyUsage = critical,digitalSignature,keyEncipherment
 extendedKeyUsage = serverAuth
-subjectAltName = DNS:mail.example.test,DNS:localhost,IP:127.0.0.1
+subjectAltName = DNS:mail.example.test,DNS:localhost,IP:127.0.0.1,IP:$MAIL_HOST
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid:always
 EOF
@@ -211,18 +216,18 @@ state_dir = $W/lib/dovecot
 log_path = $W/logs/dovecot.log
 info_log_path = $W/logs/dovecot.log
 protocols = imap pop3 submission lmtp
-listen = $HOST
+listen = $MAIL_HOST
 hostname = mail.example.test
 postmaster_address = postmaster@example.test
 default_internal_user = dovecot
 default_login_user = dovenull
 
-ssl = yes
+# as strict as real providers: no authentication (not even XOAUTH2) before TLS
+ssl = required
 ssl_cert = <$TLS/server-chain.pem
 ssl_key = <$TLS/server.key
 ssl_dh = </usr/share/dovecot/dh.pem
-# plain (non-TLS) logins on loopback are allowed; STARTTLS and implicit TLS are offered
-disable_plaintext_auth = no
+disable_plaintext_auth = yes
 
 auth_mechanisms = xoauth2 oauthbearer
 auth_verbose = yes
@@ -273,11 +278,11 @@ service imap-login {
   process_limit = 64
   client_limit = 1000
   inet_listener imap {
-    address = $HOST
+    address = $MAIL_HOST
     port = $IMAP_PORT
   }
   inet_listener imaps {
-    address = $HOST
+    address = $MAIL_HOST
     port = $IMAPS_PORT
     ssl = yes
   }
@@ -291,11 +296,11 @@ service pop3-login {
   process_limit = 64
   client_limit = 1000
   inet_listener pop3 {
-    address = $HOST
+    address = $MAIL_HOST
     port = $POP3_PORT
   }
   inet_listener pop3s {
-    address = $HOST
+    address = $MAIL_HOST
     port = $POP3S_PORT
     ssl = yes
   }
@@ -309,11 +314,11 @@ service submission-login {
   process_limit = 64
   client_limit = 1000
   inet_listener submission {
-    address = $HOST
+    address = $MAIL_HOST
     port = $SUBM_PORT
   }
   inet_listener submissions {
-    address = $HOST
+    address = $MAIL_HOST
     port = $SUBMS_PORT
     ssl = yes
   }
@@ -483,7 +488,7 @@ fi
 
 # ------------------------------------------------------------------ peers.json
 I=http://$HOST:$OP_PORT
-export W BASE HOST I OP_PORT IMAP_PORT IMAPS_PORT POP3_PORT POP3S_PORT SUBM_PORT SUBMS_PORT \
+export W BASE HOST MAIL_HOST I OP_PORT IMAP_PORT IMAPS_PORT POP3_PORT POP3S_PORT SUBM_PORT SUBMS_PORT \
   PF_SMTP_PORT PF_SUBM_PORT REDIRECT_PORT REG_TOKEN DC DOMAINS SEED_USER HERE
 python3 - <<'PY'
 import json, os
@@ -493,6 +498,7 @@ W = e["W"]
 tls = f"{W}/tls"
 data = {
     "host": e["HOST"],
+    "mail_host": e["MAIL_HOST"],
     "state_dir": W,
     "port_base": int(e["BASE"]),
     "issuer": e["I"],
@@ -525,7 +531,7 @@ data = {
     "ca_key_file": f"{tls}/ca.key",
     "server_cert_file": f"{tls}/server-chain.pem",
     "server_key_file": f"{tls}/server.key",
-    "tls_server_names": ["mail.example.test", "localhost", "127.0.0.1"],
+    "tls_server_names": ["mail.example.test", "localhost", "127.0.0.1", e["MAIL_HOST"]],
     "domains": e["DOMAINS"].split(),
     "password_rule": "pw-<local part>, e.g. alice@example.test / pw-alice",
     "seeded_user": e["SEED_USER"],

@@ -83,7 +83,7 @@ const configuration = {
     // mailbox: whose mail a client_credentials token may read; *_ttl: lifetimes in seconds;
     // delegate + delegated_mailbox: tokens of that signed-in user are good for that (shared)
     // mailbox, as an Exchange mailbox permission would make them.
-    properties: ['mailbox', 'access_token_ttl', 'refresh_token_ttl', 'delegate', 'delegated_mailbox'],
+    properties: ['mailbox', 'access_token_ttl', 'refresh_token_ttl', 'device_code_ttl', 'delegate', 'delegated_mailbox'],
     validator(ctx, key, value) {
       if (value === undefined || value === null) return;
       if (['mailbox', 'delegate', 'delegated_mailbox'].includes(key) && (typeof value !== 'string' || !value.includes('@'))) {
@@ -151,7 +151,7 @@ ${form}<button id="device-confirm" type="submit" form="op.deviceConfirmForm">Con
     ClientCredentials: (ctx, token, client) => clientTtl(client, 'access_token_ttl', DEFAULT_ACCESS_TTL),
     RefreshToken: (ctx, token, client) => clientTtl(client, 'refresh_token_ttl', DEFAULT_REFRESH_TTL),
     AuthorizationCode: 60,
-    DeviceCode: 600,
+    DeviceCode: (ctx, token, client) => clientTtl(client, 'device_code_ttl', 600),
     Interaction: 600,
     Session: 3600,
     Grant: 86400,
