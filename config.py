@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "MAIL_HANDSHAKE_TIMEOUT": 10,
     "MAIL_PRELOGIN_SECONDS": 300,
     "MAIL_PRELOGIN_COMMANDS": 50,
+    "MAIL_UPSTREAM_POOL": 2,
     # Certificate for the mail listeners; empty: a self-signed pair in the instance folder.
     "TLS_CERT": "",
     "TLS_KEY": "",

@@ -328,6 +328,7 @@ def proxy_settings(app: Flask) -> ProxySettings:
         handshake_timeout=cfg["MAIL_HANDSHAKE_TIMEOUT"],
         prelogin_lifetime=cfg["MAIL_PRELOGIN_SECONDS"],
         max_prelogin_commands=cfg["MAIL_PRELOGIN_COMMANDS"],
+        upstream_pool_size=cfg["MAIL_UPSTREAM_POOL"],
         reauth_message=(
             "The mail provider refused this account's token: re-authorize it on "
             f"{cfg['PUBLIC_URL']}/"

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, ClassVar
 
-from .backend import Grant, ProxyAuthError
+from .backend import Endpoint, Grant, ProxyAuthError
 from .common import (
     LineReader,
     LineTooLong,
@@ -99,9 +99,27 @@ class Session:
         """Answer a failed login in the protocol's own words."""
         await self.push(self.refusal(err))
 
-    async def open_upstream(self, grant: Grant) -> Upstream:
+    #: Whether logins may take a pooled connection (made by ``connect_greeted``, see pool.py).
+    poolable: ClassVar[bool] = False
+
+    @staticmethod
+    async def connect_greeted(hub: Hub, ep: Endpoint, log: logging.Logger) -> Upstream:
         """Connect, read the greeting and start TLS where the endpoint wants it."""
         raise NotImplementedError
+
+    async def open_upstream(self, grant: Grant) -> Upstream:
+        """A new greeted upstream connection (TLS started where the endpoint wants it)."""
+        return await self.connect_greeted(self.hub, grant.upstream, self.log)
+
+    async def first_upstream(self, grant: Grant) -> Upstream:
+        """A pooled connection when one is ready, else a new one."""
+        pool = self.hub.pool
+        if self.poolable and pool is not None:
+            hub, ep, log = self.hub, grant.upstream, self.log
+            up = pool.take((self.protocol, ep), lambda: self.connect_greeted(hub, ep, log))
+            if up is not None:
+                return up
+        return await self.open_upstream(grant)
 
     async def upstream_auth(self, up: Upstream, grant: Grant, token: str) -> tuple[bool, str]:
         """SASL XOAUTH2/OAUTHBEARER upstream: (accepted, detail of a rejection).
@@ -278,13 +296,25 @@ class Session:
         fetch = asyncio.ensure_future(asyncio.to_thread(backend.access_token, grant.account_id))
         fetch.add_done_callback(_consume)
         try:
-            self.upstream = up = await self.open_upstream(grant)
+            self.upstream = up = await self.first_upstream(grant)
         except BaseException:
             fetch.cancel()
             raise
+        up.count(self.protocol)
         token = await fetch
-        ok, detail = await self.upstream_auth(up, grant, token)
+        try:
+            ok, detail = await self.upstream_auth(up, grant, token)
+        except UpstreamError as exc:
+            if not up.pooled or exc.reason not in ("protocol", "timeout"):
+                raise
+            # The server dropped the pooled connection meanwhile: once more on a new one.
+            self.log.info("pooled connection to %s lost, connecting anew", grant.upstream.host)
+            up.close()
+            self.upstream = up = await self.open_upstream(grant)
+            up.count(self.protocol)
+            ok, detail = await self.upstream_auth(up, grant, token)
         if ok:
+            up.keep_tls_session(self.hub.upstream_ssl)
             return up
         self.log.info("upstream rejected the token of %s, refreshing: %s", grant.address, detail)
         up.close()
