@@ -21,8 +21,8 @@ from .common import (
     is_loopback,
     mask_tail,
     one_line,
-    pump,
 )
+from .relay import Relay, pending
 
 if TYPE_CHECKING:
     from .controller import Hub
@@ -336,37 +336,25 @@ class Session:
             await asyncio.to_thread(backend.session_opened, grant.account_id, proto, self.peer_ip)
         except Exception:
             self.log.exception("backend.session_opened failed")
-        into, out = [0], [0]
         if "max_size" in vars(self.writer.transport):
             del self.writer.transport.max_size  # type: ignore[attr-defined]
+        relay = Relay(self.writer.transport, up.writer.transport, proto, self.settings.idle_timeout)
         try:
             # Bytes read past the login on either side go first.
-            early = self.lines.take()
-            if early:
-                up.writer.write(early)
-                into[0] += len(early)
-            early = up.lines.take()
-            if early:
-                self.writer.write(early)
-                out[0] += len(early)
-            down_pump = pump(up.reader, self.writer, up.writer.transport, out, proto, "out", None)
-            down = asyncio.create_task(down_pump, name="relay-down")
-            idle = self.settings.idle_timeout
-            up_pump = pump(self.reader, up.writer, self.writer.transport, into, proto, "in", idle)
-            up_task = asyncio.ensure_future(up_pump)
+            from_client, client_eof = pending(self.reader)
+            from_up, up_eof = pending(up.reader)
+            relay.start(
+                self.lines.take() + from_client, up.lines.take() + from_up, client_eof, up_eof
+            )
             try:
-                await asyncio.wait({down, up_task}, return_when=asyncio.FIRST_COMPLETED)
+                await relay.done
             finally:
-                for t in (down, up_task):
-                    t.cancel()
-                up.close()
-                self.writer.close()
+                relay.close()
         finally:
-            self.log.info("session of %s ended: %d bytes in, %d out", grant.address, *into, *out)
+            into, out = relay.bytes
+            self.log.info("session of %s ended: %d bytes in, %d out", grant.address, into, out)
             try:
-                await asyncio.to_thread(
-                    backend.session_closed, grant.account_id, proto, into[0], out[0]
-                )
+                await asyncio.to_thread(backend.session_closed, grant.account_id, proto, into, out)
             except Exception:
                 self.log.exception("backend.session_closed failed")
 
