@@ -46,7 +46,7 @@ def load_user(user_id: str) -> User | None:
     return user
 
 
-_user_by_id = Prepared(User, lambda pk: User.select().where(User.id == pk))
+_user_by_id = Prepared(lambda pk: User.select().where(User.id == pk))
 
 
 # Pages that work before any user exists: machines poll health, metrics and autoconfig.

@@ -98,38 +98,32 @@ class EncryptedField(pw.BlobField):
 
 
 class Prepared:
-    """A SELECT of one model whose SQL is built once per database; later calls only bind their
-    arguments. peewee spends ~0.3 ms of Python building even a one-line query, several times
-    the query itself, on every page.
+    """A SELECT whose SQL is built once per database; later calls only bind their arguments,
+    and the rows become models (joined ones included) through the built query's own cursor
+    wrapper. peewee spends ~0.3 ms of Python building even a one-line query, several times
+    what SQLite needs to run it.
 
     :param build: the query for the given arguments, which must be its only parameters, in
         order (otherwise it is built anew on every call).
     """
 
-    def __init__(self, model: type[pw.Model], build: Callable[..., pw.ModelSelect]):
-        self.model = model
+    def __init__(self, build: Callable[..., Any]):
         self.build = build
         self.attr = f"_prepared_{id(self)}"
 
     def __call__(self, *args: Any) -> list[Any]:
         db = database.obj
-        sql = getattr(db, self.attr, None)
-        if sql is None:
-            sql, params = self.build(*args).sql()
+        built = getattr(db, self.attr, None)
+        if built is None:
+            query = self.build(*args)
+            sql, params = query.sql()
             if len(params) != len(args):
-                return list(self.build(*args))
-            setattr(db, self.attr, sql)
+                return list(query)
+            built = (sql, query)
+            setattr(db, self.attr, built)
+        sql, query = built
         cursor = database.execute_sql(sql, args)
-        columns = self.model._meta.columns
-        fields = [columns[d[0]] for d in cursor.description]
-        model = self.model
-        rows = []
-        for row in cursor.fetchall():
-            data = {f.name: f.python_value(v) for f, v in zip(fields, row, strict=True)}
-            obj = model(__no_default__=1, **data)
-            obj._dirty.clear()  # type: ignore[attr-defined]
-            rows.append(obj)
-        return rows
+        return list(query._get_cursor_wrapper(cursor))
 
 
 def new_uid() -> str:

@@ -48,7 +48,7 @@ class Setting(BaseModel):
             ).execute()
 
 
-_setting_by_key = Prepared(Setting, lambda key: Setting.select().where(Setting.key == key))
+_setting_by_key = Prepared(lambda key: Setting.select().where(Setting.key == key))
 
 
 class User(UserMixin, BaseModel):

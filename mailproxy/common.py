@@ -1,5 +1,5 @@
 """What the three protocol sessions share: bounded line reads, the masked write path, idle
-timeouts, the unknown-command budget, upstream connections, the login flow and the relay pump."""
+timeouts, the unknown-command budget, upstream connections and the relay's TLS buffer sizing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .backend import Endpoint, Grant
-from .metrics import BYTES_RELAYED, LOGINS, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS
+from .metrics import LOGINS, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS
 
 if TYPE_CHECKING:
     from .controller import Hub
@@ -274,7 +274,7 @@ def count_upstream_error(protocol: str, reason: str) -> None:
 
 SMALL_TLS_BUFFER = 4 * 1024  # see controller.TLS_READ_BUFFER
 BULK_TLS_BUFFER = 256 * 1024  # asyncio's own default
-GROW_AT = 16 * 1024  # bytes of one relayed read that make a connection "bulk"
+GROW_AT = 3 * 1024  # a relayed read this large (most of the small buffer): more is coming
 
 
 class TLSBuffer:
@@ -325,40 +325,6 @@ def _quickack(transport: asyncio.BaseTransport) -> Callable[[], None]:
     return ack
 
 
-async def pump(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    source: asyncio.BaseTransport,
-    counter: list[int],
-    protocol: str,
-    direction: str,
-    idle: float | None,
-) -> None:
-    """Copy bytes until EOF, error or (when idle is set) that many seconds without data."""
-    metric = BYTES_RELAYED.labels(protocol, direction)
-    read = reader.read
-    tls = TLSBuffer(source)
-    quickack = _quickack(source)
-    try:
-        while True:
-            if idle is None:
-                data = await read(RELAY_CHUNK)
-            else:
-                async with asyncio.timeout(idle):
-                    data = await read(RELAY_CHUNK)
-            if not data:
-                return
-            quickack()
-            writer.write(data)
-            n = len(data)
-            counter[0] += n
-            metric.inc(n)
-            tls.seen(n)
-            await writer.drain()
-    except (OSError, TimeoutError):
-        return
-
-
 __all__ = [
     "LineReader",
     "LineTooLong",
@@ -367,5 +333,4 @@ __all__ = [
     "Upstream",
     "UpstreamError",
     "connect_upstream",
-    "pump",
 ]
