@@ -139,10 +139,19 @@ def logins(bed: Bed, o: Options) -> Result:
     samples: dict[str, list[float]] = {n: [] for n in [*names, "proxy cold"]}
     for n in names:  # warm-up (fills the auth cache, emailproxy's token)
         login_cycle(targets[n], bed.ctx)
+    import psutil
+
+    assert bed.serve is not None
+    serve = psutil.Process(bed.serve.pid)
+    cpu = 0.0  # serve.py's CPU seconds (user + system, all threads) during warm logins
     for r in range(o.rounds):
         for n in rotate(names, r):
+            before = serve.cpu_times()
             for _ in range(o.logins):
                 samples[n].append(login_cycle(targets[n], bed.ctx))
+            if n == "proxy warm":
+                after = serve.cpu_times()
+                cpu += after.user + after.system - before.user - before.system
         for _ in range(o.cold_logins):  # a new password each time: the auth cache misses
             password = bed.new_password("small")
             samples["proxy cold"].append(
@@ -160,6 +169,12 @@ def logins(bed: Bed, o: Options) -> Result:
             f"p50 {ms(p50[n])}, p95 {ms(p95[n])} (n={len(samples[n])})",
         )
     extra = p50["proxy warm"] - p50["direct"]
+    warm_n = len(samples["proxy warm"])
+    res.data["cpu_per_warm_login"] = cpu / warm_n
+    res.row(
+        "Login, serve.py CPU per warm login (user + system, all threads; psutil)",
+        f"{cpu / warm_n * 1000:.1f} ms (n={warm_n})",
+    )
     res.row(
         "Login, proxy warm − direct (p50)",
         f"{extra * 1000:+.1f} ms ({ratio(p50['proxy warm'], p50['direct'])})",
