@@ -19,6 +19,7 @@ from werkzeug.wrappers import Response
 import audit
 import throttle
 import users
+from db import Prepared
 from forms import InviteAcceptForm, LoginForm, SetupForm
 from models import User, utcnow
 from passwords import verify_password
@@ -38,10 +39,14 @@ def load_user(user_id: str) -> User | None:
         pk, version = (int(part) for part in user_id.split(":"))
     except ValueError:
         return None
-    user = User.get_or_none(User.id == pk)
+    found = _user_by_id(pk)
+    user = found[0] if found else None
     if user is None or user.session_version != version or not user.is_enabled:
         return None
     return user
+
+
+_user_by_id = Prepared(lambda pk: User.select().where(User.id == pk))
 
 
 # Pages that work before any user exists: machines poll health, metrics and autoconfig.

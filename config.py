@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     # TCP load balancers in front of the mail listeners (addresses or CIDR ranges, comma
     # separated): their PROXY protocol header (v1 or v2) names each client's real address.
     "MAIL_TRUSTED_PROXIES": "",
+    "MAIL_UPSTREAM_POOL": 2,
     # Certificate for the mail listeners; empty: a self-signed pair in the instance folder.
     "TLS_CERT": "",
     "TLS_KEY": "",

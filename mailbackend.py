@@ -31,7 +31,7 @@ import smtpdelivery
 import throttle
 import tokens
 from config import HostPolicy
-from db import database
+from db import Prepared, database
 from mailproxy import (
     Controller,
     DeliveryRefused,
@@ -107,6 +107,20 @@ def _with_owner_and_client(query: Any) -> Account | None:
     )
 
 
+#: A cache hit's one query: the account with its owner, client and the password used.
+_cached_login = Prepared(
+    lambda password_id, account_id: (
+        Account.select(Account, User, OAuthClient, MailPassword)
+        .join(MailPassword)
+        .where(MailPassword.id == password_id, Account.id == account_id)
+        .switch(Account)
+        .join(User, on=Account.owner == User.id)
+        .switch(Account)
+        .join(OAuthClient, pw.JOIN.LEFT_OUTER, on=Account.client == OAuthClient.id)
+    )  # primary keys: at most one row
+)
+
+
 class AppBackend:
     """``mailproxy.Backend`` over this app's accounts, mail-client passwords and tokens."""
 
@@ -162,11 +176,8 @@ class AppBackend:
         """
         hit = self.cache.get(address, password)
         if hit is not None:
-            row = _with_owner_and_client(
-                Account.select(Account, User, OAuthClient, MailPassword)
-                .join(MailPassword)
-                .where(MailPassword.id == hit.password_id, Account.id == hit.account_id)
-            )
+            rows = _cached_login(hit.password_id, hit.account_id)
+            row = rows[0] if rows else None
             if row is not None:
                 self._password_used(hit.password_id, client_ip)
                 return row
@@ -467,6 +478,7 @@ def proxy_settings(app: Flask) -> ProxySettings:
         max_prelogin_commands=cfg["MAIL_PRELOGIN_COMMANDS"],
         allow_plaintext_from_loopback=bool(cfg["MAIL_PLAINTEXT_FROM_LOOPBACK"]),
         trusted_proxies=trusted_proxies(cfg["MAIL_TRUSTED_PROXIES"]),
+        upstream_pool_size=cfg["MAIL_UPSTREAM_POOL"],
         reauth_message=(
             "The mail provider refused this account's token: re-authorize it on "
             f"{cfg['PUBLIC_URL']}/"

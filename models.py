@@ -13,7 +13,7 @@ from typing import Any
 import peewee as pw
 from flask_login import UserMixin
 
-from db import BaseModel, EncryptedField, SecretModel
+from db import BaseModel, EncryptedField, Prepared, SecretModel
 
 
 def utcnow() -> dt.datetime:
@@ -36,8 +36,8 @@ class Setting(BaseModel):
 
     @classmethod
     def read(cls, key: str, default: str | None = None) -> str | None:
-        row = cls.get_or_none(cls.key == key)
-        return row.value if row else default
+        rows = _setting_by_key(key)
+        return rows[0].value if rows else default
 
     @classmethod
     def write(cls, key: str, value: str | None) -> None:
@@ -47,6 +47,9 @@ class Setting(BaseModel):
             cls.insert(key=key, value=value).on_conflict(
                 conflict_target=[cls.key], update={cls.value: value}
             ).execute()
+
+
+_setting_by_key = Prepared(lambda key: Setting.select().where(Setting.key == key))
 
 
 class User(UserMixin, BaseModel):

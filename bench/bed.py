@@ -217,8 +217,12 @@ class Bed:
         )
         import linking
         import users
+        from mailsetup import tls_files
         from models import OAuthClient
 
+        # The mail listeners use the certificate a new instance generates (ECDSA P-256), as a
+        # new user's would; the bench's clients trust it beside the peers' CA.
+        self.ctx.load_verify_locations(cafile=tls_files(self.app)[0])
         p = self.peers
         with self.app.app_context():
             self.user = users.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)
@@ -285,8 +289,6 @@ class Bed:
             AUTH_EMAIL_POP3S_LISTEN="",
             AUTH_EMAIL_SUBMISSION_LISTEN=f"127.0.0.1:{p['submission']}",
             AUTH_EMAIL_SMTPS_LISTEN=f"127.0.0.1:{p['smtps']}",
-            AUTH_EMAIL_TLS_CERT=self.peers.server_cert_file,
-            AUTH_EMAIL_TLS_KEY=self.peers.server_key_file,
             AUTH_EMAIL_UPSTREAM_CA_FILE=self.peers.ca_file,
             AUTH_EMAIL_CUSTOM_CLIENT_LOOPBACK="1",
             # every benchmark client comes from 127.0.0.1: 1,000 IDLE sessions and more

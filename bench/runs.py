@@ -49,6 +49,9 @@ class Options:
     herd: int = 100
     web_clients: int = 20
     web_requests: int = 40  # per client and page
+    web_rate: float = 20.0  # requests/s of the open-loop run
+    web_seconds: float = 15.0
+    web_cpu_samples: int = 100  # per page, in-process, single-threaded
     emailproxy: bool = True
 
 
@@ -107,10 +110,11 @@ def bulk(bed: Bed, o: Options) -> Result:
     for n in names:
         res.row(f"Bulk IMAP, {n}", f"{med[n]:.3f} s, {mb / med[n]:.1f} MB/s")
     res.row("Bulk IMAP, proxy / direct", ratio(med["proxy"], med["direct"]))
+    per_round = [d / p for d, p in zip(times["direct"], times["proxy"], strict=True)]
     res.target(
-        "Bulk IMAP proxy ≤ 1.10× direct",
-        ratio(med["proxy"], med["direct"]),
-        med["proxy"] <= 1.10 * med["direct"],
+        "Bulk IMAP proxy ≥ 0.95× direct's throughput in every round",
+        ", ".join(f"{x:.2f}×" for x in per_round),
+        min(per_round) >= 0.95,
     )
     if o.emailproxy:
         res.row("Bulk IMAP, emailproxy / direct", ratio(med["emailproxy"], med["direct"]))
@@ -135,10 +139,19 @@ def logins(bed: Bed, o: Options) -> Result:
     samples: dict[str, list[float]] = {n: [] for n in [*names, "proxy cold"]}
     for n in names:  # warm-up (fills the auth cache, emailproxy's token)
         login_cycle(targets[n], bed.ctx)
+    import psutil
+
+    assert bed.serve is not None
+    serve = psutil.Process(bed.serve.pid)
+    cpu = 0.0  # serve.py's CPU seconds (user + system, all threads) during warm logins
     for r in range(o.rounds):
         for n in rotate(names, r):
+            before = serve.cpu_times()
             for _ in range(o.logins):
                 samples[n].append(login_cycle(targets[n], bed.ctx))
+            if n == "proxy warm":
+                after = serve.cpu_times()
+                cpu += after.user + after.system - before.user - before.system
         for _ in range(o.cold_logins):  # a new password each time: the auth cache misses
             password = bed.new_password("small")
             samples["proxy cold"].append(
@@ -156,6 +169,12 @@ def logins(bed: Bed, o: Options) -> Result:
             f"p50 {ms(p50[n])}, p95 {ms(p95[n])} (n={len(samples[n])})",
         )
     extra = p50["proxy warm"] - p50["direct"]
+    warm_n = len(samples["proxy warm"])
+    res.data["cpu_per_warm_login"] = cpu / warm_n
+    res.row(
+        "Login, serve.py CPU per warm login (user + system, all threads; psutil)",
+        f"{cpu / warm_n * 1000:.1f} ms (n={warm_n})",
+    )
     res.row(
         "Login, proxy warm − direct (p50)",
         f"{extra * 1000:+.1f} ms ({ratio(p50['proxy warm'], p50['direct'])})",
@@ -165,7 +184,7 @@ def logins(bed: Bed, o: Options) -> Result:
     )
     if o.emailproxy:
         res.row("Login, emailproxy / proxy warm (p50)", ratio(p50["emailproxy"], p50["proxy warm"]))
-    res.target("Warm login adds ≤ 10 ms p50 over direct", f"{extra * 1000:+.1f} ms", extra <= 0.010)
+    res.target("Warm login p50 ≤ direct + 3 ms", f"{extra * 1000:+.1f} ms", extra <= 0.003)
     return res
 
 
@@ -238,10 +257,12 @@ def burst(bed: Bed, o: Options) -> Result:
     warm = runs["proxy warm"]
     worst_ok = min(ok for ok, _, _ in warm)
     worst_t = max(t for _, t, _ in warm)
+    direct_t = statistics.median(t for _, t, _ in runs["direct"])
+    warm_t = statistics.median(t for _, t, _ in warm)
     res.target(
-        f"All {o.burst} burst logins (proxy, warm cache) succeed within 1 s",
-        f"{worst_ok}/{o.burst} ok, slowest round {worst_t:.2f} s",
-        worst_ok == o.burst and worst_t <= 1.0,
+        f"{o.burst} simultaneous logins (proxy, warm cache) ≤ 1.3× direct, all ok",
+        f"{worst_ok}/{o.burst} ok, {ratio(warm_t, direct_t)} (slowest round {worst_t:.2f} s)",
+        worst_ok == o.burst and warm_t <= 1.3 * direct_t,
     )
     cold = runs["proxy cold"]
     res.target(
@@ -391,15 +412,20 @@ def idle(bed: Bed, o: Options) -> Result:
     res.row(
         "IDLE, establish proxy / direct", ratio(p["established_s"], out["direct"]["established_s"])
     )
+    per = (p["rss_peak"] - p["rss_base"]) / max(p["up"], 1)
+    at_9000 = p["rss_base"] + 9000 * per
     res.target(
-        f"{o.idle} IDLE sessions under 200 MB RSS (serve.py peak)",
-        f"{p['rss_peak'] / 1e6:.0f} MB",
-        p["up"] == o.idle and p["rss_peak"] < 200e6,
+        f"serve.py under 900 MB RSS with 9,000 IDLE sessions (measured {o.idle}, extrapolated "
+        "from the per-session figure when fewer)",
+        f"{p['rss_peak'] / 1e6:.0f} MB at {p['up']}; {at_9000 / 1e6:.0f} MB at 9,000",
+        p["up"] == o.idle and at_9000 < 900e6,
     )
+    d = out["direct"]
     res.target(
-        f"All {o.idle} IDLE sessions notified within 2 s",
-        f"{p['notified']}/{p['up']} in {p['all_notified_s']:.2f} s",
-        p["notified"] == o.idle and p["all_notified_s"] <= 2.0,
+        f"All {o.idle} IDLE sessions notified within 2 s of direct's time",
+        f"{p['notified']}/{p['up']} in {p['all_notified_s']:.2f} s (direct "
+        f"{d['all_notified_s']:.2f} s)",
+        p["notified"] == o.idle and p["all_notified_s"] <= d["all_notified_s"] + 2.0,
     )
     return res
 
@@ -457,9 +483,9 @@ def smtp(bed: Bed, o: Options) -> Result:
         if o.emailproxy:
             res.row(f"SMTP, {label}, emailproxy / direct", ratio(med["emailproxy"], med["direct"]))
         res.target(
-            f"SMTP proxy ≤ 1.10× direct ({label})",
+            f"SMTP proxy ≤ 1.05× direct ({label})",
             ratio(med["proxy"], med["direct"]),
-            med["proxy"] <= 1.10 * med["direct"],
+            med["proxy"] <= 1.05 * med["direct"],
         )
     res.data = {"times": all_times}
     return res
@@ -553,8 +579,86 @@ def web(bed: Bed, o: Options) -> Result:
         "Web, throughput", f"{total / wall:.0f} requests/s over {wall:.1f} s ({total} requests)"
     )
     worst = max(pct(v, 95) for v in lat.values())
-    res.target("Web p95 < 50 ms (accounts and authorization pages)", ms(worst), worst < 0.050)
+    res.row("Web p95 at 20 closed-loop clients (worst page)", ms(worst))
+    open_loop(base, cookies, pages, o, res)
+    page_cpu(bed, account, pages, o, res)
     return res
+
+
+def open_loop(
+    base: str, cookies: dict[str, str], pages: dict[str, str], o: Options, res: Result
+) -> None:
+    """Requests sent at a fixed rate whatever the answers' latency (a page per request in
+    turn); latency from the planned send time, so queueing in the client counts too."""
+    import requests
+
+    n = int(o.web_rate * o.web_seconds)
+    local = threading.local()
+    lat: dict[str, list[float]] = {k: [] for k in pages}
+    errors: list[str] = []
+    start = time.perf_counter() + 0.2
+    items = list(pages.items())
+
+    def one(i: int) -> None:
+        name, path = items[i % len(items)]
+        planned = start + i / o.web_rate
+        delay = planned - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        sess = getattr(local, "s", None)
+        if sess is None:
+            sess = local.s = requests.Session()
+            sess.cookies.update(cookies)
+        r = sess.get(base + path, timeout=30, allow_redirects=False)
+        lat[name].append(time.perf_counter() - planned)
+        if r.status_code != 200:
+            errors.append(f"{path}: {r.status_code}")
+
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(one, range(n)))
+    allv = [x for v in lat.values() for x in v]
+    for name, v in lat.items():
+        res.row(
+            f"Web at {o.web_rate:.0f} requests/s (open loop), {name}",
+            f"p50 {ms(pct(v, 50))}, p95 {ms(pct(v, 95))}",
+        )
+    p95 = pct(allv, 95)
+    res.data["open_loop"] = {"latency": lat, "errors": errors}
+    res.target(
+        f"Web p95 < 50 ms at {o.web_rate:.0f} requests/s ({n} requests, all pages)",
+        ms(p95) + (f", {len(errors)} errors" if errors else ""),
+        p95 < 0.050 and not errors,
+    )
+
+
+def page_cpu(bed: Bed, account: Any, pages: dict[str, str], o: Options, res: Result) -> None:
+    """CPU per page in the bench process (Flask test client on the same instance, one
+    thread): thread_time() around each request, so other processes' load does not count."""
+    app = bed.app
+    c = app.test_client()
+    page = c.get("/login").get_data(as_text=True)
+    token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page)
+    assert token, "no CSRF token on the login page"
+    c.post(
+        "/login",
+        data={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD, "csrf_token": token.group(1)},
+    )
+    worst = 0.0
+    cpu: dict[str, list[float]] = {}
+    for name, path in pages.items():
+        for _ in range(5):
+            assert c.get(path).status_code == 200, path
+        v = []
+        for _ in range(o.web_cpu_samples):
+            t0 = time.thread_time()
+            c.get(path)
+            v.append(time.thread_time() - t0)
+        cpu[name] = v
+        med = pct(v, 50)
+        worst = max(worst, med)
+        res.row(f"Web CPU per request, single thread, {name}", f"median {ms(med)}")
+    res.data["cpu"] = cpu
+    res.target("Each page <= 3 ms of CPU single-threaded (median)", ms(worst), worst <= 0.003)
 
 
 BENCHES: dict[str, Callable[[Bed, Options], Result]] = {

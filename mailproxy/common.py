@@ -1,5 +1,5 @@
 """What the three protocol sessions share: bounded line reads, the masked write path, idle
-timeouts, the unknown-command budget, upstream connections, the login flow and the relay pump."""
+timeouts, the unknown-command budget, upstream connections and the relay's TLS buffer sizing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .backend import Endpoint, Grant
-from .metrics import BYTES_RELAYED, LOGINS, UPSTREAM_ERRORS
+from .metrics import LOGINS, UPSTREAM_CONNECTIONS, UPSTREAM_ERRORS
 
 if TYPE_CHECKING:
     from .controller import Hub
@@ -153,10 +153,27 @@ class Upstream:
         self.timeout = timeout
         self.log = log
         self._tag = 0
+        self.pooled = False  # made ahead of the login by the UpstreamPool
 
     def next_tag(self) -> str:
         self._tag += 1
         return f"P{self._tag}"
+
+    def count(self, protocol: str) -> None:
+        """Count the connection a login uses: pooled or new, and whether TLS was resumed."""
+        UPSTREAM_CONNECTIONS.labels(protocol, "pooled" if self.pooled else "new").inc()
+        sslobj = self.writer.get_extra_info("ssl_object")
+        if sslobj is not None and sslobj.session_reused:
+            UPSTREAM_CONNECTIONS.labels(protocol, "resumed").inc()
+
+    def keep_tls_session(self, ctx: ssl.SSLContext) -> None:
+        """Let the next connection to this server resume this TLS session (see
+        tls.ResumingContext). Called after the login: a TLS 1.3 server's ticket may follow
+        its greeting."""
+        remember = getattr(ctx, "remember", None)
+        sslobj = self.writer.get_extra_info("ssl_object")
+        if remember is not None and sslobj is not None:
+            remember(self.endpoint.host, sslobj)
 
     async def send(self, text: str, secret: bool = False) -> None:
         self.log.debug("U< %s", mask_tail(text) if secret else text)
@@ -255,8 +272,9 @@ def count_upstream_error(protocol: str, reason: str) -> None:
     UPSTREAM_ERRORS.labels(protocol, reason).inc()
 
 
-SMALL_TLS_BUFFER = 16 * 1024  # see controller.TLS_READ_BUFFER
+SMALL_TLS_BUFFER = 4 * 1024  # see controller.TLS_READ_BUFFER
 BULK_TLS_BUFFER = 256 * 1024  # asyncio's own default
+GROW_AT = 3 * 1024  # a relayed read this large (most of the small buffer): more is coming
 
 
 class TLSBuffer:
@@ -278,7 +296,7 @@ class TLSBuffer:
         proto = self.proto
         if proto is None:
             return
-        if n >= SMALL_TLS_BUFFER and not self.big:
+        if n >= GROW_AT and not self.big:
             proto.max_size = BULK_TLS_BUFFER  # get_buffer() grows the buffer on the next read
             self.big = True
         elif n < 2048 and self.big:
@@ -307,40 +325,6 @@ def _quickack(transport: asyncio.BaseTransport) -> Callable[[], None]:
     return ack
 
 
-async def pump(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    source: asyncio.BaseTransport,
-    counter: list[int],
-    protocol: str,
-    direction: str,
-    idle: float | None,
-) -> None:
-    """Copy bytes until EOF, error or (when idle is set) that many seconds without data."""
-    metric = BYTES_RELAYED.labels(protocol, direction)
-    read = reader.read
-    tls = TLSBuffer(source)
-    quickack = _quickack(source)
-    try:
-        while True:
-            if idle is None:
-                data = await read(RELAY_CHUNK)
-            else:
-                async with asyncio.timeout(idle):
-                    data = await read(RELAY_CHUNK)
-            if not data:
-                return
-            quickack()
-            writer.write(data)
-            n = len(data)
-            counter[0] += n
-            metric.inc(n)
-            tls.seen(n)
-            await writer.drain()
-    except (OSError, TimeoutError):
-        return
-
-
 __all__ = [
     "LineReader",
     "LineTooLong",
@@ -349,5 +333,4 @@ __all__ = [
     "Upstream",
     "UpstreamError",
     "connect_upstream",
-    "pump",
 ]

@@ -21,6 +21,7 @@ from .accept import Acceptor, RareLog, connection_ceiling, listen, open_file_lim
 from .backend import Backend
 from .imap import IMAPSession
 from .metrics import CONNECTIONS_REFUSED, SESSIONS_OPEN
+from .pool import UpstreamPool
 from .pop3 import POP3Session
 from .session import Session
 from .settings import LISTENER_NAMES, ProxySettings, parse_hostport
@@ -30,8 +31,10 @@ from .tls import server_context, upstream_context
 log = logging.getLogger("mailproxy")
 
 # asyncio gives every TLS connection a 256 KiB read buffer: 0.5 MiB per relayed session, which
-# 1,000 idle IMAP sessions cannot afford. One TLS record is at most 16 KiB, so that is enough.
-TLS_READ_BUFFER = 16 * 1024
+# 1,000 idle IMAP sessions cannot afford. An idle session's traffic (IDLE's EXISTS lines, a
+# NOOP) fits in 4 KiB; a TLS record up to 16 KiB is read in several steps, and the relay grows
+# the buffer of a busy connection (common.TLSBuffer).
+TLS_READ_BUFFER = 4 * 1024
 
 
 def _limit_tls_buffers() -> None:
@@ -76,6 +79,9 @@ class Hub:
                 settings.tls_cert, settings.tls_key, settings.tls_key_group_readable
             )
         self.upstream_ssl = upstream_context(settings.upstream_ca_file)
+        self.pool: UpstreamPool | None = None
+        if settings.upstream_pool_size > 0:
+            self.pool = UpstreamPool(settings.upstream_pool_size, settings.upstream_pool_max_age)
         self.open_files = open_file_limit()
         self.max_connections = settings.max_connections
         ceiling = connection_ceiling(self.open_files, settings.fd_reserve)
@@ -309,6 +315,8 @@ class Controller:
             acceptor.close()
         hub = self.hub
         if hub is not None:
+            if hub.pool is not None:
+                hub.pool.close()
             tasks = list(hub.tasks)
             for t in tasks:
                 t.cancel()

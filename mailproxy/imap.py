@@ -7,8 +7,9 @@ import binascii
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from .backend import Grant, ProxyAuthError
+from .backend import Endpoint, Grant, ProxyAuthError
 from .common import (
     Upstream,
     UpstreamError,
@@ -18,6 +19,9 @@ from .common import (
 )
 from .plain import decode_plain
 from .session import Session, one_line
+
+if TYPE_CHECKING:
+    from .controller import Hub
 
 TAG_RE = re.compile(rb"[A-Za-z0-9!#$&',\-./:;<=>?@\[\]^_`|~]{1,64}")
 LITERAL_RE = re.compile(rb"\{(\d{1,10})(\+?)\}")
@@ -240,33 +244,26 @@ class IMAPSession(Session):
     async def accept_login(self, up: Upstream) -> None:
         await self.push(f"{self.tag} OK [CAPABILITY {self.upstream_caps}] Logged in")
 
-    async def open_upstream(self, grant: Grant) -> Upstream:
-        up = await connect_upstream(self.hub, grant.upstream, self.log)
-        greeting = await up.readline()
-        if not greeting.upper().startswith("* OK"):
-            raise UpstreamError("protocol", f"mail server greeting: {one_line(greeting)}")
-        if grant.upstream.security == "starttls":
-            tag = up.next_tag()
-            await up.send(f"{tag} STARTTLS")
-            status, line, _ = await self._upstream_result(up, tag)
-            if status != "OK":
-                raise UpstreamError("tls", f"mail server refused STARTTLS: {one_line(line)}")
-            await up.starttls(self.hub.upstream_ssl)
-        return up
+    poolable = True
 
-    async def _upstream_result(self, up: Upstream, tag: str) -> tuple[str, str, list[str]]:
-        """Read to the tagged response: (status, tagged line, untagged lines)."""
-        untagged: list[str] = []
-        while True:
-            line = await up.readline()
-            if line.startswith(tag + " "):
-                status = line[len(tag) + 1 :].split(" ", 1)[0].upper()
-                return status, line, untagged
-            if line.upper().startswith("* BYE"):
-                raise UpstreamError("protocol", f"mail server: {one_line(line[5:])}")
-            untagged.append(line)
-            if len(untagged) > 1000:
-                raise UpstreamError("protocol", "mail server sent too many lines")
+    @staticmethod
+    async def connect_greeted(hub: Hub, ep: Endpoint, log: logging.Logger) -> Upstream:
+        up = await connect_upstream(hub, ep, log)
+        try:
+            greeting = await up.readline()
+            if not greeting.upper().startswith("* OK"):
+                raise UpstreamError("protocol", f"mail server greeting: {one_line(greeting)}")
+            if ep.security == "starttls":
+                tag = up.next_tag()
+                await up.send(f"{tag} STARTTLS")
+                status, line, _ = await upstream_result(up, tag)
+                if status != "OK":
+                    raise UpstreamError("tls", f"mail server refused STARTTLS: {one_line(line)}")
+                await up.starttls(hub.upstream_ssl)
+        except BaseException:
+            up.close()
+            raise
+        return up
 
     async def upstream_auth(self, up: Upstream, grant: Grant, token: str) -> tuple[bool, str]:
         tag = up.next_tag()
@@ -307,12 +304,27 @@ class IMAPSession(Session):
     async def _fetch_caps(self, up: Upstream) -> None:
         tag = up.next_tag()
         await up.send(f"{tag} CAPABILITY")
-        status, line, untagged = await self._upstream_result(up, tag)
+        status, line, untagged = await upstream_result(up, tag)
         for u in untagged:
             if u.upper().startswith("* CAPABILITY "):
                 self.upstream_caps = u[13:]
         if not self.upstream_caps:
             self.upstream_caps = "IMAP4rev1"
+
+
+async def upstream_result(up: Upstream, tag: str) -> tuple[str, str, list[str]]:
+    """Read to the tagged response: (status, tagged line, untagged lines)."""
+    untagged: list[str] = []
+    while True:
+        line = await up.readline()
+        if line.startswith(tag + " "):
+            status = line[len(tag) + 1 :].split(" ", 1)[0].upper()
+            return status, line, untagged
+        if line.upper().startswith("* BYE"):
+            raise UpstreamError("protocol", f"mail server: {one_line(line[5:])}")
+        untagged.append(line)
+        if len(untagged) > 1000:
+            raise UpstreamError("protocol", "mail server sent too many lines")
 
 
 COMMANDS: dict[str, Callable[..., Awaitable[None]]] = {

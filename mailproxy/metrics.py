@@ -26,3 +26,9 @@ BYTES_RELAYED = Counter(
     "Bytes relayed after login; direction is 'in' (client to upstream) or 'out'",
     ["protocol", "direction"],
 )
+UPSTREAM_CONNECTIONS = Counter(
+    "mailproxy_upstream_connections_total",
+    "Upstream connections a login used: pooled (made ahead), new, and of those with TLS how "
+    "many resumed an earlier TLS session (resumed)",
+    ["protocol", "kind"],
+)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import binascii
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from .backend import Grant
+from .backend import Endpoint, Grant
 from .common import (
     Upstream,
     UpstreamError,
@@ -17,6 +18,9 @@ from .common import (
 )
 from .plain import decode_plain
 from .session import Session, one_line
+
+if TYPE_CHECKING:
+    from .controller import Hub
 
 
 class POP3Session(Session):
@@ -118,17 +122,24 @@ class POP3Session(Session):
     async def accept_login(self, up: Upstream) -> None:
         await self.push("+OK Logged in")
 
-    async def open_upstream(self, grant: Grant) -> Upstream:
-        up = await connect_upstream(self.hub, grant.upstream, self.log)
-        greeting = await up.readline()
-        if not greeting.startswith("+OK"):
-            raise UpstreamError("protocol", f"mail server greeting: {one_line(greeting)}")
-        if grant.upstream.security == "starttls":
-            await up.send("STLS")
-            line = await up.readline()
-            if not line.startswith("+OK"):
-                raise UpstreamError("tls", f"mail server refused STLS: {one_line(line)}")
-            await up.starttls(self.hub.upstream_ssl)
+    poolable = True
+
+    @staticmethod
+    async def connect_greeted(hub: Hub, ep: Endpoint, log: logging.Logger) -> Upstream:
+        up = await connect_upstream(hub, ep, log)
+        try:
+            greeting = await up.readline()
+            if not greeting.startswith("+OK"):
+                raise UpstreamError("protocol", f"mail server greeting: {one_line(greeting)}")
+            if ep.security == "starttls":
+                await up.send("STLS")
+                line = await up.readline()
+                if not line.startswith("+OK"):
+                    raise UpstreamError("tls", f"mail server refused STLS: {one_line(line)}")
+                await up.starttls(hub.upstream_ssl)
+        except BaseException:
+            up.close()
+            raise
         return up
 
     async def upstream_auth(self, up: Upstream, grant: Grant, token: str) -> tuple[bool, str]:

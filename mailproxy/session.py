@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, ClassVar
 
-from .backend import Grant, ProxyAuthError
+from .backend import Endpoint, Grant, ProxyAuthError
 from .common import (
     LineReader,
     LineTooLong,
@@ -21,8 +21,8 @@ from .common import (
     is_loopback,
     mask_tail,
     one_line,
-    pump,
 )
+from .relay import Relay, pending
 
 if TYPE_CHECKING:
     from .controller import Hub
@@ -99,9 +99,27 @@ class Session:
         """Answer a failed login in the protocol's own words."""
         await self.push(self.refusal(err))
 
-    async def open_upstream(self, grant: Grant) -> Upstream:
+    #: Whether logins may take a pooled connection (made by ``connect_greeted``, see pool.py).
+    poolable: ClassVar[bool] = False
+
+    @staticmethod
+    async def connect_greeted(hub: Hub, ep: Endpoint, log: logging.Logger) -> Upstream:
         """Connect, read the greeting and start TLS where the endpoint wants it."""
         raise NotImplementedError
+
+    async def open_upstream(self, grant: Grant) -> Upstream:
+        """A new greeted upstream connection (TLS started where the endpoint wants it)."""
+        return await self.connect_greeted(self.hub, grant.upstream, self.log)
+
+    async def first_upstream(self, grant: Grant) -> Upstream:
+        """A pooled connection when one is ready, else a new one."""
+        pool = self.hub.pool
+        if self.poolable and pool is not None:
+            hub, ep, log = self.hub, grant.upstream, self.log
+            up = pool.take((self.protocol, ep), lambda: self.connect_greeted(hub, ep, log))
+            if up is not None:
+                return up
+        return await self.open_upstream(grant)
 
     async def upstream_auth(self, up: Upstream, grant: Grant, token: str) -> tuple[bool, str]:
         """SASL XOAUTH2/OAUTHBEARER upstream: (accepted, detail of a rejection).
@@ -287,13 +305,25 @@ class Session:
         fetch = asyncio.ensure_future(asyncio.to_thread(backend.access_token, grant.account_id))
         fetch.add_done_callback(_consume)
         try:
-            self.upstream = up = await self.open_upstream(grant)
+            self.upstream = up = await self.first_upstream(grant)
         except BaseException:
             fetch.cancel()
             raise
+        up.count(self.protocol)
         token = await fetch
-        ok, detail = await self.upstream_auth(up, grant, token)
+        try:
+            ok, detail = await self.upstream_auth(up, grant, token)
+        except UpstreamError as exc:
+            if not up.pooled or exc.reason not in ("protocol", "timeout"):
+                raise
+            # The server dropped the pooled connection meanwhile: once more on a new one.
+            self.log.info("pooled connection to %s lost, connecting anew", grant.upstream.host)
+            up.close()
+            self.upstream = up = await self.open_upstream(grant)
+            up.count(self.protocol)
+            ok, detail = await self.upstream_auth(up, grant, token)
         if ok:
+            up.keep_tls_session(self.hub.upstream_ssl)
             return up
         up.close()
         self.upstream = None
@@ -326,37 +356,25 @@ class Session:
             await asyncio.to_thread(backend.session_opened, grant.account_id, proto, self.peer_ip)
         except Exception:
             self.log.exception("backend.session_opened failed")
-        into, out = [0], [0]
         if "max_size" in vars(self.writer.transport):
             del self.writer.transport.max_size  # type: ignore[attr-defined]
+        relay = Relay(self.writer.transport, up.writer.transport, proto, self.settings.idle_timeout)
         try:
             # Bytes read past the login on either side go first.
-            early = self.lines.take()
-            if early:
-                up.writer.write(early)
-                into[0] += len(early)
-            early = up.lines.take()
-            if early:
-                self.writer.write(early)
-                out[0] += len(early)
-            down_pump = pump(up.reader, self.writer, up.writer.transport, out, proto, "out", None)
-            down = asyncio.create_task(down_pump, name="relay-down")
-            idle = self.settings.idle_timeout
-            up_pump = pump(self.reader, up.writer, self.writer.transport, into, proto, "in", idle)
-            up_task = asyncio.ensure_future(up_pump)
+            from_client, client_eof = pending(self.reader)
+            from_up, up_eof = pending(up.reader)
+            relay.start(
+                self.lines.take() + from_client, up.lines.take() + from_up, client_eof, up_eof
+            )
             try:
-                await asyncio.wait({down, up_task}, return_when=asyncio.FIRST_COMPLETED)
+                await relay.done
             finally:
-                for t in (down, up_task):
-                    t.cancel()
-                up.close()
-                self.writer.close()
+                relay.close()
         finally:
-            self.log.info("session of %s ended: %d bytes in, %d out", grant.address, *into, *out)
+            into, out = relay.bytes
+            self.log.info("session of %s ended: %d bytes in, %d out", grant.address, into, out)
             try:
-                await asyncio.to_thread(
-                    backend.session_closed, grant.account_id, proto, into[0], out[0]
-                )
+                await asyncio.to_thread(backend.session_closed, grant.account_id, proto, into, out)
             except Exception:
                 self.log.exception("backend.session_closed failed")
 

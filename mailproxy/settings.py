@@ -39,6 +39,10 @@ class ProxySettings:
     unknown_command_budget: int = 10
     idle_timeout: float = 1800.0  # after login (long enough for IMAP IDLE)
     upstream_timeout: float = 30.0
+    # Greeted upstream connections opened ahead of IMAP and POP3 logins, per server (0: none),
+    # and the seconds one is kept unused (below every server's pre-login timeout).
+    upstream_pool_size: int = 2
+    upstream_pool_max_age: float = 20.0
     # Connections, counted from accept (the TLS handshake included). Each one needs up to two
     # file descriptors (client and upstream): Controller.start lowers max_connections so that
     # 2 * max_connections + fd_reserve stays within the process's open-file limit.
