@@ -54,7 +54,9 @@ class DovecotStore:
     async def open_imap(self, mailbox: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """An authenticated IMAP connection to Dovecot (greeting and login already read)."""
         token = await asyncio.to_thread(self.token, mailbox)
-        reader, writer = await asyncio.open_connection(self.host, self.peers.imap_port)
+        reader, writer = await asyncio.open_connection(
+            self.peers.mail_host, self.peers.imaps_port, ssl=self.peers.ssl_context()
+        )
         await reader.readline()  # * OK [CAPABILITY ...] Dovecot ready.
         blob = base64.b64encode(xoauth2(mailbox, token).encode()).decode()
         writer.write(f"S0 AUTHENTICATE XOAUTH2 {blob}\r\n".encode())
@@ -72,7 +74,9 @@ class DovecotStore:
     async def open_pop3(self, mailbox: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """An authenticated POP3 connection to Dovecot (greeting and login already read)."""
         token = await asyncio.to_thread(self.token, mailbox)
-        reader, writer = await asyncio.open_connection(self.host, self.peers.pop3_port)
+        reader, writer = await asyncio.open_connection(
+            self.peers.mail_host, self.peers.pop3s_port, ssl=self.peers.ssl_context()
+        )
         await reader.readline()  # +OK Dovecot ready.
         blob = base64.b64encode(xoauth2(mailbox, token).encode()).decode()
         writer.write(f"AUTH XOAUTH2 {blob}\r\n".encode())
@@ -91,7 +95,12 @@ class DovecotStore:
     def save_sent(self, mailbox: str, message: bytes) -> None:
         """Put the Sent copy into the sender's Sent folder, as Exchange and Gmail do."""
         token = self.token(mailbox)
-        conn = imaplib.IMAP4(self.host, self.peers.imap_port, timeout=30)
+        conn = imaplib.IMAP4_SSL(
+            self.peers.mail_host,
+            self.peers.imaps_port,
+            ssl_context=self.peers.ssl_context(),
+            timeout=30,
+        )
         try:
             conn.authenticate("XOAUTH2", lambda _: xoauth2(mailbox, token).encode())
             conn.append("Sent", r"(\Seen)", None, message)
