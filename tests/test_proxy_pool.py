@@ -51,7 +51,7 @@ def backend(peers: Any, address: str) -> RecordingBackend:
     def real_token(acct: Account, force: bool) -> str:
         return str(peers.client_credentials_token(client_id, secret)["access_token"])
 
-    host = getattr(peers, "host", "127.0.0.1")
+    host = peers.mail_host  # the strict Dovecot of the test bed
     acct = Account(1, address, PASSWORD, {"imap": Endpoint(host, peers.imaps_port, "tls")})
     return RecordingBackend(accounts={address: acct}, token_source=real_token)
 
