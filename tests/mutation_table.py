@@ -39,19 +39,19 @@ CHANGES = [
     ),
     Change(
         "per-ip-count",
-        "mailbackend.py",
-        "                throttle.failure(keys[1], self.policy_ip)\n",
+        "throttle.py",
+        '        Key(f"{kind}:ip:{ip[:64]}", Policy(config["LOGIN_FAILURE_LIMIT_PER_IP"], block)),\n',
         "",
         ("tests/test_mail_backend_guards.py::test_failures_from_one_ip_block_it_across_addresses",),
     ),
     Change(
         "token-rejected",
         "mailbackend.py",
-        '            Account.update(\n                status="needs_reauth",',
-        '            Account.update(\n                status="active",',
+        "            stored = mailrefusals.record(account_id, self._explain(account, protocol, detail))",
+        "            stored = self._explain(account, protocol, detail)",
         (
             "tests/test_mail_backend_guards.py::"
-            "test_a_fresh_token_the_mail_server_refuses_marks_the_account_for_reauthorization",
+            "test_a_fresh_token_the_mail_server_refuses_is_recorded_for_that_protocol",
         ),
     ),
     Change(
