@@ -1,0 +1,1 @@
+"""Mailboxes: linking one, verifying it upstream, keeping it fresh, and the mail proxy's backend."""

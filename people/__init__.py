@@ -1,0 +1,1 @@
+"""People: users, passwords, login throttling and the audit log."""

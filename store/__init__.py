@@ -1,0 +1,1 @@
+"""Storage: the database with its encrypted fields, and the vault of keys and instance files."""

@@ -1,0 +1,1 @@
+"""The web UI: one blueprint module per screen, their forms, the CLI and the security baseline."""
