@@ -15,10 +15,12 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 import config
-import grants
-import graphsend
-import passwords
-from db import (
+from mailboxes import graphsend
+from migrations import migrate
+from models import SECRET_MODELS, Meta
+from oauth import grants
+from people import passwords
+from store.db import (
     check_keyring,
     database,
     has_ciphertext,
@@ -27,9 +29,7 @@ from db import (
     use_database,
     vault,
 )
-from migrations import migrate
-from models import SECRET_MODELS, Meta
-from vault import KeyFileError, load_keyring, load_or_create_secret_key
+from store.vault import KeyFileError, load_keyring, load_or_create_secret_key
 
 log = logging.getLogger("auth_email")
 
@@ -78,20 +78,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     graphsend.configure(app.config)
     init_database(app)
 
-    import security
+    from web import security
 
     security.init_app(app)
 
-    import accounts
-    import admin
-    import auth
-    import cli
-    import clients
-    import delivery_pages
-    import health
-    import mailsetup
-    import ops
-    import settings
+    from web import accounts, admin, auth, cli, clients, health, mailsetup, ops, settings
+    from web import delivery as delivery_pages
 
     auth.init_app(app)
     app.register_blueprint(accounts.bp)
@@ -105,8 +97,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(ops.bp)
     cli.init_app(app)
 
-    import mailbackend
-    import upkeep
+    from mailboxes import mailbackend, upkeep
 
     # What serve.py runs beside the web UI; nothing starts here.
     app.extensions["services"] = [

@@ -14,7 +14,7 @@ from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as run_migration
 
 import models as m
-from db import database
+from store.db import database
 
 
 def _create(*tables: type[pw.Model]) -> None:

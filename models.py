@@ -13,7 +13,7 @@ from typing import Any
 import peewee as pw
 from flask_login import UserMixin
 
-from db import BaseModel, EncryptedField, Prepared, SecretModel
+from store.db import BaseModel, EncryptedField, Prepared, SecretModel
 
 
 def utcnow() -> dt.datetime:

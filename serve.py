@@ -19,7 +19,7 @@ from waitress import create_server
 
 from app import create_app
 from config import web_server_limits
-from vault import KeyFileError, lock_instance
+from store.vault import KeyFileError, lock_instance
 
 log = logging.getLogger("auth_email.serve")
 

@@ -215,10 +215,10 @@ class Bed:
                 "CUSTOM_CLIENT_LOOPBACK": True,  # the peers listen on loopback
             }
         )
-        import linking
-        import users
-        from mailsetup import tls_files
+        from mailboxes import linking
         from models import OAuthClient
+        from people import users
+        from web.mailsetup import tls_files
 
         # The mail listeners use the certificate a new instance generates (ECDSA P-256), as a
         # new user's would; the bench's clients trust it beside the peers' CA.
@@ -396,7 +396,7 @@ class Bed:
     # -------------------------------------------------------------- database states
     def new_password(self, box: str) -> str:
         """Replace the account's mail-client passwords by a fresh one (next login: cold cache)."""
-        import linking
+        from mailboxes import linking
         from models import Account, MailPassword
 
         with self.app.app_context():

@@ -190,8 +190,8 @@ def logins(bed: Bed, o: Options) -> Result:
 
 def restore_password(bed: Bed, box: str) -> None:
     """Put the standard bench password back (the other benchmarks log in with it)."""
-    import linking
     from bench.bed import MAIL_PASSWORD
+    from mailboxes import linking
     from models import Account, MailPassword
 
     with bed.app.app_context():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-import mailrefusals
+from mailboxes import refusals as mailrefusals
 from models import Account
 
 LABELS = {

@@ -24,12 +24,12 @@ import peewee as pw
 from flask import current_app
 from flask.cli import with_appcontext
 
-import audit
-import providers
-from db import database
-from linking import normalize_address
+from mailboxes.linking import normalize_address
 from mailproxy.backend import Endpoint
 from models import Account, OAuthClient, User, utcnow
+from oauth import providers
+from people import audit
+from store.db import database
 
 # Sections that hold only the sample file's documentation.
 DOCUMENTATION_SECTIONS = {

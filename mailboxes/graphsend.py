@@ -31,10 +31,10 @@ from urllib.parse import quote
 
 import requests
 
-import grants
-from db import Ciphertext, vault
 from mailproxy.backend import DeliveryRefused
 from models import Account, OAuthClient, utcnow
+from oauth import grants
+from store.db import Ciphertext, vault
 
 log = logging.getLogger("auth_email.graph")
 

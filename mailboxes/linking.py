@@ -14,14 +14,7 @@ from typing import Any
 
 import peewee as pw
 
-import addresses
-import audit
-import grants
-import oauth
-import oauth_clients
-import providers
-import tokens
-from db import database, parse_id
+from mailboxes.verification import Verification, record_protocols, verify
 from models import (
     MAIL_LOOKUP_SECRET,
     Account,
@@ -32,9 +25,13 @@ from models import (
     User,
     utcnow,
 )
-from oauth import AuthorizationProblem
-from passwords import generate_password, hash_password, lookup_tag
-from verification import Verification, record_protocols, verify
+from oauth import authorize as oauth
+from oauth import clients as oauth_clients
+from oauth import grants, providers, tokens
+from oauth.authorize import AuthorizationProblem
+from people import addresses, audit
+from people.passwords import generate_password, hash_password, lookup_tag
+from store.db import database, parse_id
 
 # A placeholder account that never got tokens is deleted by upkeep after this long.
 ABANDONED_AFTER = dt.timedelta(hours=1)

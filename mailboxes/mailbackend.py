@@ -23,15 +23,9 @@ from typing import Any
 import peewee as pw
 from flask import Flask
 
-import audit
-import graphsend
-import mailrefusals
-import providers
-import smtpdelivery
-import throttle
-import tokens
 from config import HostPolicy
-from db import Prepared, database
+from mailboxes import graphsend, smtpdelivery
+from mailboxes import refusals as mailrefusals
 from mailproxy import (
     Controller,
     DeliveryRefused,
@@ -50,7 +44,10 @@ from models import (
     User,
     utcnow,
 )
-from passwords import lookup_tag, verify_password
+from oauth import providers, tokens
+from people import audit, throttle
+from people.passwords import lookup_tag, verify_password
+from store.db import Prepared, database
 
 log = logging.getLogger("auth_email.mail")
 
@@ -458,7 +455,7 @@ class AppBackend:
 def proxy_settings(app: Flask) -> ProxySettings:
     """The proxy's settings from the app's configuration layers."""
     from config import mail_host
-    from mailsetup import tls_files
+    from web.mailsetup import tls_files
 
     cfg = app.config
     cert, key, generated = tls_files(app)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import oauth_clients
-import providers
 from models import Account, MailPassword, OAuthClient, User
+from oauth import clients as oauth_clients
+from oauth import providers
 
 
 @dataclass

@@ -15,8 +15,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from db import database
 from models import Account, utcnow
+from store.db import database
 
 PROTOCOL_NAMES = {"imap": "IMAP", "pop3": "POP3", "smtp": "SMTP"}
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-import providers
 from models import Account, OAuthClient, utcnow
+from oauth import providers
 
 SMTP, GRAPH, AUTO = "smtp", "graph", "auto"
 MODES = MappingProxyType(

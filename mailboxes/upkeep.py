@@ -11,11 +11,10 @@ import datetime as dt
 import logging
 import threading
 
-import linking
-import oauth
-import providers
-import tokens
+from mailboxes import linking
 from models import Account, OAuthClient, utcnow
+from oauth import authorize as oauth
+from oauth import providers, tokens
 
 log = logging.getLogger("auth_email.upkeep")
 

@@ -15,14 +15,12 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-import audit
-import grants
-import mailrefusals
-import providers
-import tokens
 from config import is_loopback_host
+from mailboxes import refusals as mailrefusals
 from mailproxy.backend import Endpoint
 from models import Account, OAuthClient, User
+from oauth import grants, providers, tokens
+from people import audit
 
 VERIFY_TIMEOUT = 20.0
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from authlib.common.security import generate_token
 
-import grants
-import providers
 from models import Account, OAuthClient, PendingAuthorization, User, utcnow
+from oauth import grants, providers
 
 PENDING_LIFETIME = dt.timedelta(minutes=15)
 CALLBACK_PATH = "/authorize"

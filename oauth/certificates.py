@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from db import database
 from models import OAuthClient, utcnow
+from store.db import database
 
 CERTIFICATE = "certificate"
 SECRET = "secret"

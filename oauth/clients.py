@@ -11,9 +11,9 @@ from typing import Any
 
 import peewee as pw
 
-import providers
-from db import database, parse_id
 from models import Account, OAuthClient, Setting, User, utcnow
+from oauth import providers
+from store.db import database, parse_id
 
 WARN_DAYS = (30, 7)
 DEFAULT_KEY = "default_client.{}"

@@ -22,9 +22,9 @@ from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 from requests.adapters import HTTPAdapter
 
-import providers
 from config import HostPolicy, is_loopback_host
 from models import OAuthClient
+from oauth import providers
 
 log = logging.getLogger("auth_email.grants")
 
@@ -202,7 +202,7 @@ def session_for(
     update_token: Callable[..., None] | None = None,
 ) -> OAuth2Session:
     """An Authlib session built for this client (never a global registry entry)."""
-    import client_certificates
+    from oauth import certificates as client_certificates
 
     secret = client.client_secret or None
     method = "client_secret_basic" if secret else "none"

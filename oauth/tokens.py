@@ -33,10 +33,10 @@ from typing import Any
 
 from prometheus_client import Counter
 
-import grants
-import oauth
-from db import Ciphertext, database, vault
-from grants import (
+from models import Account, OAuthClient, utcnow
+from oauth import authorize as oauth
+from oauth import grants
+from oauth.grants import (
     CLIENT_CREDENTIALS,
     AccountUnusable,
     ClientRefused,
@@ -48,7 +48,7 @@ from grants import (
     refresh_grant,
     settings,
 )
-from models import Account, OAuthClient, utcnow
+from store.db import Ciphertext, database, vault
 
 __all__ = [
     "AccountUnusable",

@@ -10,7 +10,7 @@ import datetime as dt
 import secrets
 
 from models import Invite, utcnow
-from users import _digest
+from people.users import _digest
 
 
 def pending() -> list[Invite]:

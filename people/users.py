@@ -8,9 +8,9 @@ import secrets
 
 import peewee as pw
 
-from db import database
 from models import Invite, Setting, User, utcnow
-from passwords import hash_password
+from people.passwords import hash_password
+from store.db import database
 
 
 class UserError(ValueError):

@@ -13,7 +13,7 @@ from typing import Any
 import peewee as pw
 from playhouse.db_url import connect
 
-from vault import KeyFileError, Keyring, VaultError, aad_for
+from store.vault import KeyFileError, Keyring, VaultError, aad_for
 
 database = pw.DatabaseProxy()
 

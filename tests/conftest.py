@@ -113,7 +113,7 @@ class AuthActions:
         assert response.status_code == 302, response.get_data(as_text=True)
 
     def create_user(self, email: str, can_custom_clients: bool = False) -> User:
-        import users
+        from people import users
 
         with self.app.app_context():
             return users.create_user(email, USER_PASSWORD, can_custom_clients)

@@ -8,7 +8,7 @@ import re
 
 from flask.testing import FlaskClient
 
-import mailrefusals
+from mailboxes import refusals as mailrefusals
 from models import Account, User, utcnow
 from tests.test_accounts_pages import alice, make_account, make_client  # noqa: F401  (fixture)
 

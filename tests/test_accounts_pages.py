@@ -9,15 +9,13 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-import linking
-import oauth
-import oauth_clients
-import tokens
-import upkeep
-import users
-import verification
+from mailboxes import linking, upkeep, verification
 from models import Account, AuditEvent, MailPassword, OAuthClient, PendingAuthorization, User
-from passwords import verify_password
+from oauth import authorize as oauth
+from oauth import clients as oauth_clients
+from oauth import tokens
+from people import users
+from people.passwords import verify_password
 from tests.conftest import USER_PASSWORD, AuthActions, post_form
 
 REDIRECT = "http://127.0.0.1:8080/authorize"

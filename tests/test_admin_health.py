@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-import audit
-from db import database
 from models import Account, OAuthClient, User, utcnow
+from people import audit
+from store.db import database
 from tests.conftest import USER_PASSWORD
 
 SECRET = "client-secret-never-shown-1"

@@ -9,10 +9,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-import linking
-import users
-import verification
+from mailboxes import linking, verification
 from models import Account, AuditEvent, Setting, User
+from people import users
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, AuthActions, post_form
 from tests.test_linking import (
     REDIRECT,

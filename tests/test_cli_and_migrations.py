@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 
 import migrations
-from db import database, open_database, use_database
 from models import OAuthClient, User
+from store.db import database, open_database, use_database
 from tests.conftest import make_app, stored_client
 
 
@@ -69,9 +69,9 @@ def test_backup_restores_into_a_fresh_instance_that_still_decrypts(app, runner, 
 
 def test_accounts_of_the_previous_schema_are_upgraded_in_place(instance):
     """Version 3 had no renewal state: the columns are added, and nothing is lost."""
-    from mailbackend import AppBackend
+    from mailboxes.mailbackend import AppBackend
     from models import Account, MailPassword
-    from passwords import hash_password
+    from people.passwords import hash_password
 
     instance.mkdir(parents=True)
     path = instance / "auth-email.db"
@@ -117,8 +117,8 @@ def test_a_version_3_database_gains_the_graph_delivery_columns_and_keeps_its_dat
     accounts, their encrypted tokens and the clients' secrets are all still there and readable."""
     import peewee as pw
 
-    import tokens
     from models import Account
+    from oauth import tokens
 
     app = make_app(instance)
     new_columns = {

@@ -18,12 +18,12 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-import client_certificates
-import linking
 import migrations
-import oauth_clients
-from db import database, open_database, use_database
+from mailboxes import linking
 from models import Account, OAuthClient, User
+from oauth import certificates as client_certificates
+from oauth import clients as oauth_clients
+from store.db import database, open_database, use_database
 from tests.conftest import make_app, post_form
 from tests.test_linking import (
     REDIRECT,
@@ -71,7 +71,7 @@ def register_with_key(peer: PeerInfo, client: OAuthClient, address: str) -> str:
 
 @pytest.mark.peers
 def test_certificate_client_gets_tokens_and_a_replaced_one_is_refused(peer_app, peer):  # noqa: F811
-    import users
+    from people import users
 
     with peer_app.app_context():
         owner = users.create_user("owner@example.org", "owner-password-1", True)

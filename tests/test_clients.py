@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-import oauth_clients
-import providers
 from models import Account, AuditEvent, OAuthClient, Setting, User
+from oauth import clients as oauth_clients
+from oauth import providers
 from tests.conftest import USER_PASSWORD, post_form
 
 NEW = "/settings/clients/new"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import providers
 from models import OAuthClient
+from oauth import providers
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 
 pytestmark = pytest.mark.browser

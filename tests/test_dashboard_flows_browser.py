@@ -18,10 +18,10 @@ import pytest
 from flask import Flask
 from selenium.webdriver.common.by import By
 
-import linking
-import users
+from mailboxes import linking
 from models import Account, MailPassword, OAuthClient, User
-from passwords import verify_password
+from people import users
+from people.passwords import verify_password
 from tests.conftest import make_app
 from tests.dashboardkit import (
     PHONE,
@@ -298,7 +298,7 @@ def test_unlink_revoke_and_disable_ask_first(app: Flask, live_server: Any, brows
 
 
 def _user_with_account(email: str) -> tuple[User, Account]:
-    import tokens
+    from oauth import tokens
 
     owner = users.create_user(email, USER_PW, False)
     client = OAuthClient.create(

@@ -20,12 +20,11 @@ import pytest
 from flask import Flask
 from selenium.webdriver.common.by import By
 
-import audit
-import linking
-import oauth_clients
-import tokens
-import users
+from mailboxes import linking
 from models import Account, OAuthClient, PendingAuthorization, User, utcnow
+from oauth import clients as oauth_clients
+from oauth import tokens
+from people import audit, users
 from tests.conftest import make_app
 from tests.dashboardkit import (
     WIDTHS,

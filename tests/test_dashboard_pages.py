@@ -13,17 +13,13 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-import addresses
-import audit
-import audit_view
-import linking
-import oauth_clients
-import onboarding
-import providers
-import timefmt
-import users
+from mailboxes import linking, onboarding
 from models import Account, AuditEvent, Invite, MailPassword, OAuthClient, User, utcnow
+from oauth import clients as oauth_clients
+from oauth import providers
+from people import addresses, audit, users
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, AuthActions, post_form
+from web import audit_view, timefmt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -376,7 +372,7 @@ def test_an_expired_form_says_so_plainly(admin_client: FlaskClient) -> None:
 
 
 def test_long_addresses_may_wrap_at_their_dots_only() -> None:
-    from accounts import breakable
+    from web.accounts import breakable
 
     assert breakable("a.b@c-d.test") == "a.<wbr>b@<wbr>c-<wbr>d.<wbr>test"
     assert breakable("<x>@y.z") == "&lt;x&gt;@<wbr>y.<wbr>z"

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from flask import Flask
 
-import linking
-import users
+from mailboxes import linking
 from models import Account, AuditEvent, OAuthClient, PendingAuthorization, User, utcnow
-from oauth import AuthorizationProblem
+from oauth.authorize import AuthorizationProblem
+from people import users
 from tests.test_linking import (
     REDIRECT,
     PeerInfo,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from db import database
 from models import Account, AuditEvent, OAuthClient, User
+from store.db import database
 
 M365_SECRET = "m365-Secret~value-9f2"
 GOOGLE_SECRET = "GOCSPX-google-secret-77"

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from flask import Flask
 
-import linking
-import users
-from mailbackend import MailProxyService
+from mailboxes import linking
+from mailboxes.mailbackend import MailProxyService
 from models import Account, OAuthClient, User
+from people import users
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
 from tests.providers.plugin import ProviderSims
 from tests.test_mail_through_app import EVERY_LISTENER_ON_A_FREE_PORT, MailClients
@@ -407,8 +407,8 @@ def test_client_credentials_send_through_graph_with_the_application_permission(
     app: Flask, simulated_presets: ProviderSims, mail: MailClients
 ) -> None:
     """App-only: the Graph token comes from Client Credentials for graph.microsoft.com/.default."""
-    import oauth_clients
-    import providers
+    from oauth import clients as oauth_clients
+    from oauth import providers
 
     sims = simulated_presets
     entra_app = sims.entra.add_app()

@@ -30,7 +30,7 @@ from tests.test_hardening_login import MAIL_PASSWORD
 
 def _swap_key_bytes(instance: Path) -> None:
     """vault.key with the same key id and other key bytes (a copy from another instance)."""
-    from vault import Keyring, write_private
+    from store.vault import Keyring, write_private
 
     ring = Keyring.loads((instance / "vault.key").read_text())
     ring.keys[ring.current] = os.urandom(32)
@@ -39,7 +39,7 @@ def _swap_key_bytes(instance: Path) -> None:
 
 def test_a_wrong_key_with_the_right_id_is_refused_at_start(instance: Path) -> None:
     from models import Meta
-    from vault import KeyFileError, Keyring
+    from store.vault import KeyFileError, Keyring
 
     app = make_app(instance)
     key_id = Keyring.loads((instance / "vault.key").read_text()).current
@@ -54,8 +54,8 @@ def test_an_instance_from_before_check_values_gets_one_only_with_the_right_key(
     instance: Path,
 ) -> None:
     from models import Meta, OAuthClient
+    from store.vault import KeyFileError
     from tests.conftest import stored_client
-    from vault import KeyFileError
 
     app = make_app(instance)
     with app.app_context():
@@ -91,7 +91,7 @@ def test_serve_refuses_to_start_with_a_wrong_key(instance: Path) -> None:
 
 def test_rotating_the_key_writes_the_new_keys_check_value(app: Flask, runner: Any) -> None:
     from models import Meta
-    from vault import Keyring
+    from store.vault import Keyring
 
     result = runner.invoke(args=["rotate-key"])
     assert result.exit_code == 0, result.output
@@ -139,7 +139,7 @@ def test_the_host_policy(hosts: str, loopback: bool, host: str, allowed: bool) -
 
 
 def test_the_built_in_providers_hosts_are_known() -> None:
-    import providers
+    from oauth import providers
 
     assert {"login.microsoftonline.com", "outlook.office365.com", "imap.gmail.com"} <= (
         providers.preset_hosts()
@@ -212,9 +212,8 @@ def test_the_client_form_keeps_to_the_allowed_hosts(
 
 def test_hosts_are_checked_again_at_use(strict_app: Flask) -> None:
     """A client saved under a wider setting: tokens and mail logins refuse its hosts."""
-    import grants
-    import linking
-    import mailbackend
+    from mailboxes import linking, mailbackend
+    from oauth import grants
     from tests.test_accounts_pages import make_account, make_client
 
     AuthActions(strict_app, strict_app.test_client()).setup_admin()
@@ -238,7 +237,7 @@ def test_hosts_are_checked_again_at_use(strict_app: Flask) -> None:
 def test_plain_mail_login_from_loopback_can_be_turned_off(tmp_path: Path) -> None:
     import imaplib
 
-    import mailbackend
+    from mailboxes import mailbackend
 
     app = make_app(
         tmp_path / "instance",

@@ -58,8 +58,8 @@ def _in_parallel(count: int, attempt: Any) -> list[Any]:
 def test_parallel_wrong_web_passwords_are_verified_at_most_the_limit(
     app: Flask, auth: AuthActions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import auth as web_auth
-    from db import database
+    from store.db import database
+    from web import auth as web_auth
 
     auth.setup_admin()
     counting = CountingVerify(web_auth.verify_password)
@@ -77,7 +77,7 @@ def test_parallel_wrong_web_passwords_are_verified_at_most_the_limit(
 
 
 def test_a_blocked_address_still_signs_in_from_elsewhere(app: Flask, auth: AuthActions) -> None:
-    import auth as web_auth
+    from web import auth as web_auth
 
     auth.setup_admin()
     with app.app_context():
@@ -90,7 +90,7 @@ def test_a_blocked_address_still_signs_in_from_elsewhere(app: Flask, auth: AuthA
 
 
 def test_the_per_address_ceiling_stops_guesses_spread_over_many_ips(tmp_path: Path) -> None:
-    import auth as web_auth
+    from web import auth as web_auth
 
     app = make_app(tmp_path / "instance", LOGIN_FAILURE_LIMIT_PER_ADDRESS=8)
     AuthActions(app, app.test_client()).setup_admin()
@@ -103,7 +103,7 @@ def test_the_per_address_ceiling_stops_guesses_spread_over_many_ips(tmp_path: Pa
 @pytest.fixture
 def mailbox(app: Flask, auth: AuthActions) -> Any:
     """An active account box@example.test with the mail password ``MAIL_PASSWORD``."""
-    import linking
+    from mailboxes import linking
     from tests.test_accounts_pages import make_account, make_client
 
     auth.setup_admin()
@@ -123,7 +123,7 @@ def test_parallel_wrong_imap_passwords_are_verified_at_most_the_limit(
 ) -> None:
     import imaplib
 
-    import mailbackend
+    from mailboxes import mailbackend
     from tests.proxykit import port, running_proxy
 
     counting = CountingVerify(mailbackend.verify_password)
@@ -152,7 +152,7 @@ def test_the_same_password_on_many_connections_is_one_attempt(
     app: Flask, mailbox: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client opening ten connections at once (cold cache) is not throttled by itself."""
-    import mailbackend
+    from mailboxes import mailbackend
 
     counting = CountingVerify(mailbackend.verify_password, delay=0.3)
     monkeypatch.setattr(mailbackend, "verify_password", counting)
@@ -176,8 +176,7 @@ def test_the_same_password_on_many_connections_is_one_attempt(
 def test_a_failed_mail_login_hashes_once_whatever_the_address_has(
     app: Flask, auth: AuthActions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import linking
-    import mailbackend
+    from mailboxes import linking, mailbackend
     from tests.test_accounts_pages import make_account, make_client
 
     auth.setup_admin()
@@ -208,7 +207,7 @@ def test_a_failed_mail_login_hashes_once_whatever_the_address_has(
 
 
 def test_a_password_from_before_lookups_works_and_gets_its_lookup(app: Flask, mailbox: Any) -> None:
-    import mailbackend
+    from mailboxes import mailbackend
     from models import MailPassword
 
     with app.app_context():
@@ -228,11 +227,11 @@ def test_a_version_3_database_is_upgraded_in_place_with_nothing_lost(
 ) -> None:
     import sqlite3
 
-    import mailbackend
     import migrations
+    from mailboxes import mailbackend
     from models import MailPassword, OAuthClient
-    from passwords import hash_password
-    from vault import Keyring, aad_for, write_private
+    from people.passwords import hash_password
+    from store.vault import Keyring, aad_for, write_private
 
     instance.mkdir(parents=True, mode=0o700)
     ring = Keyring.generate()

@@ -16,9 +16,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import config
-import users
-from db import parse_id
 from models import User
+from people import users
+from store.db import parse_id
 from tests.conftest import (
     USER_PASSWORD,
     AuthActions,
@@ -59,8 +59,8 @@ def test_only_loopback_addresses_and_localhost_count_as_loopback(
 
 def test_a_token_url_on_a_127_name_is_refused_over_http(app: Flask) -> None:
     """(``app`` configures grants as the tests run: loopback allowed, so only the name fails.)"""
-    import grants
-    from forms import https_url_error
+    from oauth import grants
+    from web.forms import https_url_error
 
     assert https_url_error("http://127.attacker.example/token")
     with pytest.raises(grants.GrantError):

@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from mailbackend import MailProxyService
+from mailboxes.mailbackend import MailProxyService
 from mailproxy.settings import LISTENER_NAMES
-from mailsetup import tls_files
 from models import Account, MailPassword, OAuthClient, PendingAuthorization
 from tests.conftest import make_app
 from tests.peerbed import op_password
+from web.mailsetup import tls_files
 
 pytestmark = [pytest.mark.peers, pytest.mark.browser]
 

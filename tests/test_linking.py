@@ -20,12 +20,7 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-import linking
-import oauth
-import tokens
-import upkeep
-import users
-import verification
+from mailboxes import linking, upkeep, verification
 from models import (
     Account,
     AuditEvent,
@@ -35,6 +30,9 @@ from models import (
     User,
     utcnow,
 )
+from oauth import authorize as oauth
+from oauth import tokens
+from people import users
 from tests.conftest import (
     ADMIN_EMAIL,
     ADMIN_PASSWORD,

@@ -14,8 +14,8 @@ from flask import Flask
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-import users
 from models import Account, MailPassword, User
+from people import users
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, make_app
 from tests.test_linking import (
     PeerInfo,

@@ -15,10 +15,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-import mailrefusals
-import throttle
-import users
+from mailboxes import refusals as mailrefusals
 from models import Account, AuditEvent, OAuthClient, User
+from people import throttle, users
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
 from tests.test_mail_through_app import (
     EVERY_LISTENER_ON_A_FREE_PORT,

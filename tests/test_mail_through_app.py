@@ -30,16 +30,15 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-import linking
-import mailbackend
-import oauth_clients
-import tokens
-import users
-from mailbackend import MailProxyService
+from mailboxes import linking, mailbackend
+from mailboxes.mailbackend import MailProxyService
 from mailproxy.settings import LISTENER_NAMES
-from mailsetup import tls_files
 from models import Account, AuditEvent, MailPassword, OAuthClient, User, utcnow
+from oauth import clients as oauth_clients
+from oauth import tokens
+from people import users
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
+from web.mailsetup import tls_files
 
 pytestmark = pytest.mark.peers
 

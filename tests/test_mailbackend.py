@@ -6,10 +6,10 @@ import datetime as dt
 
 import pytest
 
-from db import Ciphertext
-from mailbackend import AppBackend
+from mailboxes.mailbackend import AppBackend
 from mailproxy import ProxyAuthError
 from models import Account, User, utcnow
+from store.db import Ciphertext
 from tests.conftest import stored_client
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vault import (
+from store.vault import (
     KeyFileError,
     Keyring,
     VaultError,

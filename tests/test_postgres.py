@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-import throttle
 from models import OAuthClient, User
+from people import throttle
+from store.vault import VaultError
 from tests.conftest import make_app, stored_client
-from vault import VaultError
 
 pytestmark = pytest.mark.postgres
 
@@ -35,7 +35,7 @@ def test_schema_is_created_and_secrets_round_trip(pg_app, pg_url):
 
 
 def test_moved_ciphertext_fails_on_postgres(pg_app):
-    from db import Ciphertext
+    from store.db import Ciphertext
 
     with pg_app.app_context():
         owner = User.create(email="o@example.org", password_hash="x")
@@ -81,7 +81,7 @@ def test_two_instances_share_one_database(instance, tmp_path, pg_url):
 
 def test_throttle_counts_concurrent_failures_on_postgres(pg_app):
     key = throttle.Key("web:addr:x", throttle.Policy(limit=50, block_seconds=60))
-    from db import database
+    from store.db import database
 
     def fail() -> None:
         with database.connection_context():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import oauth
-import providers
+from oauth import authorize as oauth
+from oauth import providers
 from tests.test_clients import add, field_help, one_client
 
 # Every AADSTS code the provider notes list (token endpoint and authorize page).

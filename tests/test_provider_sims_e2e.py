@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from flask import Flask
 
-import linking
-import oauth_clients
-import users
-from mailbackend import MailProxyService
+from mailboxes import linking
+from mailboxes.mailbackend import MailProxyService
 from models import Account, User
+from oauth import clients as oauth_clients
+from people import users
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
 from tests.providers.plugin import ProviderSims
 from tests.test_linking import path_and_query
@@ -150,7 +150,7 @@ def test_a_mailbox_linked_at_the_entra_simulator_works_through_the_proxy(
 
 def preset_client(owner: User, provider: str, client_id: str, secret: str, tenant: str = "") -> Any:
     """A client of a shipped preset (moved to the simulators by ``simulated_presets``)."""
-    import providers
+    from oauth import providers
 
     grant = "authorization_code"
     values = {
@@ -253,7 +253,7 @@ def test_client_credentials_with_the_microsoft_365_preset(
 ) -> None:
     """App-only: without Add-MailboxPermission Exchange says NO AUTHENTICATE failed and the
     product explains the Exchange steps; with it the mailbox links and works over IMAP."""
-    import providers
+    from oauth import providers
 
     sims = simulated_presets
     entra_app = sims.entra.add_app()

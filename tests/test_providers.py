@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-import providers
 from mailproxy.backend import Endpoint
 from models import OAuthClient
+from oauth import providers
 
 M365_DELEGATED = (
     "https://outlook.office.com/IMAP.AccessAsUser.All "

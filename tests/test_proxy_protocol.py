@@ -291,9 +291,9 @@ def test_header_from_an_untrusted_address_is_refused(proxy, backend: RecordingBa
 
 def test_the_app_throttles_and_audits_the_real_client(instance: Path, tmp_path: Path) -> None:
     """Through the app's backend: the audit log and the throttle name the client, not HAProxy."""
-    from db import database
-    from mailbackend import MailProxyService, trusted_proxies
+    from mailboxes.mailbackend import MailProxyService, trusted_proxies
     from models import AuditEvent, Throttle
+    from store.db import database
     from tests.conftest import make_app
 
     listeners = {f"{name.upper()}_LISTEN": "" for name in ALL_LISTENERS}

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import linking
-import oauth
-import tokens
+from mailboxes import linking
 from models import Account, OAuthClient, User
+from oauth import authorize as oauth
+from oauth import tokens
 from tests.conftest import make_app, post_form
 from tests.test_clients import MICROSOFT_FORM, add, field_help, one_client
 from tests.test_linking import (
@@ -89,7 +89,7 @@ def test_a_public_client_links_and_renews_without_a_secret(
     instance: Path,
     peer: PeerInfo,  # noqa: F811
 ) -> None:
-    import users
+    from people import users
 
     app = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC)
     with app.app_context():
@@ -117,7 +117,7 @@ def test_a_public_client_links_by_device_code_without_a_secret(
     instance: Path,
     peer: PeerInfo,  # noqa: F811
 ) -> None:
-    import users
+    from people import users
 
     app = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC)
     with app.app_context():

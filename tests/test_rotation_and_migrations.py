@@ -15,10 +15,10 @@ import pytest
 from flask import Flask
 
 import migrations
-from db import database, open_database, use_database
 from models import AuditEvent, Meta, OAuthClient, Setting, User
+from store.db import database, open_database, use_database
+from store.vault import KeyFileError, Keyring
 from tests.conftest import make_app, stored_client
-from vault import KeyFileError, Keyring
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]

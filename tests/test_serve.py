@@ -173,7 +173,7 @@ def test_client_address_comes_from_the_trusted_proxy_only(instance, trusted):
     url = f"http://127.0.0.1:{server.effective_port}"
     try:
         with app.app_context():
-            import users
+            from people import users
 
             users.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD)
         relayed = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
@@ -308,7 +308,7 @@ def test_repeated_accept_failures_of_the_web_server_make_one_line_a_minute(
 
 
 def test_mail_limits_come_from_the_app_settings(instance: Path) -> None:
-    from mailbackend import proxy_settings
+    from mailboxes.mailbackend import proxy_settings
     from tests.conftest import make_app
 
     app = make_app(

@@ -174,7 +174,7 @@ def test_disabled_user_cannot_sign_in_and_is_signed_out(app, auth, client):
 
 
 def test_expired_invite_link_is_refused(app, auth):
-    import users
+    from people import users
 
     auth.setup_admin()
     with app.app_context():
@@ -191,8 +191,8 @@ def test_throttle_pauses_keep_doubling_after_a_block_ends(app):
     """A block that has just ended does not reset the count: the next failure blocks longer."""
     import datetime as dt
 
-    import throttle
     from models import Throttle, utcnow
+    from people import throttle
 
     key = throttle.Key("web:addr:x@example.org", throttle.Policy(limit=3, block_seconds=60))
     with app.app_context():

@@ -7,11 +7,11 @@ import base64
 import json
 from urllib.parse import parse_qs, urlsplit
 
-import grants
-import oauth
-from mailbackend import AppBackend
+from mailboxes.mailbackend import AppBackend
 from models import Account, MailPassword, User
-from passwords import hash_password
+from oauth import authorize as oauth
+from oauth import grants
+from people.passwords import hash_password
 from tests.conftest import stored_client
 
 

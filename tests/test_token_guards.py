@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-import grants
-import tokens
-import upkeep
-from db import Ciphertext
+from mailboxes import upkeep
 from models import Account, User, utcnow
+from oauth import grants, tokens
+from store.db import Ciphertext
 from tests.conftest import make_app
 from tests.test_linking import PUBLIC, PeerInfo, peer, revoke_at_op, token_requests  # noqa: F401
 from tests.test_tokens import (
@@ -35,7 +34,7 @@ CALLERS = 6
 @pytest.fixture
 def sqlite_owner(instance: Any, peer: PeerInfo) -> User:  # noqa: F811
     """A user of an app on SQLite only (where PostgreSQL would add time, not proof)."""
-    import users
+    from people import users
 
     app = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC)
     with app.app_context():

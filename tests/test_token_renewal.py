@@ -21,9 +21,9 @@ from urllib.parse import parse_qs
 import pytest
 from flask import Flask
 
-import linking
-import tokens
+from mailboxes import linking
 from models import Account, OAuthClient, User, utcnow
+from oauth import tokens
 from tests.conftest import make_app
 from tests.test_linking import (
     PUBLIC,
@@ -43,7 +43,7 @@ USER_SCOPE = "openid email offline_access"
 
 @pytest.fixture
 def owner(instance: Path, peer: PeerInfo) -> User:  # noqa: F811
-    import users
+    from people import users
 
     app: Flask = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC)
     with app.app_context():
@@ -169,7 +169,7 @@ def quick_app(instance: Path) -> Flask:
 
 def account_at(app: Flask, token_url: str, granted: str = "", provider: str = "other") -> Account:
     """An active account whose access token has run out, renewed at ``token_url``."""
-    import users
+    from people import users
 
     with app.app_context():
         user = users.create_user("renew@example.org", "renew-password-1", True)
@@ -455,7 +455,7 @@ _SECOND_PROCESS = """
 import sys
 sys.path.insert(0, {root!r})
 from app import create_app
-import tokens
+from oauth import tokens
 create_app({config!r})
 try:
     tokens.get_access_token({account_id})

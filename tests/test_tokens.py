@@ -15,12 +15,9 @@ import pytest
 import requests
 from flask import Flask
 
-import grants
-import linking
-import tokens
-import upkeep
-import verification
+from mailboxes import linking, upkeep, verification
 from models import Account, OAuthClient, User, utcnow
+from oauth import grants, tokens
 from tests.conftest import make_app
 from tests.test_linking import (
     PUBLIC,
@@ -56,7 +53,7 @@ def link(
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def owner(request: pytest.FixtureRequest, instance: Path, peer: PeerInfo) -> User:  # noqa: F811
     """A user of an app on SQLite, and again on PostgreSQL (instances sharing a database)."""
-    import users
+    from people import users
 
     database = {}
     if request.param == "postgres":
@@ -258,7 +255,7 @@ def timeout_app(instance: Path) -> Flask:
 
 
 def broken_account(app: Flask, token_url: str) -> Account:
-    import users
+    from people import users
 
     with app.app_context():
         user = users.create_user("flaky@example.org", "flaky-password-1", True)
@@ -525,7 +522,7 @@ _HERD_WORKER = """
 import hashlib, sys, threading, time
 sys.path.insert(0, {root!r})
 from app import create_app
-import tokens
+from oauth import tokens
 create_app({config!r})
 start_at, account_id = float(sys.argv[1]), int(sys.argv[2])
 results, errors = [], []
@@ -555,7 +552,7 @@ def test_processes_sharing_postgres_cause_one_token_request(
     import subprocess
     import sys
 
-    import users
+    from people import users
 
     config = {
         "INSTANCE_PATH": str(instance),

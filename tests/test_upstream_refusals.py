@@ -21,13 +21,11 @@ import pytest
 import requests
 from flask.testing import FlaskClient
 
-import grants
-import linking
-import mailrefusals
-import oauth_clients
-import tokens
-import verification
+from mailboxes import linking, verification
+from mailboxes import refusals as mailrefusals
 from models import Account, User, utcnow
+from oauth import clients as oauth_clients
+from oauth import grants, tokens
 from tests.test_mail_through_app import (  # noqa: F401  (fixtures)
     PASSWORD,
     REDIRECT,

@@ -9,10 +9,10 @@ import stat
 import peewee as pw
 import pytest
 
-from db import Ciphertext
 from models import OAuthClient, User
+from store.db import Ciphertext
+from store.vault import KeyFileError, Keyring, VaultError, aad_for
 from tests.conftest import make_app, stored_client
-from vault import KeyFileError, Keyring, VaultError, aad_for
 
 SECRET = "s3cr3t-Value~xyz-0123456789"
 
@@ -80,7 +80,7 @@ def test_plaintext_can_never_be_written_by_a_query(app, owner):
 def test_raw_sqlite_file_never_contains_a_secret(app, owner, instance):
     with app.app_context():
         _client(owner, "raw")
-        from db import database
+        from store.db import database
 
         database.execute_sql("PRAGMA wal_checkpoint(FULL)")
     for name in os.listdir(instance):
@@ -132,7 +132,7 @@ def test_rotate_key_keeps_every_secret_readable(app, owner, instance):
 def test_rotate_key_refuses_while_the_service_runs(app, owner, instance):
     import os
 
-    from vault import lock_instance
+    from store.vault import lock_instance
 
     with app.app_context():
         _client(owner, "running")

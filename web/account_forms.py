@@ -5,8 +5,8 @@ from __future__ import annotations
 from wtforms import EmailField, PasswordField, SelectField, StringField, SubmitField
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
-import providers
-from forms import Form, address_rule
+from oauth import providers
+from web.forms import Form, address_rule
 
 MIN_MAIL_PASSWORD = 12
 

@@ -24,18 +24,16 @@ from flask_login import current_user, login_required
 from markupsafe import Markup, escape
 from werkzeug.wrappers import Response
 
-import linking
-import mailrefusals
-import oauth
-import oauth_clients
-import onboarding
-import providers
-import timefmt
-import verification
-from account_forms import AddressForm, AuthorizeForm, MailPasswordForm, UnlinkForm
-from account_health import Health, health
-from forms import EmptyForm
+from mailboxes import linking, onboarding, verification
+from mailboxes import refusals as mailrefusals
+from mailboxes.account_health import Health, health
 from models import Account, OAuthClient, User, utcnow
+from oauth import authorize as oauth
+from oauth import clients as oauth_clients
+from oauth import providers
+from web import timefmt
+from web.account_forms import AddressForm, AuthorizeForm, MailPasswordForm, UnlinkForm
+from web.forms import EmptyForm
 
 bp = Blueprint("accounts", __name__)
 
@@ -119,7 +117,7 @@ def _authorize_page(form: AuthorizeForm, status: int = 200, error: str = "") -> 
 
 
 def _ropc_allowed() -> bool:
-    import admin
+    from web import admin
 
     return bool(admin.ropc_allowed())
 

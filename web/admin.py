@@ -19,12 +19,10 @@ from flask import (
 from flask_login import current_user, login_required
 from werkzeug.wrappers import Response
 
-import audit
-import audit_view
-import invites
-import users
-from forms import EmptyForm, InstanceSettingsForm, NewUserForm, ResetPasswordForm
 from models import Setting, User, utcnow
+from people import audit, invites, users
+from web import audit_view
+from web.forms import EmptyForm, InstanceSettingsForm, NewUserForm, ResetPasswordForm
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 

@@ -16,14 +16,12 @@ from flask import (
 from flask_login import LoginManager, current_user, login_required, login_user, logout_user
 from werkzeug.wrappers import Response
 
-import audit
-import throttle
-import users
-from db import Prepared
-from forms import InviteAcceptForm, LoginForm, SetupForm
 from models import User, utcnow
-from passwords import verify_password
-from security import safe_next
+from people import audit, throttle, users
+from people.passwords import verify_password
+from store.db import Prepared
+from web.forms import InviteAcceptForm, LoginForm, SetupForm
+from web.security import safe_next
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()

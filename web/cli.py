@@ -14,20 +14,18 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-import addresses
-import audit
-import users
 from app import VAULT_KEY_FILE
-from db import check_keyring, database, reencrypt_all, vault
 from models import SECRET_MODELS, Meta
-from vault import lock_instance, write_private
+from people import addresses, audit, users
+from store.db import check_keyring, database, reencrypt_all, vault
+from store.vault import lock_instance, write_private
 
 
 def init_app(app: Flask) -> None:
     app.cli.add_command(create_admin)
     app.cli.add_command(rotate_key)
     app.cli.add_command(backup)
-    import emailproxy_import
+    from mailboxes import emailproxy_import
 
     app.cli.add_command(emailproxy_import.import_command)
 

@@ -25,12 +25,12 @@ from flask_login import current_user, login_required
 from markupsafe import Markup
 from werkzeug.wrappers import Response
 
-import audit
-import client_certificates
-import oauth_clients
-import providers
-from forms import ClientForm, DefaultClientsForm, DeleteClientForm, EmptyForm
 from models import OAuthClient, User
+from oauth import certificates as client_certificates
+from oauth import clients as oauth_clients
+from oauth import providers
+from people import audit
+from web.forms import ClientForm, DefaultClientsForm, DeleteClientForm, EmptyForm
 
 bp = Blueprint("clients", __name__, url_prefix="/settings/clients")
 
@@ -98,7 +98,7 @@ def edit(client_id: int) -> Response | tuple[str, int]:
 
 def _editor(client: OAuthClient | None) -> Response | tuple[str, int]:
     """Validate → save → flash → redirect; "Load defaults" re-renders without saving."""
-    import admin
+    from web import admin
 
     user = _user()
     kwargs: dict[str, Any] = {

@@ -7,13 +7,12 @@ from flask import Blueprint, abort, flash, redirect, request, url_for
 from flask_login import current_user, login_required
 from werkzeug.wrappers import Response
 
-import audit
-import graphsend
-import smtpdelivery
-from db import database
-from forms import EmptyForm
+from mailboxes import graphsend, smtpdelivery
 from mailproxy.backend import DeliveryRefused
 from models import Account
+from people import audit
+from store.db import database
+from web.forms import EmptyForm
 
 bp = Blueprint("delivery", __name__)
 

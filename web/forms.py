@@ -32,12 +32,11 @@ from wtforms.validators import (
 )
 from wtforms.widgets import HiddenInput
 
-import addresses
-import grants
-import providers
-import smtpdelivery
 from config import is_loopback_host
+from mailboxes import smtpdelivery
 from models import OAuthClient, User
+from oauth import grants, providers
+from people import addresses
 
 MIN_PASSWORD = 10
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import peewee as pw
 from flask import Blueprint, render_template, request
 
-import account_health
-import oauth_clients
-import providers
-from admin import admin_required
+from mailboxes import account_health
 from models import Account, AuditEvent, OAuthClient, User, utcnow
+from oauth import clients as oauth_clients
+from oauth import providers
+from web.admin import admin_required
 
 bp = Blueprint("health", __name__, url_prefix="/admin")
 

@@ -9,8 +9,8 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config import is_loopback_host
-from db import database
 from mailproxy.settings import LISTENER_NAMES, parse_hostport
+from store.db import database
 
 bp = Blueprint("ops", __name__)
 

@@ -8,7 +8,7 @@ from flask import Flask, Response, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.routing import BaseConverter, ValidationError
 
-from db import parse_id
+from store.db import parse_id
 
 csrf = CSRFProtect()
 

@@ -6,17 +6,16 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required, login_user
 from werkzeug.wrappers import Response
 
-import audit
-import audit_view
-import users
-from forms import PasswordChangeForm
-from passwords import verify_password
+from people import audit, users
+from people.passwords import verify_password
+from web import audit_view
+from web.forms import PasswordChangeForm
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
 
 
 def render_settings(password_form: PasswordChangeForm | None = None, status: int = 200):
-    import clients
+    from web import clients
 
     return render_template(
         "settings/index.html",

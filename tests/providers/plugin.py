@@ -234,8 +234,8 @@ class ProviderSims:
 def moved_presets(sims: ProviderSims) -> dict[str, Any]:
     """The product's Microsoft 365, Outlook.com and Google presets with their URLs and mail
     servers moved to the simulators (everything else, scopes included, as shipped)."""
-    import providers
     from mailproxy.backend import Endpoint
+    from oauth import providers
 
     hosts = {
         "https://login.microsoftonline.com": sims.entra.url,
@@ -281,7 +281,7 @@ def simulated_presets(monkeypatch: pytest.MonkeyPatch, sims: ProviderSims) -> Pr
     The product has no setting for this (its presets name the real hosts); this swaps the
     presets table the product reads at each use.
     """
-    import providers
+    from oauth import providers
 
     monkeypatch.setattr(providers, "PRESETS", MappingProxyType(moved_presets(sims)))
     if hasattr(providers, "_PATTERNS"):
