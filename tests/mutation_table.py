@@ -29,7 +29,7 @@ class Change:
 CHANGES = [
     Change(
         "disabled-owner",
-        "mailbackend.py",
+        "mailboxes/mailbackend.py",
         'if not account.owner.is_enabled or account.status == "disabled":',
         'if account.status == "disabled":',
         (
@@ -39,15 +39,17 @@ CHANGES = [
     ),
     Change(
         "per-ip-count",
-        "throttle.py",
-        '        Key(f"{kind}:ip:{ip[:64]}", Policy(config["LOGIN_FAILURE_LIMIT_PER_IP"], block)),\n',
+        "people/throttle.py",
+        '        Key(f"{kind}:ip:{ip[:64]}", Policy(config["LOGIN_FAILURE_LIMIT_PER_IP"], block)),'
+        "\n",
         "",
         ("tests/test_mail_backend_guards.py::test_failures_from_one_ip_block_it_across_addresses",),
     ),
     Change(
         "token-rejected",
-        "mailbackend.py",
-        "            stored = mailrefusals.record(account_id, self._explain(account, protocol, detail))",
+        "mailboxes/mailbackend.py",
+        "            stored = mailrefusals.record("
+        "account_id, self._explain(account, protocol, detail))",
         "            stored = self._explain(account, protocol, detail)",
         (
             "tests/test_mail_backend_guards.py::"
@@ -56,7 +58,7 @@ CHANGES = [
     ),
     Change(
         "rotation-drops-old-keys",
-        "vault.py",
+        "store/vault.py",
         "return Keyring(keys={**self.keys, **fresh.keys}, current=fresh.current)",
         "return Keyring(keys={**fresh.keys}, current=fresh.current)",
         (
@@ -66,7 +68,7 @@ CHANGES = [
     ),
     Change(
         "device-code-expiry",
-        "linking.py",
+        "mailboxes/linking.py",
         "    if pending.expires_at < utcnow():\n"
         "        raise AuthorizationProblem(oauth.EXPIRED)\n",
         "",
@@ -84,7 +86,7 @@ CHANGES = [
     ),
     Change(
         "refresh-claim-cas",
-        "tokens.py",
+        "oauth/tokens.py",
         ".where(_ID == account_id, Account.token_version == version)",
         ".where(_ID == account_id)",
         (
@@ -94,7 +96,7 @@ CHANGES = [
     ),
     Change(
         "renewal-margin",
-        "tokens.py",
+        "oauth/tokens.py",
         "> now + dt.timedelta(seconds=settings().margin)",
         "> now",
         (
