@@ -29,12 +29,15 @@ from store.db import (
     use_database,
     vault,
 )
-from store.vault import KeyFileError, load_keyring, load_or_create_secret_key
+from store.vault import (
+    SECRET_KEY_FILE,
+    VAULT_KEY_FILE,
+    KeyFileError,
+    load_keyring,
+    load_or_create_secret_key,
+)
 
 log = logging.getLogger("auth_email")
-
-SECRET_KEY_FILE = "secret_key"
-VAULT_KEY_FILE = "vault.key"
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:

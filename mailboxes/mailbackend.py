@@ -455,7 +455,7 @@ class AppBackend:
 def proxy_settings(app: Flask) -> ProxySettings:
     """The proxy's settings from the app's configuration layers."""
     from config import mail_host
-    from web.mailsetup import tls_files
+    from mailboxes.listeners import tls_files
 
     cfg = app.config
     cert, key, generated = tls_files(app)

@@ -264,3 +264,24 @@ def secret_expiry_warnings(user: User, today: dt.date | None = None) -> list[Exp
             accounts = accounts_using(client, user)
             warnings.append(ExpiryWarning(client, level[0], level[1], accounts))
     return sorted(warnings, key=lambda w: (w.days_left, w.client.name))
+
+
+def overview(user: User) -> dict[str, Any]:
+    """The custom clients section of the Account settings page: what ``user`` sees, and may do."""
+    rows = [
+        {
+            "client": c,
+            "preset": providers.PRESETS.get(c.provider),
+            "grant": providers.GRANT_LABELS.get(c.grant, c.grant),
+            "accounts": accounts_using(c, user),
+            "editable": can_edit(user, c),
+            "expiry": expiry_level(c.secret_expires_on, dt.date.today()),
+        }
+        for c in visible_clients(user)
+    ]
+    return {
+        "allowed": user.may_use_custom_clients,
+        "is_admin": user.is_admin,
+        "items": rows,
+        "warnings": secret_expiry_warnings(user),
+    }

@@ -8,18 +8,13 @@ import secrets
 
 import peewee as pw
 
-from models import Invite, Setting, User, utcnow
+from models import Invite, User, utcnow
 from people.passwords import hash_password
 from store.db import database
 
 
 class UserError(ValueError):
     """A user change that cannot be made; the message is for a person."""
-
-
-def default_custom_clients(config_default: bool) -> bool:
-    value = Setting.read("new_users_custom_clients")
-    return config_default if value is None else value == "1"
 
 
 def create_admin(email: str, password: str) -> User:

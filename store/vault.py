@@ -17,6 +17,10 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+#: The instance files that hold the web session key and the vault key (mode 0600 each).
+SECRET_KEY_FILE = "secret_key"
+VAULT_KEY_FILE = "vault.key"
+
 FORMAT = b"\x01"
 KEY_ID_BYTES = 4
 NONCE_BYTES = 12

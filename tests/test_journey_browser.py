@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from mailboxes.listeners import tls_files
 from mailboxes.mailbackend import MailProxyService
 from mailproxy.settings import LISTENER_NAMES
 from models import Account, MailPassword, OAuthClient, PendingAuthorization
 from tests.conftest import make_app
 from tests.peerbed import op_password
-from web.mailsetup import tls_files
 
 pytestmark = [pytest.mark.peers, pytest.mark.browser]
 

@@ -31,6 +31,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailboxes import linking, mailbackend
+from mailboxes.listeners import tls_files
 from mailboxes.mailbackend import MailProxyService
 from mailproxy.settings import LISTENER_NAMES
 from models import Account, AuditEvent, MailPassword, OAuthClient, User, utcnow
@@ -38,7 +39,6 @@ from oauth import clients as oauth_clients
 from oauth import tokens
 from people import users
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
-from web.mailsetup import tls_files
 
 pytestmark = pytest.mark.peers
 

@@ -31,6 +31,7 @@ from models import Account, OAuthClient, User, utcnow
 from oauth import authorize as oauth
 from oauth import clients as oauth_clients
 from oauth import providers
+from people import instance_settings
 from web import timefmt
 from web.account_forms import AddressForm, AuthorizeForm, MailPasswordForm, UnlinkForm
 from web.forms import EmptyForm
@@ -117,9 +118,7 @@ def _authorize_page(form: AuthorizeForm, status: int = 200, error: str = "") -> 
 
 
 def _ropc_allowed() -> bool:
-    from web import admin
-
-    return bool(admin.ropc_allowed())
+    return instance_settings.ropc_allowed(current_app.config)
 
 
 @bp.app_template_global()

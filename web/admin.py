@@ -19,8 +19,9 @@ from flask import (
 from flask_login import current_user, login_required
 from werkzeug.wrappers import Response
 
-from models import Setting, User, utcnow
+from models import User, utcnow
 from people import audit, invites, users
+from people import instance_settings as stored_settings
 from web import audit_view
 from web.forms import EmptyForm, InstanceSettingsForm, NewUserForm, ResetPasswordForm
 
@@ -65,7 +66,7 @@ def user_list() -> str:
 
 
 def _new_user_default() -> bool:
-    return users.default_custom_clients(current_app.config["NEW_USERS_CUSTOM_CLIENTS"])
+    return stored_settings.new_users_custom_clients(current_app.config)
 
 
 @bp.post("/users")
@@ -186,22 +187,17 @@ def user_password(user_id: int) -> Response | str | tuple[str, int]:
 def instance_settings() -> Response | str | tuple[str, int]:
     form = InstanceSettingsForm()
     if form.validate_on_submit():
-        Setting.write(
-            "new_users_custom_clients", "1" if form.new_users_custom_clients.data else "0"
+        stored_settings.save(
+            allow_ropc=form.allow_ropc.data,
+            new_users_custom_clients=form.new_users_custom_clients.data,
         )
-        Setting.write("allow_ropc", "1" if form.allow_ropc.data else "0")
         audit.record_request("settings.changed")
         flash("Settings saved.", "success")
         return redirect(url_for("admin.instance_settings"))
     if not form.is_submitted():
         form.new_users_custom_clients.data = _new_user_default()
-        form.allow_ropc.data = ropc_allowed()
+        form.allow_ropc.data = stored_settings.ropc_allowed(current_app.config)
     return render_template("admin/settings.html", form=form, extra_sections=settings_sections())
-
-
-def ropc_allowed() -> bool:
-    value = Setting.read("allow_ropc")
-    return current_app.config["ALLOW_ROPC"] if value is None else value == "1"
 
 
 def settings_sections() -> list[Callable[[], str]]:

@@ -14,11 +14,10 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from app import VAULT_KEY_FILE
 from models import SECRET_MODELS, Meta
 from people import addresses, audit, users
 from store.db import check_keyring, database, reencrypt_all, vault
-from store.vault import lock_instance, write_private
+from store.vault import VAULT_KEY_FILE, lock_instance, write_private
 
 
 def init_app(app: Flask) -> None:

@@ -1,13 +1,12 @@
 """The custom OAuth client screens: the editor, sharing, deletion, and the admin's defaults.
 
-The list lives on Account settings (``settings_context``); the admin's per-provider default
+The list lives on Account settings (``oauth.clients.overview``); the admin's per-provider default
 clients are a section of the admin settings page (``init_app``). The logic is in
 ``oauth_clients`` (plain functions that take no request).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from flask import (
@@ -29,7 +28,7 @@ from models import OAuthClient, User
 from oauth import certificates as client_certificates
 from oauth import clients as oauth_clients
 from oauth import providers
-from people import audit
+from people import audit, instance_settings
 from web.forms import ClientForm, DefaultClientsForm, DeleteClientForm, EmptyForm
 
 bp = Blueprint("clients", __name__, url_prefix="/settings/clients")
@@ -44,28 +43,6 @@ def editable_or_404(user: User, client_id: int) -> OAuthClient:
 
 
 # --- Views ----------------------------------------------------------------------------------
-
-
-def settings_context(user: User) -> dict[str, Any]:
-    """What the Account settings page shows in its custom clients section."""
-    rows = [
-        {
-            "client": c,
-            "preset": providers.PRESETS.get(c.provider),
-            "grant": providers.GRANT_LABELS.get(c.grant, c.grant),
-            "accounts": oauth_clients.accounts_using(c, user),
-            "editable": oauth_clients.can_edit(user, c),
-            "expiry": oauth_clients.expiry_level(c.secret_expires_on, dt.date.today()),
-        }
-        for c in oauth_clients.visible_clients(user)
-    ]
-    return {
-        "allowed": user.may_use_custom_clients,
-        "is_admin": user.is_admin,
-        "items": rows,
-        "warnings": oauth_clients.secret_expiry_warnings(user),
-        "action": EmptyForm(),
-    }
 
 
 def _user() -> User:
@@ -98,13 +75,11 @@ def edit(client_id: int) -> Response | tuple[str, int]:
 
 def _editor(client: OAuthClient | None) -> Response | tuple[str, int]:
     """Validate → save → flash → redirect; "Load defaults" re-renders without saving."""
-    from web import admin
-
     user = _user()
     kwargs: dict[str, Any] = {
         "owner": user,
         "existing": client,
-        "ropc_allowed": admin.ropc_allowed(),
+        "ropc_allowed": instance_settings.ropc_allowed(current_app.config),
     }
     if request.method == "GET":
         form = ClientForm(data=initial_values(client, request.args.get("provider")), **kwargs)

@@ -6,15 +6,15 @@ from __future__ import annotations
 import plistlib
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from flask import Blueprint, Flask, Response, abort, current_app, render_template, request
+from flask import Blueprint, Response, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 
 from config import mail_host
-from mailproxy import ensure_self_signed, fingerprint_sha256
+from mailboxes.listeners import tls_files
+from mailproxy import fingerprint_sha256
 from mailproxy.settings import parse_hostport
 from models import Account
 
@@ -54,18 +54,6 @@ def servers(config: Any) -> list[Server]:
             _, port = parse_hostport(config[setting])
             found.append(Server(protocol, host, port, security))
     return found
-
-
-def tls_files(app: Flask) -> tuple[str, str, bool]:
-    """Certificate and key of the mail listeners, and whether they are self-signed (generated)."""
-    cert, key = app.config["TLS_CERT"], app.config["TLS_KEY"]
-    if cert and key:
-        return cert, key, False
-    tls_dir = Path(app.instance_path) / "tls"
-    tls_dir.mkdir(mode=0o700, exist_ok=True)
-    cert, key = str(tls_dir / "cert.pem"), str(tls_dir / "key.pem")
-    ensure_self_signed(cert, key, [mail_host(app.config), "localhost", "127.0.0.1"])
-    return cert, key, True
 
 
 def self_signed_fingerprint() -> str | None:

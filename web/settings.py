@@ -6,21 +6,20 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required, login_user
 from werkzeug.wrappers import Response
 
+from oauth import clients as oauth_clients
 from people import audit, users
 from people.passwords import verify_password
 from web import audit_view
-from web.forms import PasswordChangeForm
+from web.forms import EmptyForm, PasswordChangeForm
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
 
 
 def render_settings(password_form: PasswordChangeForm | None = None, status: int = 200):
-    from web import clients
-
     return render_template(
         "settings/index.html",
         password_form=password_form or PasswordChangeForm(),
-        clients=clients.settings_context(current_user),
+        clients={**oauth_clients.overview(current_user), "action": EmptyForm()},
     ), status
 
 
