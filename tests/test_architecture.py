@@ -1,0 +1,175 @@
+"""The import contract: layers as folders, dependencies that point one way, no cycles.
+
+web → mailboxes → oauth | people → models → store → config; ``mailproxy`` imports nothing of the
+app (the app may use it from any layer). Screens in ``web/`` do not import each other. Read from
+the source with ``ast`` (imports inside functions count too), so nothing is imported to check.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Top-level module or folder -> its layer; a module may import its own folder and lower layers.
+LAYERS: dict[str, int] = {
+    "config": 0,
+    "store": 1,
+    "models": 2,
+    "migrations": 3,
+    "people": 3,
+    "oauth": 3,
+    "mailboxes": 4,
+    "web": 5,
+    "app": 6,
+    "serve": 7,
+}
+#: Imports nothing of the app; any layer may import it.
+LIBRARIES = {"mailproxy"}
+#: What the screens of web/ share; a screen imports no other screen.
+WEB_SHARED = {"web.forms", "web.account_forms", "web.security"}
+NOT_PRODUCT = {"tests", "bench", "instance", "docs", "static", "templates"}
+
+
+def product_modules(root: Path = ROOT) -> dict[str, Path]:
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if parts[0] in NOT_PRODUCT or parts[0].startswith("."):
+            continue
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+def import_graph(sources: dict[str, str], typing: bool = True) -> dict[str, set[str]]:
+    """Module -> the app modules it imports (``from pkg import mod`` counts as ``pkg.mod``).
+
+    ``typing=False`` leaves out imports under ``if TYPE_CHECKING:`` (they run never, so they
+    make no cycle; they still count for the layers).
+    """
+
+    def resolve(name: str) -> str | None:
+        while name and name not in sources:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, source in sources.items():
+        edges = graph.setdefault(module, set())
+        package = module if module in {m.rpartition(".")[0] for m in sources} else None
+        tree = ast.parse(source)
+        skip: set[ast.AST] = set()
+        if not typing:
+            for node in ast.walk(tree):
+                if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                    skip.update(ast.walk(node))
+        for node in ast.walk(tree):
+            if node in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = (package or module).split(".")
+                    anchor = anchor[: len(anchor) - node.level + (1 if package else 0)]
+                    base = ".".join([*anchor, base] if base else anchor)
+                targets = [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                found = resolve(target)
+                if found and found != module and not module.startswith(found + "."):
+                    edges.add(found)
+    return graph
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    wrong = []
+    for module, imports in sorted(graph.items()):
+        top = module.split(".")[0]
+        if top not in LAYERS and top not in LIBRARIES:
+            wrong.append(f"{module}: in no layer (put it in a folder, or add it to LAYERS)")
+            continue
+        for target in sorted(imports):
+            other = target.split(".")[0]
+            if other == top:
+                screens = {module, target} - WEB_SHARED
+                if top == "web" and len(screens) == 2 and module not in WEB_SHARED:
+                    wrong.append(f"{module} imports {target}: a screen imports another screen")
+                continue
+            if top in LIBRARIES:
+                wrong.append(f"{module} imports {target}: {top} imports nothing of the app")
+            elif other in LIBRARIES:
+                continue
+            elif other not in LAYERS or LAYERS[other] >= LAYERS[top]:
+                wrong.append(f"{module} imports {target}: {top} may not import {other}")
+    return wrong
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                found.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def product_graph(typing: bool = True) -> dict[str, set[str]]:
+    sources = {name: path.read_text() for name, path in product_modules().items()}
+    return import_graph(sources, typing)
+
+
+def test_every_import_points_down_the_layers() -> None:
+    assert violations(product_graph()) == []
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(product_graph(typing=False)) == []
+
+
+def test_the_contract_catches_a_wrong_way_import_and_a_cycle() -> None:
+    typing_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from store import db\n"
+    sources = {
+        "web": "",
+        "web.accounts": "from web import admin\n",
+        "web.admin": "from web.forms import EmptyForm\n",
+        "web.forms": "",
+        "store": "",
+        "store.db": "def f():\n    from oauth import tokens\n",
+        "oauth": "",
+        "oauth.tokens": "from store import db\nfrom people.users import User\n",
+        "people": "",
+        "people.users": typing_only,
+        "mailproxy": "import config\n",
+        "config": "",
+        "stray": "",
+    }
+    graph = import_graph(sources)
+    assert violations(graph) == [
+        "mailproxy imports config: mailproxy imports nothing of the app",
+        "oauth.tokens imports people.users: oauth may not import people",
+        "store.db imports oauth.tokens: store may not import oauth",
+        "stray: in no layer (put it in a folder, or add it to LAYERS)",
+        "web.accounts imports web.admin: a screen imports another screen",
+    ]
+    assert cycles(graph)
+    assert cycles(import_graph(sources, typing=False)) == [
+        ["oauth.tokens", "store.db", "oauth.tokens"]
+    ]
