@@ -1,1 +1,1 @@
-"""Mailboxes: linking one, verifying it upstream, keeping it fresh, and the mail proxy's backend."""
+"""Mailboxes: linking, verifying upstream, upkeep, the mail listeners and the proxy's backend."""

@@ -1,1 +1,1 @@
-"""People: users, passwords, login throttling and the audit log."""
+"""People: users, passwords, login throttling, the audit log and the instance settings."""

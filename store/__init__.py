@@ -1,1 +1,1 @@
-"""Storage: the database with its encrypted fields, and the vault of keys and instance files."""
+"""Storage: the database with its encrypted fields, and the vault (keys in the instance folder)."""
