@@ -220,6 +220,9 @@ class Account(SecretModel):
     def owned_by(cls, user: User) -> pw.ModelSelect[Account]:
         return cls.select().where(cls.owner == user)
 
+    def has_tokens(self) -> bool:
+        return self.has_secret("refresh_token") or self.has_secret("access_token")
+
 
 class MailPassword(BaseModel):
     """A password a mail client uses for one account (one per device), stored as a hash.

@@ -206,10 +206,7 @@ def start(
 def _placeholder(account: Account) -> bool:
     """Created for an authorization that never finished: pending, no tokens, no passwords."""
     return bool(
-        account.status == "pending"
-        and account.__data__.get("refresh_token") is None
-        and account.__data__.get("access_token") is None
-        and not account.passwords.exists()
+        account.status == "pending" and not account.has_tokens() and not account.passwords.exists()
     )
 
 
@@ -325,11 +322,7 @@ def finish(
     if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
         _discard_if_unlinked(account, actor)
         raise AuthorizationProblem(oauth.explain("no_refresh_token"))
-    relink = (
-        account.__data__.get("refresh_token") is not None
-        or account.__data__.get("access_token") is not None
-    )
-    if relink:
+    if account.has_tokens():
         result = _checked(account, client, token)
         if result.ok:
             _store(account, client, token)

@@ -31,7 +31,6 @@ EDITABLE = (
     "sasl_mechanism",
     "smtp_delivery",
 )
-SERVER_DEFAULTS = {"host": "", "port": None}
 
 
 class ClientError(Exception):

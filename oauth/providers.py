@@ -31,7 +31,6 @@ GRANT_LABELS = MappingProxyType(
         PASSWORD: "Resource Owner Password (legacy)",
     }
 )
-SECURITY_LABELS = MappingProxyType({"tls": "TLS", "starttls": "STARTTLS", "plain": "Plain"})
 MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
 URL_FIELDS = ("authorize_url", "token_url", "device_url")
 DEFAULT_FIELDS = (*URL_FIELDS, "scope")

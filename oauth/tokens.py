@@ -202,7 +202,7 @@ def _margin(account: Account) -> dt.timedelta:
 
 def _fresh(account: Account, now: dt.datetime) -> bool:
     return bool(
-        account.__data__.get("access_token") is not None
+        account.has_secret("access_token")
         and account.token_expires_at is not None
         and account.token_expires_at > now + _margin(account)
     )

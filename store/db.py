@@ -161,6 +161,15 @@ class SecretModel(BaseModel):
     def encrypted_fields(cls) -> list[EncryptedField]:
         return [f for f in cls._meta.sorted_fields if isinstance(f, EncryptedField)]
 
+    def stored(self, name: str) -> Ciphertext | None:
+        """A secret column's value as stored (never decrypted; None when empty or unsaved)."""
+        value = self.__data__.get(name)
+        return value if isinstance(value, Ciphertext) else None
+
+    def has_secret(self, name: str) -> bool:
+        """Whether a secret column holds a value, without decrypting it."""
+        return self.__data__.get(name) is not None
+
     def seal_secrets(self) -> None:
         for f in self.encrypted_fields():
             value = self.__data__.get(f.name)

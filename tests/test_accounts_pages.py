@@ -8,6 +8,7 @@ import re
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from playhouse.shortcuts import model_to_dict
 
 from mailboxes import linking, upkeep, verification
 from models import Account, AuditEvent, MailPassword, OAuthClient, PendingAuthorization, User
@@ -222,7 +223,7 @@ def test_ownership_matrix_every_account_route_is_404(
     auth.logout()
     auth.login("intruder@example.org", USER_PASSWORD)
     mine = make_account(intruder, "mine@example.com", make_client(intruder, name="x"))
-    before = (Account.get_by_id(theirs.id).__data__.copy(), MailPassword.select().count())
+    before = (_row(Account.get_by_id(theirs.id)), MailPassword.select().count())
     events = AuditEvent.select().count()
 
     gets = [
@@ -248,7 +249,7 @@ def test_ownership_matrix_every_account_route_is_404(
         data = {"label": "x", "generate": "y", "client": str(team.id)}
         assert post_form(client, path, data, form_page="/").status_code == 404, path
 
-    assert (Account.get_by_id(theirs.id).__data__, MailPassword.select().count()) == before
+    assert (_row(Account.get_by_id(theirs.id)), MailPassword.select().count()) == before
     assert AuditEvent.select().count() == events
     assert "theirs@example.com" not in client.get("/").get_data(as_text=True)
 
@@ -336,3 +337,9 @@ def test_provider_errors_are_explained(error: str, description: str, expected: s
     text = f"{explanation.title} {explanation.cause} {explanation.fix}"
     assert expected in text
     assert explanation.detail == description
+
+
+def _row(account: Account) -> dict:
+    """Every column as stored (secrets as ciphertext)."""
+    row = model_to_dict(account, recurse=False)
+    return {**row, **{f.name: account.stored(f.name) for f in account.encrypted_fields()}}

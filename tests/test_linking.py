@@ -231,7 +231,7 @@ def test_authorization_code_links_and_verifies(peer_app: Flask, peer: PeerInfo) 
     assert account.status == "active", account.status_detail
     assert account.owner_id == user.id and account.client_id == oauth_client.id
     assert account.refresh_token and account.access_token
-    assert account.__data__["access_token"] != account.access_token.encode()  # stored encrypted
+    assert account.stored("access_token") != account.access_token.encode()  # stored encrypted
     page = client.get(done.headers["Location"]).get_data(as_text=True)
     assert "Set the password your mail clients will use" in page
     assert account.access_token not in page and account.refresh_token not in page

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from playhouse.shortcuts import model_to_dict
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailboxes import linking, mailbackend
@@ -565,7 +566,7 @@ def test_a_session_is_accounted_on_the_accounts_page_and_in_the_audit_log(
     assert login.actor_id == owner.id
     assert AuditEvent.get(AuditEvent.action == "mail.login_failed").detail == "smtp"
     for event in AuditEvent.select():
-        text = " ".join(str(v) for v in event.__data__.values())
+        text = " ".join(str(v) for v in model_to_dict(event, recurse=False).values())
         assert PASSWORD not in text and WRONG not in text
     audit_page = web.get("/admin/audit").get_data(as_text=True)
     assert "mail.login" in audit_page and PASSWORD not in audit_page

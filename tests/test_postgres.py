@@ -42,7 +42,7 @@ def test_moved_ciphertext_fails_on_postgres(pg_app):
         a = stored_client(owner, "a", "value-a")
         b = stored_client(owner, "b", "value-b")
         b.save()
-        blob = bytes(OAuthClient.get_by_id(a.id).__data__["client_secret"])
+        blob = bytes(OAuthClient.get_by_id(a.id).stored("client_secret") or b"")
         OAuthClient.update(client_secret=Ciphertext(blob)).where(OAuthClient.id == b.id).execute()
         with pytest.raises(VaultError):
             _ = OAuthClient.get_by_id(b.id).client_secret

@@ -122,7 +122,7 @@ def test_rotate_key_keeps_every_secret_readable(app, owner, instance):
         for i, pk in enumerate(ids):
             client = OAuthClient.get_by_id(pk)
             assert client.client_secret == f"secret-{i}-value"
-            assert Keyring.key_id_of(client.__data__["client_secret"]) == ring.current
+            assert Keyring.key_id_of(client.stored("client_secret") or b"") == ring.current
     db_path = instance / "auth-email.db"
     conn = sqlite3.connect(db_path)
     assert conn.execute("select count(*) from o_auth_client").fetchone()[0] == 3
