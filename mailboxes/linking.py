@@ -322,7 +322,8 @@ def finish(
     if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
         _discard_if_unlinked(account, actor)
         raise AuthorizationProblem(oauth.explain("no_refresh_token"))
-    if account.has_tokens():
+    relink = account.has_tokens()
+    if relink:
         result = _checked(account, client, token)
         if result.ok:
             _store(account, client, token)

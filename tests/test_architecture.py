@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
 }
 #: Imports nothing of the app; any layer may import it.
 LIBRARIES = {"mailproxy"}
-NOT_PRODUCT = {"tests", "bench", "instance", "docs", "static", "templates"}
+NOT_PRODUCT = {"deploy", "tests", "bench", "instance", "docs", "static", "templates"}
 
 
 def product_modules(root: Path = ROOT) -> dict[str, Path]:

@@ -16,7 +16,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from mailboxes import refusals as mailrefusals
-from models import Account, AuditEvent, OAuthClient, User
+from models import Account, AuditEvent, MailPassword, OAuthClient, User
 from people import throttle, users
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
 from tests.test_mail_through_app import (
@@ -112,14 +112,17 @@ def test_a_fresh_token_the_mail_server_refuses_is_recorded_for_that_protocol(
     account = link_with_client_credentials(owner, peers, "perm")
     elsewhere = f"moved-{secrets.token_hex(4)}@example.test"
     Account.update(address=elsewhere).where(Account.id == account.id).execute()
+    # its password's lookup digest names the old address: found the way older passwords are
+    MailPassword.update(lookup=None).where(MailPassword.account == account.id).execute()
     rejected = {"protocol": "imap", "reason": "token_rejected"}
     before = metric(web, "mailproxy_upstream_errors_total", **rejected)
 
     said = mail.refusal("imap", elsewhere, PASSWORD)
 
     stored = Account.get_by_id(account.id)
-    refusal = mailrefusals.states(stored)["imap"]
-    assert refusal.title in said, said
+    refusal = mailrefusals.states(stored).get("imap")
+    assert refusal is not None, (said, stored.protocol_state)
+    assert refusal.title in said or refusal.cause in said, said
     assert stored.status == "active"
     assert metric(web, "mailproxy_upstream_errors_total", **rejected) == before + 1
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import wraps
-from typing import Any
 
 from flask import (
     Blueprint,
@@ -16,7 +14,7 @@ from flask import (
     request,
     url_for,
 )
-from flask_login import current_user, login_required
+from flask_login import current_user
 from werkzeug.wrappers import Response
 
 from models import User, utcnow
@@ -24,21 +22,9 @@ from people import audit, invites, users
 from people import instance_settings as stored_settings
 from web import audit_view
 from web.forms import EmptyForm, InstanceSettingsForm, NewUserForm, ResetPasswordForm
+from web.security import admin_required
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
-
-
-def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Signed in and admin; anyone else gets a 404, which confirms nothing."""
-
-    @wraps(view)
-    @login_required
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if not current_user.is_admin:
-            abort(404)
-        return view(*args, **kwargs)
-
-    return wrapped
 
 
 def _user_or_404(user_id: int) -> User:

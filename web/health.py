@@ -18,7 +18,7 @@ from mailboxes import account_health
 from models import Account, AuditEvent, OAuthClient, User, utcnow
 from oauth import clients as oauth_clients
 from oauth import providers
-from web.admin import admin_required
+from web.security import admin_required
 
 bp = Blueprint("health", __name__, url_prefix="/admin")
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, render_template, request
+from flask import Flask, Response, abort, render_template, request
+from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.routing import BaseConverter, ValidationError
 
@@ -94,3 +98,16 @@ def safe_next(target: str | None) -> str | None:
     if "\\" in target:
         return None
     return target
+
+
+def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Signed in and admin; anyone else gets a 404, which confirms nothing."""
+
+    @wraps(view)
+    @login_required
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not current_user.is_admin:
+            abort(404)
+        return view(*args, **kwargs)
+
+    return wrapped
