@@ -162,9 +162,9 @@ def test_schema_of_the_previous_version_gains_the_certificate_columns(instance):
     use_database(open_database(f"sqlite:///{path}"))
     with database.connection_context():
         assert migrations.migrate(target=3) == [1, 2, 3]
-    # Version 3's table had none of the new columns.
+    # Version 3's table had none of the new columns (nor the later delivery mode).
     connection = sqlite3.connect(path)
-    for column in ("credential", "private_key", "certificate"):
+    for column in ("credential", "private_key", "certificate", "smtp_delivery"):
         connection.execute(f"ALTER TABLE o_auth_client DROP COLUMN {column}")
     connection.execute(
         "INSERT INTO user (email, password_hash, is_admin, is_enabled, can_custom_clients, "

@@ -99,7 +99,7 @@ def _first_run(app: Flask, base: str, peers: Any, browser: Any) -> None:
         ("pop3", peers.pop3s_port, "tls"),
         ("smtp", peers.submission_port, "starttls"),
     ):
-        fill(browser, f"{proto}_host", "127.0.0.1")
+        fill(browser, f"{proto}_host", peers.mail_host)
         fill(browser, f"{proto}_port", port)
         choose(browser, f"{proto}_security", security)
     browser.find_element(By.NAME, "submit").click()

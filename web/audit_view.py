@@ -45,6 +45,7 @@ WORDING: dict[str, tuple[str, str]] = {
     "account.verify_failed": ("mailboxes", "linked a mailbox, but its sign-in check failed"),
     "account.tested": ("mailboxes", "tested a mailbox's sign-in"),
     "account.unlinked": ("mailboxes", "unlinked a mailbox"),
+    "account.smtp_delivery": ("mailboxes", "chose how a mailbox sends mail"),
     "account.link_refused_taken": (
         "mailboxes",
         "could not link a mailbox another user has already linked",
@@ -52,6 +53,11 @@ WORDING: dict[str, tuple[str, str]] = {
     "account.password_added": ("mailboxes", "added a mail-client password"),
     "account.password_revoked": ("mailboxes", "revoked a mail-client password"),
     "mail.login": ("mail", "a mail program signed in"),
+    "mail.smtp_auth_refused": (
+        "mail",
+        "the mail server refused SMTP AUTH by policy (sending may switch to Microsoft Graph)",
+    ),
+    "mail.sent_via_graph": ("mail", "a mail program sent a message through Microsoft Graph"),
     "mail.login_failed": ("mail", "a mail program failed to sign in"),
     "mail.login_needs_reauth": (
         "mail",
