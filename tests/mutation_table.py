@@ -80,7 +80,7 @@ CHANGES = [
     Change(
         "imap-upstream-starttls",
         "mailproxy/imap.py",
-        'if grant.upstream.security == "starttls":',
+        'if ep.security == "starttls":',
         "if False:",
         ("tests/test_mail_backend_guards.py::test_the_upstream_starttls_comes_before_the_token",),
     ),
@@ -97,8 +97,8 @@ CHANGES = [
     Change(
         "renewal-margin",
         "oauth/tokens.py",
-        "> now + dt.timedelta(seconds=settings().margin)",
-        "> now",
+        "and account.token_expires_at > now + _margin(account)",
+        "and account.token_expires_at > now",
         (
             "tests/test_token_guards.py::"
             "test_a_token_about_to_expire_is_renewed_before_it_is_handed_out[sqlite]",
