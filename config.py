@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from mailproxy.common import is_loopback
+
 ENV_PREFIX = "AUTH_EMAIL_"
 
 DEFAULTS: dict[str, Any] = {
@@ -154,26 +156,8 @@ def mail_host(config: Mapping[str, Any]) -> str:
     return config.get("MAIL_HOST") or urlsplit(config["PUBLIC_URL"]).hostname or "localhost"
 
 
-def is_loopback_host(host: str | None) -> bool:
-    """Whether ``host`` is loopback: an IP literal in 127.0.0.0/8 or ::1, or exactly ``localhost``.
-
-    The one definition the app uses wherever loopback earns an exception (plain http and plain mail
-    connections, /metrics). A name is never trusted for what it looks like ("127.evil.example").
-    """
-    if not host:
-        return False
-    host = host.strip().lower()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_loopback
+# The one loopback check (issue 12): the mail proxy's, which the app uses everywhere too.
+is_loopback_host = is_loopback
 
 
 def _plain_host(host: str) -> str:

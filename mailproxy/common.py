@@ -102,13 +102,25 @@ class LineReader:
         return data
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is loopback: an IP literal in 127.0.0.0/8 or ::1 (IPv4-mapped too), or
+    exactly ``localhost``. The one definition, the app's included (``config.is_loopback_host``):
+    it decides where plain http and plain mail are allowed, so a name is never trusted for what
+    it looks like ("127.evil.example", "x.localhost")."""
+    if not host:
+        return False
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def one_line(text: str) -> str:

@@ -349,3 +349,11 @@ def test_an_admin_password_reset_ends_the_users_sessions(app: Flask, auth: AuthA
     assert answer.status_code == 302
     assert _replay(app, captured) == 302
     assert _replay(app, {"remember_token": captured["remember_token"]}) == 302
+
+
+def test_the_mail_proxy_and_the_app_share_one_loopback_check() -> None:
+    """The proxy's plain-login and upstream checks and the app's are the same function."""
+    from mailproxy import common
+
+    assert config.is_loopback_host is common.is_loopback
+    assert not common.is_loopback("evil.localhost")
