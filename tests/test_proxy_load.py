@@ -189,8 +189,9 @@ def test_chained_literals_before_login_leave_memory_where_it_was(served: Served)
         f"reason, {answers.count('reset')} reset while sending, {answers.count('open')} "
         f"still open after 10 s"
     )
-    assert set(answers) <= {"bye", "reset"}, answers  # each one ended by the proxy, in time
-    assert answers.count("bye") > 0  # the rest were reset while still sending (load-dependent)
+    # Each one ended by the proxy, in time. Whether the BYE reached a client that was still
+    # sending depends on the machine's load; test_proxy_limits proves the reason is sent.
+    assert set(answers) <= {"bye", "reset"}, answers
     assert after - before < 20 * MiB
     assert served.imap_login()  # the service is still there for real clients
     assert "Traceback" not in log_report(served)
