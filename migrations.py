@@ -99,6 +99,18 @@ def _v7_graph_delivery() -> None:
     )
 
 
+def _v8_per_user_pending_links() -> None:
+    """An address unique per user while its link is pending, and instance-wide only once linked,
+    so that each user's attempt at an address gets its own placeholder whoever has linked it.
+
+    Only indexes change (no row is touched): the old instance-wide unique index on the address
+    goes, the (owner, address) and the partial linked-address ones come. The rows of a v7
+    database satisfy both, as their addresses were unique in the whole instance.
+    """
+    database.execute_sql('DROP INDEX IF EXISTS "account_address"')
+    m.Account._schema.create_indexes(safe=True)
+
+
 MIGRATIONS: list[Callable[[], None]] = [
     _v1_foundation,
     _v2_oauth_clients,
@@ -107,6 +119,7 @@ MIGRATIONS: list[Callable[[], None]] = [
     _v5_renewal_state,
     _v6_client_certificates,
     _v7_graph_delivery,
+    _v8_per_user_pending_links,
 ]
 LATEST = len(MIGRATIONS)
 MIGRATION_LOCK = 0x417574684D61696C  # any constant shared by every instance ("AuthMail")

@@ -171,13 +171,19 @@ class OAuthClient(SecretModel):
 
 
 ACCOUNT_STATUSES = ("pending", "active", "needs_reauth", "error", "disabled")
+LINKED_ADDRESS_INDEX = "account_linked_address"
 
 
 class Account(SecretModel):
-    """A linked mailbox: its tokens (encrypted) and the state of its authorization."""
+    """A linked mailbox: its tokens (encrypted) and the state of its authorization.
+
+    An address is unique per user, and unique in the instance only once linked (any status but
+    ``pending``): each user who starts linking an address gets their own pending placeholder,
+    whoever else has it, so that trying an address tells nothing about other users' mailboxes.
+    """
 
     owner = pw.ForeignKeyField(User, on_delete="CASCADE", backref="accounts")
-    address = pw.CharField(unique=True, max_length=254)
+    address = pw.CharField(max_length=254)
     provider = pw.CharField(max_length=32)
     client = pw.ForeignKeyField(OAuthClient, null=True, on_delete="SET NULL", backref="accounts")
     status = pw.CharField(max_length=16, default="pending")
@@ -216,12 +222,33 @@ class Account(SecretModel):
     smtp_auth_refused_at = pw.DateTimeField(null=True)
     smtp_auth_refused_detail = pw.TextField(default="")
 
+    class Meta:
+        indexes = ((("owner", "address"), True),)
+
     @classmethod
     def owned_by(cls, user: User) -> pw.ModelSelect[Account]:
         return cls.select().where(cls.owner == user)
 
+    @classmethod
+    def linked(cls) -> pw.ModelSelect[Account]:
+        """Accounts past their placeholder stage: at most one per address in the instance."""
+        return cls.select().where(cls.status != "pending")
+
+    @classmethod
+    def linked_at(cls, address: str) -> Account | None:
+        """The account that holds ``address`` in this instance, if any (never a placeholder)."""
+        return cls.linked().where(cls.address == address).first()
+
     def has_tokens(self) -> bool:
         return self.has_secret("refresh_token") or self.has_secret("access_token")
+
+
+# The instance-wide uniqueness of linked addresses (a partial index: placeholders are left out).
+Account.add_index(
+    Account.index(
+        Account.address, unique=True, where=(Account.status != "pending"), name=LINKED_ADDRESS_INDEX
+    )
+)
 
 
 class MailPassword(BaseModel):

@@ -332,12 +332,12 @@ def apply(user: User, text: str) -> Result:
             client, created = _client(user, client_plan)
             (result.clients_created if created else result.clients_reused).append(client.name)
             for address in client_plan.addresses:
-                existing = Account.get_or_none(Account.address == address)
-                if existing is not None:
-                    if existing.owner_id != user.id:
-                        problems.append(f"[{address}]: already linked by another user")
-                    else:
-                        result.accounts_kept.append(address)
+                own = Account.get_or_none((Account.owner == user) & (Account.address == address))
+                if own is not None:
+                    result.accounts_kept.append(address)
+                    continue
+                if Account.linked_at(address) is not None:
+                    problems.append(f"[{address}]: already linked by another user")
                     continue
                 Account.create(
                     owner=user,

@@ -54,15 +54,14 @@ def owned_account(user: User, account_id: int) -> Account | None:
 
 
 def device_account(user: User, account_id: int, state: str) -> Account | None:
-    """The account of the user's own Device Code flow ``state`` (it may be an address someone
-    else has linked: that is told only when the flow finishes)."""
+    """The account (the user's own, a placeholder at first) of their Device Code flow ``state``."""
     pending = PendingAuthorization.get_or_none(
         (PendingAuthorization.state == state)
         & (PendingAuthorization.owner == user)
         & (PendingAuthorization.account == account_id)
         & PendingAuthorization.device_code.is_null(False)
     )
-    return None if pending is None else Account.get_by_id(account_id)
+    return None if pending is None else owned_account(user, account_id)
 
 
 def normalize_address(address: str) -> str:
@@ -127,26 +126,25 @@ class Started:
 
 TAKEN = oauth.Explanation(
     "This mailbox is already linked",
-    "The provider let you in, but another user of this server has linked this mailbox.",
-    "They (or an administrator) must unlink it before you can link it.",
+    "The provider let you in, but this mailbox is already linked in this instance of Auth-Email, "
+    "and a mailbox can be linked only once.",
+    "Ask your administrator: the mailbox must be unlinked where it is linked before you can "
+    "link it. Nothing was saved.",
     code="already_linked",
 )
 
 
 def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
-    """The account for ``address``: the user's own, created pending if new.
+    """The user's own account for ``address``: the linked one, or a pending placeholder.
 
-    An address another user has linked is returned too, and the flow goes on as for any other:
-    whether it is taken is told only once the provider has granted access to it (``finish``),
-    so that no user learns which addresses are linked by simply trying them.
+    The placeholder is made whether or not another user has linked the address (an address is
+    unique per user while pending, in the instance only once linked), so the flow looks the same
+    for any address; whether it is taken is told only once the provider has granted access to
+    it (``finish``), and then nothing of the other user's account is touched or shown.
     """
     address = normalize_address(address)
-    existing = Account.get_or_none(Account.address == address)
-    if existing is not None and existing.owner_id != user.id and _abandoned(existing):
-        # Someone started linking this address and left at the provider's page: free it.
-        with database.atomic():
-            existing.delete_instance(recursive=True)
-        existing = None
+    mine = (Account.owner == user) & (Account.address == address)
+    existing = Account.get_or_none(mine)
     if existing is not None:
         return existing
     try:
@@ -155,7 +153,7 @@ def prepare_account(user: User, address: str, client: OAuthClient) -> Account:
                 owner=user, address=address, provider=client.provider, client=client
             )
     except pw.IntegrityError:
-        found = Account.get_or_none(Account.address == address)
+        found = Account.get_or_none(mine)  # made by the user's other tab meanwhile
         if found is None:
             raise LinkError("Try again: the address changed while it was being linked.") from None
         return found
@@ -316,9 +314,10 @@ def finish(
     """
     account = Account.get_by_id(account.id)
     if account.owner_id != actor.id:
+        raise AuthorizationProblem(oauth.NO_PENDING)  # never: flows only run on own accounts
+    if _taken_elsewhere(account):
         # Only now, with a grant from the provider in hand, is the address told to be taken.
-        audit.record("account.link_refused_taken", actor=actor, ip=ip, target=account.address)
-        raise AuthorizationProblem(TAKEN, 409)
+        _refuse_taken(account, actor, ip)
     if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
         _discard_if_unlinked(account, actor)
         raise AuthorizationProblem(oauth.explain("no_refresh_token"))
@@ -337,9 +336,15 @@ def finish(
     else:
         _store(account, client, token)
         result = _checked(Account.get_by_id(account.id), client, token)
-        tokens.set_status(
-            account.id, "active" if result.ok else "error", "" if result.ok else result.message
-        )
+        try:
+            with database.atomic():  # leaves "pending": the address is now held instance-wide
+                tokens.set_status(
+                    account.id,
+                    "active" if result.ok else "error",
+                    "" if result.ok else result.message,
+                )
+        except pw.IntegrityError:  # another user's link of the address finished first
+            _refuse_taken(account, actor, ip)
     if result.ok or not relink:  # the checked tokens are the stored ones
         app_only = client.grant == providers.CLIENT_CREDENTIALS
         record_protocols(Account.get_by_id(account.id), result, app_only)
@@ -348,6 +353,25 @@ def finish(
         actor=actor, ip=ip, target=account.address, detail=client.name,
     )  # fmt: skip
     return result
+
+
+def _taken_elsewhere(account: Account) -> bool:
+    """Whether another account holds the address (linked; placeholders hold nothing)."""
+    holder = Account.linked_at(account.address)
+    return holder is not None and holder.id != account.id
+
+
+def _refuse_taken(account: Account, actor: User, ip: str) -> None:
+    """Refuse a link of an address someone else holds; the attempt's placeholder (and the new
+    grant's tokens stored on it) goes, and nothing of the holder's account is read or changed.
+    The audit log keeps the attempt (no owner named: the actor reads their own trail too)."""
+    attempt = Account.get_or_none(
+        (Account.id == account.id) & (Account.owner == actor) & (Account.status == "pending")
+    )
+    if attempt is not None:
+        attempt.delete_instance(recursive=True)
+    audit.record("account.link_refused_taken", actor=actor, ip=ip, target=account.address)
+    raise AuthorizationProblem(TAKEN, 409)
 
 
 def _checked(account: Account, client: OAuthClient, token: Mapping[str, Any]) -> Verification:

@@ -211,7 +211,9 @@ class AppBackend:
         """
         tag = lookup_tag(InstanceSecret.value_of(MAIL_LOOKUP_SECRET), address, password)
         account = _with_owner_and_client(
-            Account.select(Account, User, OAuthClient).where(Account.address == address)
+            Account.select(Account, User, OAuthClient).where(
+                (Account.address == address) & (Account.status != "pending")
+            )  # the one linked account (placeholders of other users' attempts hold none)
         )
         rows = (
             list(

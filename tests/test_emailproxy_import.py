@@ -205,7 +205,7 @@ def test_bad_file_gives_a_clear_error_and_imports_nothing(
 def test_an_address_of_another_user_rolls_everything_back(app, runner, owner, auth, tmp_path):
     other = auth.create_user("other@example.org")
     with app.app_context(), database.connection_context():
-        Account.create(owner=other, address="carol@gmail.com", provider="google")
+        Account.create(owner=other, address="carol@gmail.com", provider="google", status="active")
     result = run_import(runner, tmp_path, CONFIG)
     assert result.exit_code != 0
     assert "[carol@gmail.com]: already linked by another user" in result.output

@@ -246,8 +246,6 @@ def device(account_id: int, state: str) -> View:
     if pending is None:
         abort(404)
     if pending.consumed_at is not None:
-        if account.owner_id != _user().id:
-            return redirect(url_for("accounts.index"))
         return redirect(url_for("accounts.detail", account_id=account.id))
     if pending.expires_at < utcnow():
         return _problem(oauth.AuthorizationProblem(oauth.EXPIRED), account.address)
