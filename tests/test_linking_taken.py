@@ -298,6 +298,11 @@ def test_client_credentials_for_a_taken_address_looks_free_until_the_grant(
     assert Account.get(Account.address == free.address).status == "active"
     refused_without_a_trace(taken, holder, final)
     holder_still_signs_in(site, holder)
+    admin = site.test_client()
+    AuthActions(site, admin).login()
+    log = admin.get("/admin/audit").get_data(as_text=True).replace("<wbr>", "")
+    assert "could not link a mailbox another user has already linked" in log
+    assert taken.user.email in log and holder.account.address in log
 
 
 def test_when_two_users_race_for_a_free_address_the_first_grant_wins(
