@@ -14,8 +14,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mailproxy.common import is_loopback
+from mailproxy.settings import DEFAULT_LISTENERS, LISTENER_NAMES, ProxySettings, parse_hostport
 
 ENV_PREFIX = "AUTH_EMAIL_"
+
+#: The mail proxy's listeners (mailproxy's table): the setting that holds each one's host:port.
+LISTEN_SETTINGS = {name: f"{name.upper()}_LISTEN" for name in LISTENER_NAMES}
+_PROXY = ProxySettings()
 
 DEFAULTS: dict[str, Any] = {
     # The address people reach the web UI at; OAuth redirect URIs are built from it.
@@ -33,16 +38,11 @@ DEFAULTS: dict[str, Any] = {
     # few KiB; a larger request is refused with 413 before it is read).
     "MAX_REQUEST_BYTES": 1048576,
     "MAX_FORM_FIELD_BYTES": 65536,
-    # Mail proxy listeners, host:port each; empty disables one.
-    "IMAP_LISTEN": "127.0.0.1:1143",
-    "IMAPS_LISTEN": "127.0.0.1:1993",
-    "POP3_LISTEN": "127.0.0.1:1110",
-    "POP3S_LISTEN": "127.0.0.1:1995",
-    "SUBMISSION_LISTEN": "127.0.0.1:1587",
-    "SMTPS_LISTEN": "127.0.0.1:1465",
+    # Mail proxy listeners (IMAP_LISTEN ... SMTPS_LISTEN), host:port each; empty disables one.
+    **{LISTEN_SETTINGS[name]: address for name, address in DEFAULT_LISTENERS.items()},
     # Mail proxy limits: connections in all and per client IP, idle seconds before and after login.
-    "MAIL_MAX_CONNECTIONS": 4096,
-    "MAIL_MAX_CONNECTIONS_PER_IP": 256,
+    "MAIL_MAX_CONNECTIONS": _PROXY.max_connections,
+    "MAIL_MAX_CONNECTIONS_PER_IP": _PROXY.max_connections_per_ip,
     "MAIL_IDLE_TIMEOUT_PRELOGIN": 60,
     "MAIL_IDLE_TIMEOUT": 1800,
     # Before login: seconds for the TLS handshake, seconds and commands until login.
@@ -219,3 +219,12 @@ class HostPolicy:
             f"{host} is not among the hosts this server allows for clients "
             "(ask your administrator)."
         )
+
+
+def listeners(config: Mapping[str, Any]) -> dict[str, str]:
+    """Listener name -> host:port of every mail listener the configuration enables."""
+    return {name: config[key] for name, key in LISTEN_SETTINGS.items() if config.get(key)}
+
+
+def listener_port(config: Mapping[str, Any], name: str) -> int:
+    return parse_hostport(config[LISTEN_SETTINGS[name]])[1]

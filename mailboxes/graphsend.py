@@ -33,7 +33,7 @@ import requests
 
 from mailproxy.backend import DeliveryRefused
 from models import Account, OAuthClient, utcnow
-from oauth import grants
+from oauth import grants, providers
 from store.db import Ciphertext, vault
 
 log = logging.getLogger("auth_email.graph")
@@ -125,12 +125,12 @@ def _request_token(account: Account) -> dict[str, Any]:
     if client is None:
         raise GraphTokenError(DeliveryRefused(554, "5.7.0", "This mailbox has no OAuth client."))
     try:
-        if client.grant == grants.CLIENT_CREDENTIALS:
+        if client.grant == providers.CLIENT_CREDENTIALS:
             session = grants.session_for(client)
             token = grants.call_endpoint(
                 lambda: session.fetch_token(
                     client.token_url,
-                    grant_type=grants.CLIENT_CREDENTIALS,
+                    grant_type=providers.CLIENT_CREDENTIALS,
                     scope=GRAPH_APP_SCOPE,
                     timeout=grants.settings().timeout,
                 )
@@ -173,7 +173,7 @@ def _token_refusal(client: OAuthClient, exc: grants.GrantError) -> DeliveryRefus
 
 def permission_help(client: OAuthClient) -> str:
     """Which permission to add so that Graph may send (delegated or application)."""
-    if client.grant == grants.CLIENT_CREDENTIALS:
+    if client.grant == providers.CLIENT_CREDENTIALS:
         return (
             "Sending through Microsoft Graph needs the application permission Mail.Send "
             "(Microsoft Graph) with admin consent in the app registration"
@@ -327,7 +327,9 @@ def _refusal(
     account: Account, sender: str, status: int, code: str, said: str, response: requests.Response
 ) -> DeliveryRefused:
     client = account.client
-    principal = client.client_id if client and client.grant == grants.CLIENT_CREDENTIALS else None
+    principal = (
+        client.client_id if client and client.grant == providers.CLIENT_CREDENTIALS else None
+    )
     if code == "ErrorSendAsDenied":
         trustee = f"the app {principal}" if principal else account.address
         return DeliveryRefused(

@@ -23,7 +23,7 @@ from typing import Any
 import peewee as pw
 from flask import Flask
 
-from config import HostPolicy
+from config import LISTEN_SETTINGS, HostPolicy, listener_port, mail_host
 from mailboxes import graphsend, smtpdelivery
 from mailboxes import refusals as mailrefusals
 from mailproxy import (
@@ -34,7 +34,6 @@ from mailproxy import (
     ProxySettings,
     proxyproto,
 )
-from mailproxy.settings import LISTENER_NAMES, parse_hostport
 from models import (
     MAIL_LOOKUP_SECRET,
     Account,
@@ -454,13 +453,12 @@ class AppBackend:
 
 def proxy_settings(app: Flask) -> ProxySettings:
     """The proxy's settings from the app's configuration layers."""
-    from config import mail_host
     from mailboxes.listeners import tls_files
 
     cfg = app.config
     cert, key, generated = tls_files(app)
     return ProxySettings(
-        listeners={name: cfg[f"{name.upper()}_LISTEN"] for name in LISTENER_NAMES},
+        listeners={name: cfg[key] for name, key in LISTEN_SETTINGS.items()},
         tls_cert=cert,
         tls_key=key,
         tls_key_group_readable=not generated,  # e.g. certbot's key shared with our group
@@ -506,8 +504,8 @@ class MailProxyService:
         for name, (host, port) in self.controller.listening.items():
             # A listener on port 0 got a free port: /healthz and the mail-client setup pages
             # read the listener settings, so they must name the port actually bound.
-            key = f"{name.upper()}_LISTEN"
-            if parse_hostport(self.app.config[key])[1] == 0:
+            key = LISTEN_SETTINGS[name]
+            if listener_port(self.app.config, name) == 0:
                 self.app.config[key] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def stop(self) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 from config import is_loopback_host
 from mailboxes import refusals as mailrefusals
-from mailproxy.backend import Endpoint
+from mailproxy.backend import Endpoint, Grant, Mechanism
+from mailproxy.common import sasl_initial_response
 from models import Account, OAuthClient, User
 from oauth import grants, providers, tokens
 from people import audit
@@ -124,11 +125,12 @@ class VerificationFailed(Exception):
     """The upstream login or the follow-up command failed (message for a person)."""
 
 
-def sasl_payload(mechanism: str, address: str, access_token: str) -> bytes:
-    """The initial SASL response: the mailbox address goes into ``user=`` / ``a=``."""
-    if mechanism.upper() == "OAUTHBEARER":
-        return f"n,a={address},\x01auth=Bearer {access_token}\x01\x01".encode()
-    return f"user={address}\x01auth=Bearer {access_token}\x01\x01".encode()
+def sasl_payload(endpoint: Endpoint, mechanism: str, address: str, access_token: str) -> bytes:
+    """The initial SASL response (raw; imaplib encodes it), from the mail proxy's one builder:
+    the mailbox address goes into ``user=`` / ``a=``."""
+    kind: Mechanism = "OAUTHBEARER" if mechanism.upper() == "OAUTHBEARER" else "XOAUTH2"
+    grant = Grant(account_id=0, address=address, upstream=endpoint, mechanism=kind)
+    return base64.b64decode(sasl_initial_response(grant, access_token))
 
 
 def check_imap(
@@ -151,7 +153,7 @@ def check_imap(
         nonlocal calls
         calls += 1
         # After a failure the server sends an error challenge; an empty answer ends it.
-        return sasl_payload(mechanism, address, access_token) if calls == 1 else b""
+        return sasl_payload(endpoint, mechanism, address, access_token) if calls == 1 else b""
 
     where = f"{endpoint.host}:{endpoint.port}"
     try:
@@ -219,7 +221,7 @@ def check_pop3(
                 conn.stls(context=context)
     except (OSError, poplib.error_proto, ssl.SSLError) as exc:
         raise _connect_error(where, exc) from None
-    payload = base64.b64encode(sasl_payload(mechanism, address, access_token)).decode()
+    payload = base64.b64encode(sasl_payload(endpoint, mechanism, address, access_token)).decode()
     try:
         try:
             raw: Any = conn  # poplib has no AUTH: its command primitives are private
@@ -266,7 +268,7 @@ def check_smtp(
         conn.ehlo()
     except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
         raise _connect_error(where, exc) from None
-    payload = sasl_payload(mechanism, address, access_token).decode()
+    payload = sasl_payload(endpoint, mechanism, address, access_token).decode()
     try:
         try:
             conn.auth(

@@ -28,7 +28,6 @@ from oauth import providers
 
 log = logging.getLogger("auth_email.grants")
 
-CLIENT_CREDENTIALS = "client_credentials"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 
@@ -359,7 +358,7 @@ def exchange_code(
 
 def client_credentials(client: OAuthClient) -> dict[str, Any]:
     """Client Credentials grant (no user): the scope is the client's, e.g. ``.../.default``."""
-    return _fetch(client, grant_type=CLIENT_CREDENTIALS, scope=client.scope)
+    return _fetch(client, grant_type=providers.CLIENT_CREDENTIALS, scope=client.scope)
 
 
 def refresh_grant(client: OAuthClient, refresh_token: str, scope: str = "") -> dict[str, Any]:

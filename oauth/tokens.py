@@ -37,7 +37,6 @@ from models import Account, OAuthClient, utcnow
 from oauth import authorize as oauth
 from oauth import grants
 from oauth.grants import (
-    CLIENT_CREDENTIALS,
     AccountUnusable,
     ClientRefused,
     GrantError,
@@ -48,6 +47,7 @@ from oauth.grants import (
     refresh_grant,
     settings,
 )
+from oauth.providers import CLIENT_CREDENTIALS
 from store.db import Ciphertext, database, vault
 
 __all__ = [

@@ -308,9 +308,13 @@ def test_plain_imap_is_refused_off_loopback() -> None:
 
 
 def test_xoauth2_user_is_the_mailbox_address() -> None:
-    payload = verification.sasl_payload("XOAUTH2", "shared@example.com", "tok")
+    from mailproxy.backend import Endpoint
+
+    imap = Endpoint("imap.example.com", 993, "tls")
+    payload = verification.sasl_payload(imap, "XOAUTH2", "shared@example.com", "tok")
     assert payload == b"user=shared@example.com\x01auth=Bearer tok\x01\x01"
-    assert verification.sasl_payload("OAUTHBEARER", "s@e.c", "t").startswith(b"n,a=s@e.c,\x01")
+    bearer = verification.sasl_payload(imap, "OAUTHBEARER", "s@e.c", "t")
+    assert bearer == b"n,a=s@e.c,\x01host=imap.example.com\x01port=993\x01auth=Bearer t\x01\x01"
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from markupsafe import Markup
 from werkzeug.wrappers import Response
 
 from models import OAuthClient, User
+from oauth import authorize as oauth
 from oauth import certificates as client_certificates
 from oauth import clients as oauth_clients
 from oauth import providers
@@ -171,7 +172,7 @@ def _render_editor(form: ClientForm, client: OAuthClient | None, status: int) ->
         preset=providers.PRESETS.get(form.provider.data or ""),
         grant=form.grant.data,
         grant_labels=providers.GRANT_LABELS,
-        redirect_uri=current_app.config["PUBLIC_URL"] + "/authorize",
+        redirect_uri=oauth.redirect_uri(current_app.config["PUBLIC_URL"]),
         accounts=oauth_clients.accounts_using(client, _user()) if client else [],
         certificate=client_certificates.summary(client) if client else None,
         certificate_form=EmptyForm(),

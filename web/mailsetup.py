@@ -12,7 +12,7 @@ from xml.sax.saxutils import escape, quoteattr
 from flask import Blueprint, Response, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 
-from config import mail_host
+from config import listeners, mail_host
 from mailboxes.listeners import tls_files
 from mailproxy import fingerprint_sha256
 from mailproxy.settings import parse_hostport
@@ -34,26 +34,27 @@ class Server:
         return "SSL" if self.security == "SSL/TLS" else "STARTTLS"
 
 
-# listener setting -> (protocol, security); implicit TLS first, as clients should prefer it
-LISTENERS = (
-    ("IMAPS_LISTEN", "imap", "SSL/TLS"),
-    ("IMAP_LISTEN", "imap", "STARTTLS"),
-    ("POP3S_LISTEN", "pop3", "SSL/TLS"),
-    ("POP3_LISTEN", "pop3", "STARTTLS"),
-    ("SMTPS_LISTEN", "smtp", "SSL/TLS"),
-    ("SUBMISSION_LISTEN", "smtp", "STARTTLS"),
-)
+# listener -> (protocol, security) as mail clients name them; implicit TLS first, as they
+# should prefer it
+LABELS = {
+    "imaps": ("imap", "SSL/TLS"),
+    "imap": ("imap", "STARTTLS"),
+    "pop3s": ("pop3", "SSL/TLS"),
+    "pop3": ("pop3", "STARTTLS"),
+    "smtps": ("smtp", "SSL/TLS"),
+    "submission": ("smtp", "STARTTLS"),
+}
 
 
 def servers(config: Any) -> list[Server]:
     """The proxy's enabled listeners as mail clients should see them."""
     host = mail_host(config)
-    found = []
-    for setting, protocol, security in LISTENERS:
-        if config.get(setting):
-            _, port = parse_hostport(config[setting])
-            found.append(Server(protocol, host, port, security))
-    return found
+    enabled = listeners(config)
+    return [
+        Server(protocol, host, parse_hostport(enabled[name])[1], security)
+        for name, (protocol, security) in LABELS.items()
+        if name in enabled
+    ]
 
 
 def self_signed_fingerprint() -> str | None:

@@ -8,8 +8,8 @@ import socket
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from config import is_loopback_host
-from mailproxy.settings import LISTENER_NAMES, parse_hostport
+from config import is_loopback_host, listeners
+from mailproxy.settings import parse_hostport
 from store.db import database
 
 bp = Blueprint("ops", __name__)
@@ -18,10 +18,7 @@ bp = Blueprint("ops", __name__)
 def listener_checks(config: dict) -> dict[str, bool]:
     """Whether each configured mail listener accepts a TCP connection right now."""
     results = {}
-    for name in LISTENER_NAMES:
-        value = config.get(f"{name.upper()}_LISTEN")
-        if not value:
-            continue
+    for name, value in listeners(config).items():
         host, port = parse_hostport(value)
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
