@@ -24,6 +24,7 @@ import peewee as pw
 from flask import current_app
 from flask.cli import with_appcontext
 
+from errors import PersonError
 from mailboxes.linking import normalize_address
 from mailproxy.backend import Endpoint
 from models import Account, OAuthClient, User, utcnow
@@ -81,7 +82,7 @@ PROTOCOLS = {"imap": "imap", "pop": "pop3", "smtp": "smtp"}
 PLACEHOLDER = re.compile(r"\*\*\*.*\*\*\*")
 
 
-class ImportFileError(Exception):
+class ImportFileError(PersonError):
     """The file cannot be imported; ``problems`` lists every reason (none holds a secret)."""
 
     def __init__(self, problems: list[str]) -> None:

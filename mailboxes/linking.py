@@ -14,6 +14,7 @@ from typing import Any
 
 import peewee as pw
 
+from errors import PersonError
 from mailboxes.verification import Verification, record_protocols, verify
 from models import (
     MAIL_LOOKUP_SECRET,
@@ -37,12 +38,8 @@ from store.db import database, parse_id
 ABANDONED_AFTER = dt.timedelta(hours=1)
 
 
-class LinkError(Exception):
+class LinkError(PersonError):
     """A request that cannot be done as asked; the message is shown next to the form."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 # ---------------------------------------------------------------------------------- lookups
@@ -69,7 +66,7 @@ def normalize_address(address: str) -> str:
     try:
         return addresses.normalize(address)
     except addresses.AddressError as exc:
-        raise LinkError(str(exc)) from None
+        raise LinkError(exc.message) from None
 
 
 def usable_client(user: User, client_id: int) -> OAuthClient | None:

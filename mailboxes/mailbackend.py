@@ -372,14 +372,14 @@ class AppBackend:
             except tokens.NeedsReauthorization as error:
                 raise ProxyAuthError(
                     "reauth",
-                    f"{error} Re-authorize this account in Auth-Email: "
+                    f"{error.message} Re-authorize this account in Auth-Email: "
                     f"{self.public_url}/accounts/{account_id}",
                 ) from None
             except tokens.TokenUnavailable as error:
-                raise ProxyAuthError("unavailable", str(error)) from None
+                raise ProxyAuthError("unavailable", error.message) from None
             except tokens.AccountUnusable as error:
                 # unlinked, disabled or not yet authorized since the password was checked
-                raise ProxyAuthError("disabled", str(error)) from None
+                raise ProxyAuthError("disabled", error.message) from None
             except Exception:
                 log.exception("getting the access token of account %s failed", account_id)
                 raise ProxyAuthError("unavailable", "Internal error, try again later") from None

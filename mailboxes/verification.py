@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config import is_loopback_host
+from errors import PersonError
 from mailboxes import refusals as mailrefusals
 from mailproxy.backend import Endpoint, Grant, Mechanism
 from mailproxy.common import sasl_initial_response
@@ -81,7 +82,7 @@ def verify(
             CHECKS[protocol](endpoints[protocol], account.address, access_token, mechanism)
             results[protocol] = None
         except VerificationFailed as exc:
-            results[protocol] = str(exc)
+            results[protocol] = exc.message
     worked = [p for p, why in results.items() if why is None]
     failed = [f"{NAMES[p]}: {why}" for p, why in results.items() if why is not None]
     if not worked:
@@ -121,7 +122,7 @@ def recheck(user: User, account: Account, *, ip: str = "") -> Verification:
     return result
 
 
-class VerificationFailed(Exception):
+class VerificationFailed(PersonError):
     """The upstream login or the follow-up command failed (message for a person)."""
 
 

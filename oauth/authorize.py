@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from authlib.common.security import generate_token
 
+from errors import PersonError
 from models import Account, OAuthClient, PendingAuthorization, User, utcnow
 from oauth import grants, providers
 
@@ -37,7 +38,7 @@ class Explanation:
     detail: str = ""  # the provider's own words
 
 
-class AuthorizationProblem(Exception):
+class AuthorizationProblem(PersonError):
     """An authorization that cannot go on; carries the explanation shown to the user."""
 
     def __init__(self, explanation: Explanation, status: int = 400) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import peewee as pw
 
+from errors import PersonError
 from models import Account, OAuthClient, Setting, User, utcnow
 from oauth import providers
 from store.db import database, parse_id
@@ -33,7 +34,7 @@ EDITABLE = (
 )
 
 
-class ClientError(Exception):
+class ClientError(PersonError):
     """A change that cannot be made; the message says why."""
 
 

@@ -23,6 +23,7 @@ from authlib.integrations.requests_client import OAuth2Session
 from requests.adapters import HTTPAdapter
 
 from config import HostPolicy, is_loopback_host
+from errors import PersonError
 from models import OAuthClient
 from oauth import providers
 
@@ -75,7 +76,7 @@ def settings() -> Settings:
 # ---------------------------------------------------------------------------------- errors
 
 
-class TokenError(Exception):
+class TokenError(PersonError):
     """A token could not be had; ``message`` says why in words a person can act on.
 
     ``retry_after``: seconds the provider asked us to wait (its ``Retry-After``), if it did.
@@ -83,7 +84,6 @@ class TokenError(Exception):
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.message = message
         self.retry_after = retry_after
 
 

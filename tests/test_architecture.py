@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Top-level module or folder -> its layer; a module may import its own folder and lower layers.
 LAYERS: dict[str, int] = {
     "config": 0,
+    "errors": 0,
     "store": 1,
     "models": 2,
     "migrations": 3,

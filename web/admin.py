@@ -134,7 +134,7 @@ def _set_enabled(user_id: int, enabled: bool) -> Response:
         try:
             users.set_enabled(user, enabled)
         except users.UserError as error:
-            flash(str(error), "error")
+            flash(error.message, "error")
         else:
             audit.record_request("user.enabled" if enabled else "user.disabled", target=user.email)
             flash(f"{user.email} is {'enabled' if enabled else 'disabled'}.", "success")

@@ -144,7 +144,7 @@ def invite(token: str) -> Response | str:
         try:
             user = users.accept_invite(found, form.password.data)
         except users.UserError as error:
-            flash(str(error), "error")
+            flash(error.message, "error")
             return render_template("auth/invite_invalid.html"), 409
         audit.record("user.invite_accepted", actor=user, ip=request.remote_addr or "")
         login_user(user)

@@ -38,7 +38,7 @@ def create_admin(email: str, password_stdin: bool) -> None:
     try:
         email = addresses.normalize(email)
     except addresses.AddressError as error:
-        raise click.ClickException(str(error)) from None
+        raise click.ClickException(error.message) from None
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -49,7 +49,7 @@ def create_admin(email: str, password_stdin: bool) -> None:
         try:
             admin = users.create_admin(email, password)
         except users.UserError as error:
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(error.message) from None
         audit.record("user.setup_admin", actor=admin, ip="cli", target=admin.email)
     click.echo(f"Administrator {admin.email} created.")
 

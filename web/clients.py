@@ -103,7 +103,7 @@ def _editor(client: OAuthClient | None) -> Response | tuple[str, int]:
             clear_secret=bool(form.clear_secret.data),
         )
     except oauth_clients.ClientError as error:
-        form.name.errors.append(str(error))
+        form.name.errors.append(error.message)
         return _render_editor(form, client, 400)
     detail = f"provider={saved.provider} grant={saved.grant}"
     audit.record_request(
