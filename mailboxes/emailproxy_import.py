@@ -27,7 +27,7 @@ from flask.cli import with_appcontext
 from errors import PersonError
 from mailboxes.linking import normalize_address
 from mailproxy.backend import Endpoint
-from models import Account, OAuthClient, User, utcnow
+from models import Account, AccountStatus, OAuthClient, User, utcnow
 from oauth import providers
 from people import audit
 from store.db import database
@@ -345,7 +345,7 @@ def apply(user: User, text: str) -> Result:
                     address=address,
                     provider=client.provider,
                     client=client,
-                    status="needs_reauth",
+                    status=AccountStatus.NEEDS_REAUTH.value,
                     status_detail="Imported from email-oauth2-proxy: authorize it once.",
                 )
                 result.accounts_created.append(address)

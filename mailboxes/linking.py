@@ -19,6 +19,7 @@ from mailboxes.verification import Verification, record_protocols, verify
 from models import (
     MAIL_LOOKUP_SECRET,
     Account,
+    AccountStatus,
     InstanceSecret,
     MailPassword,
     OAuthClient,
@@ -203,7 +204,9 @@ def start(
 def _placeholder(account: Account) -> bool:
     """Created for an authorization that never finished: pending, no tokens, no passwords."""
     return bool(
-        account.status == "pending" and not account.has_tokens() and not account.passwords.exists()
+        account.state is AccountStatus.PENDING
+        and not account.has_tokens()
+        and not account.passwords.exists()
     )
 
 
@@ -220,7 +223,7 @@ def forget_abandoned(now: dt.datetime | None = None, age: dt.timedelta = ABANDON
     """Delete abandoned placeholders older than ``age`` (upkeep); returns how many."""
     now = now or utcnow()
     old = Account.select().where(
-        (Account.status == "pending")
+        (Account.status == AccountStatus.PENDING.value)
         & Account.refresh_token.is_null()
         & Account.access_token.is_null()
         & (Account.created_at < now - age)
@@ -277,7 +280,7 @@ def poll_device(user: User, account: Account, state: str, *, ip: str = "") -> Ve
         raise AuthorizationProblem(oauth.NO_PENDING, 404)
     if pending.consumed_at is not None:
         fresh = Account.get_by_id(account.id)
-        return Verification(fresh.status == "active", fresh.status_detail)
+        return Verification(fresh.state.works, fresh.status_detail)
     if pending.expires_at < utcnow():
         raise AuthorizationProblem(oauth.EXPIRED)
     try:
@@ -324,7 +327,7 @@ def finish(
         result = _checked(account, client, token)
         if result.ok:
             _store(account, client, token)
-            tokens.set_status(account.id, "active")
+            tokens.set_status(account.id, AccountStatus.ACTIVE)
         else:
             result = Verification(
                 False,
@@ -335,7 +338,9 @@ def finish(
         _store(account, client, token)
         result = _checked(Account.get_by_id(account.id), client, token)
         tokens.set_status(
-            account.id, "active" if result.ok else "error", "" if result.ok else result.message
+            account.id,
+            AccountStatus.ACTIVE if result.ok else AccountStatus.ERROR,
+            "" if result.ok else result.message,
         )
     if result.ok or not relink:  # the checked tokens are the stored ones
         app_only = client.grant == providers.CLIENT_CREDENTIALS

@@ -37,6 +37,7 @@ from mailproxy import (
 from models import (
     MAIL_LOOKUP_SECRET,
     Account,
+    AccountStatus,
     InstanceSecret,
     MailPassword,
     OAuthClient,
@@ -279,9 +280,9 @@ class AppBackend:
 
     def _grant(self, account: Account, protocol: str, client_ip: str) -> Grant:
         page = f"{self.public_url}/accounts/{account.id}"
-        if not account.owner.is_enabled or account.status == "disabled":
+        if not account.owner.is_enabled or account.state is AccountStatus.DISABLED:
             raise ProxyAuthError("disabled", "This account is disabled in Auth-Email")
-        if account.status in ("needs_reauth", "pending") or account.client is None:
+        if account.state.needs_authorization or account.client is None:
             self.later(
                 audit.record,
                 "mail.login_needs_reauth",

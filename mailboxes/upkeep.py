@@ -12,7 +12,7 @@ import logging
 import threading
 
 from mailboxes import linking
-from models import Account, OAuthClient, utcnow
+from models import Account, AccountStatus, OAuthClient, utcnow
 from oauth import authorize as oauth
 from oauth import providers, tokens
 
@@ -29,7 +29,7 @@ def idle_accounts(now: dt.datetime, idle_days: int = IDLE_DAYS) -> list[int]:
         Account.select(Account.id)
         .join(OAuthClient)
         .where(
-            Account.status.in_(["active", "error"]),
+            Account.status.in_([s.value for s in AccountStatus if s.testable]),
             Account.refresh_token.is_null(False),
             OAuthClient.grant != providers.CLIENT_CREDENTIALS,
             (Account.last_refresh_at < cutoff)

@@ -20,7 +20,7 @@ from errors import PersonError
 from mailboxes import refusals as mailrefusals
 from mailproxy.backend import Endpoint, Grant, Mechanism
 from mailproxy.common import sasl_initial_response
-from models import Account, OAuthClient, User
+from models import Account, AccountStatus, OAuthClient, User
 from oauth import grants, providers, tokens
 from people import audit
 
@@ -111,11 +111,13 @@ def record_protocols(account: Account, result: Verification, app_only: bool) -> 
 def recheck(user: User, account: Account, *, ip: str = "") -> Verification:
     """Test an existing link again (the "Test connection" button)."""
     result = verify(account)
-    app_only = account.client is not None and account.client.grant == "client_credentials"
+    app_only = account.client is not None and account.client.grant == providers.CLIENT_CREDENTIALS
     record_protocols(account, result, app_only)
-    if account.status in ("active", "error"):
+    if account.state.testable:
         tokens.set_status(
-            account.id, "active" if result.ok else "error", "" if result.ok else result.message
+            account.id,
+            AccountStatus.ACTIVE if result.ok else AccountStatus.ERROR,
+            "" if result.ok else result.message,
         )
     audit.record("account.tested", actor=user, ip=ip, target=account.address,
                  detail="ok" if result.ok else "failed")  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Any
 import peewee as pw
 
 from errors import PersonError
-from models import Account, OAuthClient, Setting, User, utcnow
+from models import Account, AccountStatus, OAuthClient, Setting, User, utcnow
 from oauth import providers
 from store.db import database, parse_id
 
@@ -148,9 +148,9 @@ def delete_client(client: OAuthClient, *, reauth_accounts: bool = False) -> list
         if accounts and not reauth_accounts:
             raise ClientInUse(accounts)
         detail = f"The OAuth client “{client.name}” was deleted; authorize this account again."
-        Account.update(status="needs_reauth", status_detail=detail, client=None).where(
-            Account.client == client
-        ).execute()
+        Account.set_status(
+            Account.client == client, AccountStatus.NEEDS_REAUTH, detail, client=None
+        )
         Setting.delete().where(
             (Setting.key == DEFAULT_KEY.format(client.provider)) & (Setting.value == str(client.id))
         ).execute()

@@ -33,7 +33,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from models import Account, OAuthClient, utcnow
+from models import Account, AccountStatus, OAuthClient, utcnow
 from oauth import authorize as oauth
 from oauth import grants
 from oauth.grants import (
@@ -166,8 +166,8 @@ def store_tokens(account: Account, token: Mapping[str, Any]) -> None:
     Account.update(values).where(_ID == account.get_id()).execute()
 
 
-def set_status(account_id: int, status: str, detail: str = "") -> None:
-    Account.update(status=status, status_detail=detail).where(_ID == account_id).execute()
+def set_status(account_id: int, status: AccountStatus | str, detail: str = "") -> None:
+    Account.set_status(_ID == account_id, status, detail)
 
 
 # ---------------------------------------------------------------------------------- lifecycle
@@ -181,13 +181,13 @@ def _load(account_id: int) -> Account:
 
 
 def _usable(account: Account) -> None:
-    if account.status == "needs_reauth":
+    if account.state is AccountStatus.NEEDS_REAUTH:
         raise NeedsReauthorization(
             account.status_detail or "The provider no longer accepts this mailbox's authorization."
         )
-    if account.status == "disabled":
+    if account.state is AccountStatus.DISABLED:
         raise AccountUnusable("This mailbox is disabled.")
-    if account.status == "pending":
+    if account.state is AccountStatus.PENDING:
         raise AccountUnusable("This mailbox is not authorized yet.")
 
 
@@ -357,9 +357,10 @@ def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseExceptio
     since = account.refresh_failing_since or now
     if isinstance(exc, NeedsReauthorization):
         log.warning("account %s needs re-authorization: %s", account.get_id(), exc.message)
-        Account.update(
-            status="needs_reauth",
-            status_detail=exc.message,
+        Account.set_status(
+            mine,
+            AccountStatus.NEEDS_REAUTH,
+            exc.message,
             last_error=exc.message,
             refresh_failures=account.refresh_failures + 1,
             refresh_failing_since=since,
@@ -367,7 +368,7 @@ def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseExceptio
             refresh_error_kind="reauth",
             token_version=claim + 1,
             refresh_claimed_until=None,
-        ).where(mine).execute()
+        )
     elif isinstance(exc, TokenUnavailable):
         failures = account.refresh_failures + 1
         wait = backoff_seconds(failures, exc.retry_after)

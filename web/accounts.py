@@ -27,7 +27,7 @@ from werkzeug.wrappers import Response
 from mailboxes import linking, onboarding, verification
 from mailboxes import refusals as mailrefusals
 from mailboxes.account_health import Health, health
-from models import Account, OAuthClient, User, utcnow
+from models import Account, AccountStatus, OAuthClient, User, utcnow
 from oauth import authorize as oauth
 from oauth import clients as oauth_clients
 from oauth import providers
@@ -78,7 +78,9 @@ def dashboard(user: User) -> dict[str, Any]:
     steps = onboarding.first_run_steps(user) if user.is_admin else []
     return {
         "accounts": accounts,
-        "attention": [a for a in accounts if a.status != "pending" and not health(a).ok],
+        "attention": [
+            a for a in accounts if a.state is not AccountStatus.PENDING and not health(a).ok
+        ],
         "secret_warnings": oauth_clients.secret_expiry_warnings(user),
         "provider_names": dict(providers.choices()),
         "steps": steps if not all(step.done for step in steps) else [],
