@@ -97,7 +97,7 @@ def graph_token(account_id: int, force_refresh: bool = False) -> str:
         expires = account.graph_token_expires_at
         if (
             not force_refresh
-            and account.__data__.get("graph_access_token") is not None
+            and account.has_secret("graph_access_token")
             and expires is not None
             and expires > utcnow() + dt.timedelta(seconds=grants.settings().margin)
         ):

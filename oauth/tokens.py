@@ -211,7 +211,7 @@ def _fresh(account: Account, now: dt.datetime) -> bool:
 def _valid(account: Account, now: dt.datetime) -> bool:
     """Not expired yet (though maybe inside the renewal margin)."""
     return bool(
-        account.__data__.get("access_token") is not None
+        account.has_secret("access_token")
         and account.token_expires_at is not None
         and account.token_expires_at > now + dt.timedelta(seconds=5)
     )

@@ -182,3 +182,10 @@ def test_the_contract_catches_a_wrong_way_import_and_a_cycle() -> None:
     assert cycles(import_graph(sources, typing=False)) == [
         ["oauth.tokens", "store.db", "oauth.tokens"]
     ]
+
+
+def test_no_peewee_internals_outside_the_store() -> None:
+    """``has_secret`` and the model methods say what a row holds; ``__data__`` is the store's."""
+    assert [
+        m for m, s in product_sources().items() if "__data__" in s and m.split(".")[0] != "store"
+    ] == []
