@@ -30,10 +30,12 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from flask import Flask
 
 from mailproxy.backend import DeliveryRefused
 from models import Account, OAuthClient, utcnow
 from oauth import grants, providers
+from store import appstate
 from store.db import Ciphertext, vault
 
 log = logging.getLogger("auth_email.graph")
@@ -54,24 +56,28 @@ class Settings:
     attempts: int = 3  # tries of sendMail while Graph answers 5xx (never after a timeout)
     backoff: float = 1.0  # first pause between tries; doubles; a shorter Retry-After wins
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
+        return cls(
+            url=str(config.get("GRAPH_URL") or cls.url).rstrip("/"),
+            timeout=float(config.get("GRAPH_TIMEOUT", cls.timeout)),
+            attempts=max(1, int(config.get("GRAPH_ATTEMPTS", cls.attempts))),
+            backoff=float(config.get("GRAPH_BACKOFF", cls.backoff)),
+        )
 
-_settings = Settings()
+
+_SETTINGS: appstate.Slot[Settings] = appstate.Slot("graphsend", default=Settings)
 _locks: dict[int, threading.Lock] = {}
 _locks_lock = threading.Lock()
 
 
-def configure(config: Mapping[str, Any]) -> None:
-    global _settings
-    _settings = Settings(
-        url=str(config.get("GRAPH_URL") or Settings.url).rstrip("/"),
-        timeout=float(config.get("GRAPH_TIMEOUT", Settings.timeout)),
-        attempts=max(1, int(config.get("GRAPH_ATTEMPTS", Settings.attempts))),
-        backoff=float(config.get("GRAPH_BACKOFF", Settings.backoff)),
-    )
+def init_app(app: Flask) -> None:
+    _SETTINGS.set(app, Settings.from_config(app.config))
 
 
 def settings() -> Settings:
-    return _settings
+    """The current app's settings."""
+    return _SETTINGS.get()
 
 
 class GraphTokenError(Exception):
@@ -268,13 +274,13 @@ def send(account: Account, sender: str, recipients: list[str], message: bytes) -
     have been), and 429 is not (Graph asks to wait).
     """
     body = base64.b64encode(prepare(account.address, recipients, message))
-    url = f"{_settings.url}/v1.0/users/{quote(account.address, safe='@')}/sendMail"
+    url = f"{settings().url}/v1.0/users/{quote(account.address, safe='@')}/sendMail"
     http = _http()
     refreshed = False
-    pause = _settings.backoff
+    pause = settings().backoff
     status, code, said = 0, "", ""
     attempt = 0
-    while attempt < _settings.attempts:
+    while attempt < settings().attempts:
         attempt += 1
         try:
             token = graph_token(account.id, force_refresh=refreshed)
@@ -285,7 +291,7 @@ def send(account: Account, sender: str, recipients: list[str], message: bytes) -
                 url,
                 data=body,
                 headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"},
-                timeout=_settings.timeout,
+                timeout=settings().timeout,
             )
         except requests.exceptions.ConnectTimeout:
             status, said = 0, "Microsoft Graph could not be reached in time"
@@ -293,7 +299,7 @@ def send(account: Account, sender: str, recipients: list[str], message: bytes) -
             raise DeliveryRefused(
                 451,
                 "4.4.2",
-                f"Microsoft Graph did not confirm the message within {_settings.timeout:g} s; "
+                f"Microsoft Graph did not confirm the message within {settings().timeout:g} s; "
                 "it may not have been sent: check Sent Items before sending it again",
             ) from None
         except requests.ConnectionError as exc:
@@ -311,7 +317,7 @@ def send(account: Account, sender: str, recipients: list[str], message: bytes) -
             if status < 500:
                 raise _refusal(account, sender, status, code, said, response)
             pause = min(pause, float(_retry_after(response, int(pause))))
-        if attempt < _settings.attempts:
+        if attempt < settings().attempts:
             time.sleep(pause)
             pause *= 2
     where = f"HTTP {status}" if status else said
@@ -381,10 +387,10 @@ def check(account: Account, access_token: str | None = None) -> str:
         token = access_token or graph_token(account.id)
     except GraphTokenError as exc:
         raise exc.reply from None
-    url = f"{_settings.url}/v1.0/users/{quote(account.address, safe='@')}"
+    url = f"{settings().url}/v1.0/users/{quote(account.address, safe='@')}"
     try:
         response = _http().get(
-            url, headers={"Authorization": f"Bearer {token}"}, timeout=_settings.timeout
+            url, headers={"Authorization": f"Bearer {token}"}, timeout=settings().timeout
         )
     except requests.RequestException as exc:
         raise DeliveryRefused(451, "4.4.1", f"Microsoft Graph is unreachable: {exc}") from None

@@ -15,8 +15,9 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,6 +48,7 @@ from models import (
 from oauth import providers, tokens
 from people import audit, throttle
 from people.passwords import lookup_tag, verify_password
+from store import appstate
 from store.db import Prepared, database
 
 log = logging.getLogger("auth_email.mail")
@@ -121,7 +123,10 @@ _cached_login = Prepared(
 class AppBackend:
     """``mailproxy.Backend`` over this app's accounts, mail-client passwords and tokens."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], app: Flask | None = None) -> None:
+        # The app whose database, vault and settings the proxy's threads use (by default the
+        # one whose context creates the backend).
+        self.app = app or appstate.current()
         self.public_url = config["PUBLIC_URL"]
         self.config = dict(config)
         self.hosts = HostPolicy.from_config(config, providers.preset_hosts())
@@ -142,7 +147,7 @@ class AppBackend:
     def authenticate(self, protocol: str, address: str, password: str, client_ip: str) -> Grant:
         address = address.strip().lower()
         keys = throttle.login_keys("mail", address, client_ip, self.config)
-        with database.connection_context():
+        with self._context():
             self._refuse_if_blocked(throttle.retry_after(keys))
             account = self._check_password(address, password, client_ip, keys)
             if account is None:
@@ -243,12 +248,18 @@ class AppBackend:
         self._password_used(match.id, client_ip)
         return account
 
+    @contextmanager
+    def _context(self) -> Iterator[None]:
+        """A database connection, in this backend's app (its database, vault and settings)."""
+        with appstate.bound(self.app), database.connection_context():
+            yield
+
     def later(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run a bookkeeping write in the bookkeeping thread."""
 
         def run() -> None:
             try:
-                with database.connection_context():
+                with self._context():
                     write(*args, **kwargs)
             except Exception:
                 log.exception("bookkeeping write failed")
@@ -329,7 +340,7 @@ class AppBackend:
         return replace(grant, deliver=True, max_message=graphsend.MAX_MESSAGE)
 
     def smtp_auth_refused(self, account_id: int, detail: str) -> Grant | None:
-        with database.connection_context():
+        with self._context():
             switch = smtpdelivery.record_refusal(account_id, detail)
             account = Account.get_by_id(account_id)
             self.later(
@@ -351,7 +362,7 @@ class AppBackend:
             )
 
     def deliver(self, account_id: int, sender: str, recipients: list[str], message: bytes) -> str:
-        with database.connection_context():
+        with self._context():
             account = Account.get_or_none(Account.id == account_id)
             if account is None:
                 raise DeliveryRefused(451, "4.7.0", "This mailbox is not linked any more")
@@ -367,7 +378,7 @@ class AppBackend:
 
     # -- tokens -------------------------------------------------------------------------------
     def access_token(self, account_id: int, force_refresh: bool = False) -> str:
-        with database.connection_context():
+        with self._context():
             try:
                 return tokens.get_access_token(account_id, force_refresh=force_refresh)
             except tokens.NeedsReauthorization as error:
@@ -389,7 +400,7 @@ class AppBackend:
         """Worth one refresh and retry? Not for a policy refusal (SMTP AUTH disabled), nor when
         this protocol already refused this very token: the recorded reason comes back at once,
         without a token request. Never marks the account: that is the token endpoint's say."""
-        with database.connection_context():
+        with self._context():
             account = _with_owner_and_client(
                 Account.select(Account, User, OAuthClient).where(Account.id == account_id)
             )
@@ -406,7 +417,7 @@ class AppBackend:
 
     def token_rejected(self, account_id: int, protocol: str, detail: str) -> str | None:
         """A freshly renewed token was refused too: recorded for this protocol only."""
-        with database.connection_context():
+        with self._context():
             account = _with_owner_and_client(
                 Account.select(Account, User, OAuthClient).where(Account.id == account_id)
             )
@@ -495,7 +506,7 @@ class MailProxyService:
 
     def __init__(self, app: Flask) -> None:
         self.app = app
-        self.backend = AppBackend(app.config)
+        self.backend = AppBackend(app.config, app)
         app.extensions["mail_backend"] = self.backend
         self.controller = Controller(self.backend, proxy_settings(app))
         app.extensions["mail_proxy"] = self.controller
