@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mailproxy.common import is_loopback
-from mailproxy.settings import DEFAULT_LISTENERS, LISTENER_NAMES, ProxySettings, parse_hostport
+from mailproxy.settings import DEFAULT_LISTENERS, LISTENER_NAMES, ProxySettings
 
 ENV_PREFIX = "AUTH_EMAIL_"
 
@@ -250,7 +250,3 @@ class HostPolicy:
 def listeners(config: Mapping[str, Any]) -> dict[str, str]:
     """Listener name -> host:port of every mail listener the configuration enables."""
     return {name: config[key] for name, key in LISTEN_SETTINGS.items() if config.get(key)}
-
-
-def listener_port(config: Mapping[str, Any], name: str) -> int:
-    return parse_hostport(config[LISTEN_SETTINGS[name]])[1]

@@ -24,8 +24,8 @@ from typing import Any
 import peewee as pw
 from flask import Flask
 
-from config import LISTEN_SETTINGS, HostPolicy, listener_port, mail_host
-from mailboxes import graphsend, smtpdelivery
+from config import LISTEN_SETTINGS, HostPolicy, mail_host
+from mailboxes import graphsend, listeners, smtpdelivery
 from mailboxes import refusals as mailrefusals
 from mailproxy import (
     Controller,
@@ -465,10 +465,8 @@ class AppBackend:
 
 def proxy_settings(app: Flask) -> ProxySettings:
     """The proxy's settings from the app's configuration layers."""
-    from mailboxes.listeners import tls_files
-
     cfg = app.config
-    cert, key, generated = tls_files(app)
+    cert, key, generated = listeners.tls_files(app)
     return ProxySettings(
         listeners={name: cfg[key] for name, key in LISTEN_SETTINGS.items()},
         tls_cert=cert,
@@ -501,24 +499,27 @@ def trusted_proxies(value: str) -> tuple[str, ...]:
         raise ValueError(f"MAIL_TRUSTED_PROXIES: {error}") from None
 
 
+_SERVICE: appstate.Slot[MailProxyService] = appstate.Slot("mail_proxy", fallback=False)
+
+
+def running(app: Flask) -> MailProxyService | None:
+    """The mail proxy service of ``app`` in this process (None: the proxy does not run here)."""
+    return _SERVICE.of(app)
+
+
 class MailProxyService:
     """The mail proxy as a service of the serving process (see serve.py)."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
         self.backend = AppBackend(app.config, app)
-        app.extensions["mail_backend"] = self.backend
         self.controller = Controller(self.backend, proxy_settings(app))
-        app.extensions["mail_proxy"] = self.controller
+        _SERVICE.set(app, self)
 
     def start(self) -> None:
         self.controller.start()
-        for name, (host, port) in self.controller.listening.items():
-            # A listener on port 0 got a free port: /healthz and the mail-client setup pages
-            # read the listener settings, so they must name the port actually bound.
-            key = LISTEN_SETTINGS[name]
-            if listener_port(self.app.config, name) == 0:
-                self.app.config[key] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # /healthz and the mail-client setup pages name the ports actually bound
+        listeners.record_bound(self.app, self.controller.listening)
 
     def stop(self) -> None:
         self.controller.stop()

@@ -49,16 +49,21 @@ def bound(app: Flask | None) -> Iterator[None]:
 class Slot(Generic[T]):
     """One layer's per-app value, stored in ``app.extensions`` under ``auth_email.<name>``."""
 
-    def __init__(self, name: str, default: Callable[[], T] | None = None) -> None:
+    def __init__(
+        self, name: str, default: Callable[[], T] | None = None, *, fallback: bool = True
+    ) -> None:
         self.key = f"auth_email.{name}"
         self._default = default
+        self._keeps_fallback = fallback
         self._fallback: T | None = None
 
     def set(self, app: Flask | None, value: T) -> None:
-        """Give ``app`` its value (and make it the fallback for code outside any app)."""
+        """Give ``app`` its value (and make it the fallback for code outside any app, unless the
+        slot keeps none)."""
         if app is not None:
             app.extensions[self.key] = value
-        self._fallback = value
+        if self._keeps_fallback:
+            self._fallback = value
 
     def of(self, app: Flask) -> T | None:
         found: T | None = app.extensions.get(self.key)

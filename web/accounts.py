@@ -24,7 +24,7 @@ from flask_login import current_user, login_required
 from markupsafe import Markup, escape
 from werkzeug.wrappers import Response
 
-from mailboxes import linking, onboarding, verification
+from mailboxes import linking, mailbackend, onboarding, verification
 from mailboxes import refusals as mailrefusals
 from mailboxes.account_health import Health, health
 from models import Account, AccountStatus, OAuthClient, User, utcnow
@@ -155,8 +155,8 @@ def breakable(text: str) -> Markup:
 @bp.app_template_global()
 def sessions_open(account_id: int) -> int | None:
     """Mail sessions this serving process holds open for the account (None: no proxy here)."""
-    backend = current_app.extensions.get("mail_backend")
-    return backend.sessions_open(account_id) if backend is not None else None
+    service = mailbackend.running(current_app._get_current_object())
+    return service.backend.sessions_open(account_id) if service is not None else None
 
 
 @bp.get("/accounts/new")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import plistlib
 import uuid
 from dataclasses import dataclass
-from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from flask import Blueprint, Response, abort, current_app, render_template, request
+from flask import Blueprint, Flask, Response, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 
-from config import listeners, mail_host
+from config import mail_host
+from mailboxes import listeners as mail_listeners
 from mailboxes.listeners import tls_files
 from mailproxy import fingerprint_sha256
 from mailproxy.settings import parse_hostport
@@ -46,10 +46,10 @@ LABELS = {
 }
 
 
-def servers(config: Any) -> list[Server]:
+def servers(app: Flask) -> list[Server]:
     """The proxy's enabled listeners as mail clients should see them."""
-    host = mail_host(config)
-    enabled = listeners(config)
+    host = mail_host(app.config)
+    enabled = mail_listeners.addresses(app)
     return [
         Server(protocol, host, parse_hostport(enabled[name])[1], security)
         for name, (protocol, security) in LABELS.items()
@@ -76,7 +76,7 @@ def client_setup(account_id: int) -> str:
     return render_template(
         "mailsetup/client.html",
         account=account,
-        servers=servers(current_app.config),
+        servers=servers(current_app._get_current_object()),
         fingerprint=self_signed_fingerprint(),
     )
 
@@ -86,7 +86,7 @@ def client_setup(account_id: int) -> str:
 def mobileconfig(account_id: int) -> Response:
     account = _own_account(account_id)
     body = apple_profile(
-        account.address, servers(current_app.config), mail_host(current_app.config)
+        account.address, servers(current_app._get_current_object()), mail_host(current_app.config)
     )
     filename = f"{account.address.replace('@', '_at_')}.mobileconfig"
     return Response(
@@ -145,7 +145,9 @@ def autoconfig() -> Response:
     address = request.args.get("emailaddress", "")
     domain = address.rpartition("@")[2] if "@" in address else mail_host(current_app.config)
     return Response(
-        autoconfig_xml(domain, servers(current_app.config), mail_host(current_app.config)),
+        autoconfig_xml(
+            domain, servers(current_app._get_current_object()), mail_host(current_app.config)
+        ),
         mimetype="application/xml",
     )
 
