@@ -94,20 +94,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(delivery_pages.bp)
     app.register_blueprint(settings.bp)
     app.register_blueprint(clients.bp)
-    clients.init_app(app)
     app.register_blueprint(admin.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(mailsetup.bp)
     app.register_blueprint(ops.bp)
     cli.init_app(app)
-
-    from mailboxes import mailbackend, upkeep
-
-    # What serve.py runs beside the web UI; nothing starts here.
-    app.extensions["services"] = [
-        mailbackend.MailProxyService,
-        lambda app: upkeep.Upkeep(interval=app.config["UPKEEP_INTERVAL_SECONDS"], app=app),
-    ]
     return app
 
 

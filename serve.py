@@ -19,6 +19,8 @@ from waitress import create_server
 
 from app import create_app
 from config import web_server_limits
+from mailboxes.mailbackend import MailProxyService
+from mailboxes.upkeep import Upkeep
 from mailproxy.settings import parse_hostport
 from store.vault import KeyFileError, lock_instance
 
@@ -33,11 +35,11 @@ class Service(Protocol):
 
 
 def services(app: Flask) -> list[Service]:
-    """What runs beside the web UI; each module that has one offers ``service(app)``."""
-    found: list[Service] = []
-    for factory in app.extensions.get("services", []):
-        found.append(factory(app))
-    return found
+    """What runs beside the web UI, for ``app``: the mail proxy and upkeep."""
+    return [
+        MailProxyService(app),
+        Upkeep(interval=app.config["UPKEEP_INTERVAL_SECONDS"], app=app),
+    ]
 
 
 def raise_open_file_limit() -> int | None:

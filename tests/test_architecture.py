@@ -189,3 +189,16 @@ def test_no_peewee_internals_outside_the_store() -> None:
     assert [
         m for m, s in product_sources().items() if "__data__" in s and m.split(".")[0] != "store"
     ] == []
+
+
+def test_per_app_state_lives_on_the_app() -> None:
+    """No module global is set at run time (``global``), and ``app.extensions`` is reached
+    only through ``store.appstate``'s slots: a second app never reconfigures the first."""
+    wrong = []
+    for module, source in product_sources().items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Global):
+                wrong.append(f"{module}: global {', '.join(node.names)}")
+        if "extensions" in source and module != "store.appstate":
+            wrong.append(f"{module}: uses app.extensions (declare an appstate.Slot)")
+    assert wrong == []

@@ -55,14 +55,17 @@ def init_app(app: Flask) -> None:
     login_manager.init_app(app)
     app.register_blueprint(bp)
 
+    setup_done = False  # this app's; users are never all deleted: ask only until one exists
+
     @app.before_request
     def _first_run() -> Response | None:
         """Until an administrator exists, every page leads to the setup page."""
-        if request.endpoint in OPEN_BEFORE_SETUP or app.extensions.get("setup_done"):
+        nonlocal setup_done
+        if request.endpoint in OPEN_BEFORE_SETUP or setup_done:
             return None
         if not User.select().exists():
             return redirect(url_for("auth.setup"))
-        app.extensions["setup_done"] = True  # users are never all deleted: ask only until then
+        setup_done = True
         return None
 
 
