@@ -97,6 +97,7 @@ class AuditEvent(BaseModel):
 
     at = pw.DateTimeField(default=utcnow, index=True)
     actor = pw.ForeignKeyField(User, null=True, on_delete="SET NULL", backref="audit_events")
+    actor_id: int | None  # peewee's column of the foreign key
     actor_email = pw.CharField(max_length=254, default="")
     ip = pw.CharField(max_length=64, default="")
     action = pw.CharField(max_length=64)
@@ -117,6 +118,7 @@ class OAuthClient(SecretModel):
     """An app registration (Entra, Google, ...) a user added, or the instance's default one."""
 
     owner = pw.ForeignKeyField(User, on_delete="CASCADE", backref="clients")
+    owner_id: int  # peewee's column of the foreign key
     name = pw.CharField(max_length=100)
     provider = pw.CharField(max_length=32)
     grant = pw.CharField(max_length=32, default="authorization_code")
@@ -244,6 +246,9 @@ class Account(SecretModel):
     address = pw.CharField(unique=True, max_length=254)
     provider = pw.CharField(max_length=32)
     client = pw.ForeignKeyField(OAuthClient, null=True, on_delete="SET NULL", backref="accounts")
+    owner_id: int  # peewee's columns of the foreign keys, and a backref
+    client_id: int | None
+    passwords: pw.ModelSelect
     status = pw.CharField(max_length=16, default=AccountStatus.PENDING.value)
     status_detail = pw.TextField(default="")
     # The identity that signed in, when it differs from the mailbox (shared mailboxes).

@@ -218,7 +218,7 @@ class ExpiryWarning:
 
     @property
     def message(self) -> str:
-        date = self.client.secret_expires_on.isoformat()
+        date = self.client.secret_expires_on.isoformat() if self.client.secret_expires_on else ""
         name = self.client.name
         what = "certificate" if self.client.credential == "certificate" else "secret"
         if self.level == "expired":

@@ -189,7 +189,7 @@ def new_uid() -> str:
 
 class BaseModel(pw.Model):
     # peewee adds an ``id`` AutoField to models without another primary key; say so for mypy.
-    id: int
+    id: Any  # an int on a row, a field on the class (``Model.id.desc()``)
 
     class Meta:
         database = database

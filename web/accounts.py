@@ -27,7 +27,7 @@ from werkzeug.wrappers import Response
 from mailboxes import linking, mailbackend, onboarding, verification
 from mailboxes import refusals as mailrefusals
 from mailboxes.account_health import Health, health
-from models import Account, AccountStatus, OAuthClient, User, utcnow
+from models import Account, AccountStatus, MailPassword, OAuthClient, User, utcnow
 from oauth import authorize as oauth
 from oauth import clients as oauth_clients
 from oauth import providers
@@ -155,7 +155,7 @@ def breakable(text: str) -> Markup:
 @bp.app_template_global()
 def sessions_open(account_id: int) -> int | None:
     """Mail sessions this serving process holds open for the account (None: no proxy here)."""
-    service = mailbackend.running(current_app._get_current_object())
+    service = mailbackend.running(current_app)
     return service.backend.sessions_open(account_id) if service is not None else None
 
 
@@ -283,7 +283,7 @@ def _detail(
         "accounts/detail.html",
         account=account,
         password_form=password_form or MailPasswordForm(),
-        passwords=list(account.passwords.order_by(account.passwords.model.created_at)),
+        passwords=list(account.passwords.order_by(MailPassword.created_at)),
         shown_password=shown,
         just_saved=request.args.get("saved") == "1",
         empty=EmptyForm(),
@@ -379,7 +379,7 @@ def add_password(account_id: int) -> View:
 @login_required
 def revoke_confirm(account_id: int, password_id: int) -> str:
     account = _own(account_id)
-    found = account.passwords.where(account.passwords.model.id == password_id).first()
+    found = account.passwords.where(MailPassword.id == password_id).first()
     if found is None:
         abort(404)
     return render_template(

@@ -92,7 +92,7 @@ def check_login(email: str, password: str, ip: str) -> tuple[User | None, str | 
 
 
 @bp.route("/login", methods=["GET", "POST"])
-def login() -> Response | str:
+def login() -> Response | str | tuple[str, int]:
     if current_user.is_authenticated:
         return redirect(url_for("accounts.index"))
     form = LoginForm()
@@ -120,7 +120,7 @@ def logout() -> Response:
 
 
 @bp.route("/setup", methods=["GET", "POST"])
-def setup() -> Response | str:
+def setup() -> Response | str | tuple[str, int]:
     """One-time creation of the administrator; gone once a user exists."""
     if User.select().exists():
         abort(404)
@@ -138,7 +138,7 @@ def setup() -> Response | str:
 
 
 @bp.route("/invite/<token>", methods=["GET", "POST"])
-def invite(token: str) -> Response | str:
+def invite(token: str) -> Response | str | tuple[str, int]:
     found = users.find_invite(token)
     if found is None:
         return render_template("auth/invite_invalid.html"), 404

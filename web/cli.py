@@ -74,8 +74,9 @@ def rotate_key() -> None:
     with database.connection_context():
         check_keyring(both, Meta, SECRET_MODELS)  # the new key's check value
         moved = reencrypt_all(SECRET_MODELS, both)
-        vault.keyring = both.only_current()
-        write_private(path, vault.keyring.dump())
+        current = both.only_current()
+        vault.keyring = current
+        write_private(path, current.dump())
         audit.record("vault.key_rotated", ip="cli", detail=f"{moved} values re-encrypted")
     click.echo(f"Re-encrypted {moved} secrets under key {both.current}.")
 

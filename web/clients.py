@@ -116,7 +116,7 @@ def initial_values(client: OAuthClient | None, provider: str | None = None) -> d
     """The editor's starting values: the client's (never its secret), or a preset's defaults."""
     if client is not None:
         return {name: getattr(client, name) for name in oauth_clients.EDITABLE}
-    key = provider if provider in providers.PRESETS else "microsoft365"
+    key = provider if provider and provider in providers.PRESETS else "microsoft365"
     preset = providers.get(key)
     grant = providers.AUTHORIZATION_CODE
     values: dict[str, Any] = {"provider": key, "grant": grant, "tenant": preset.default_tenant}

@@ -68,7 +68,7 @@ def _last_outcomes(addresses: list[str]) -> dict[tuple[str, str], tuple[str, dt.
         .where(AuditEvent.action.in_(list(OUTCOMES)), AuditEvent.target.in_(addresses))
         .group_by(AuditEvent.target, AuditEvent.detail)
     )
-    ids = [row[2] for row in latest.tuples()]
+    ids = [row[2] for row in latest.tuples()]  # type: ignore[index]  # tuples, not rows
     found: dict[tuple[str, str], tuple[str, dt.datetime]] = {}
     for event in AuditEvent.select().where(AuditEvent.id.in_(ids)):
         found[event.target, event.detail] = (OUTCOMES[event.action], event.at)
@@ -129,8 +129,8 @@ def overview(today: dt.date | None = None) -> list[Row]:
             row.expiry = f"{what} until {client.secret_expires_on.isoformat()}"
             level = oauth_clients.expiry_level(client.secret_expires_on, today)
             if level:
-                state = "expired" if level[0] == "expired" else f"expires in {level[1]} days"
-                row.reasons.append(f"client {what} {state}")
+                when = "expired" if level[0] == "expired" else f"expires in {level[1]} days"
+                row.reasons.append(f"client {what} {when}")
         rows.append(row)
     return rows
 

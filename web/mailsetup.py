@@ -76,7 +76,7 @@ def client_setup(account_id: int) -> str:
     return render_template(
         "mailsetup/client.html",
         account=account,
-        servers=servers(current_app._get_current_object()),
+        servers=servers(current_app),
         fingerprint=self_signed_fingerprint(),
     )
 
@@ -85,9 +85,7 @@ def client_setup(account_id: int) -> str:
 @login_required
 def mobileconfig(account_id: int) -> Response:
     account = _own_account(account_id)
-    body = apple_profile(
-        account.address, servers(current_app._get_current_object()), mail_host(current_app.config)
-    )
+    body = apple_profile(account.address, servers(current_app), mail_host(current_app.config))
     filename = f"{account.address.replace('@', '_at_')}.mobileconfig"
     return Response(
         body,
@@ -145,9 +143,7 @@ def autoconfig() -> Response:
     address = request.args.get("emailaddress", "")
     domain = address.rpartition("@")[2] if "@" in address else mail_host(current_app.config)
     return Response(
-        autoconfig_xml(
-            domain, servers(current_app._get_current_object()), mail_host(current_app.config)
-        ),
+        autoconfig_xml(domain, servers(current_app), mail_host(current_app.config)),
         mimetype="application/xml",
     )
 

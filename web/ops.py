@@ -41,7 +41,7 @@ def database_ok() -> bool:
 
 @bp.get("/healthz")
 def healthz() -> tuple[Response, int]:
-    checks = {"database": database_ok(), **listener_checks(current_app._get_current_object())}
+    checks = {"database": database_ok(), **listener_checks(current_app)}
     healthy = all(checks.values())
     return jsonify(status="ok" if healthy else "unhealthy", checks=checks), 200 if healthy else 503
 
