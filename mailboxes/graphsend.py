@@ -34,6 +34,7 @@ from flask import Flask
 
 from mailproxy.backend import DeliveryRefused
 from models import Account, OAuthClient, utcnow
+from oauth import errors as oauth_errors
 from oauth import grants, providers
 from store import appstate
 from store.db import Ciphertext, vault
@@ -144,7 +145,7 @@ def _request_token(account: Account) -> dict[str, Any]:
         else:
             refresh = account.refresh_token
             if not refresh:
-                raise grants.GrantError("invalid_grant", "no refresh token is stored")
+                raise oauth_errors.GrantError("invalid_grant", "no refresh token is stored")
             grants.check_endpoint(client.token_url)
             session = grants.session_for(client)
             token = grants.call_endpoint(
@@ -155,9 +156,9 @@ def _request_token(account: Account) -> dict[str, Any]:
                     timeout=grants.settings().timeout,
                 )
             )
-    except grants.GrantError as exc:
+    except oauth_errors.GrantError as exc:
         raise GraphTokenError(_token_refusal(client, exc)) from None
-    except grants.TokenUnavailable as exc:
+    except oauth_errors.TokenUnavailable as exc:
         raise GraphTokenError(
             DeliveryRefused(451, "4.4.3", f"No Microsoft Graph token: {exc.message}")
         ) from None
@@ -168,7 +169,7 @@ def _request_token(account: Account) -> dict[str, Any]:
     return token
 
 
-def _token_refusal(client: OAuthClient, exc: grants.GrantError) -> DeliveryRefused:
+def _token_refusal(client: OAuthClient, exc: oauth_errors.GrantError) -> DeliveryRefused:
     said = f"{exc.error}: {exc.description}"[:300]
     if "65001" in exc.description or "consent" in exc.description.lower() or exc.client_refused:
         return DeliveryRefused(550, "5.7.1", f"{permission_help(client)} ({said})")

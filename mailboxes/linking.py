@@ -29,8 +29,9 @@ from models import (
 )
 from oauth import authorize as oauth
 from oauth import clients as oauth_clients
+from oauth import errors as oauth_errors
 from oauth import grants, providers, tokens
-from oauth.authorize import AuthorizationProblem
+from oauth.errors import AuthorizationProblem
 from people import addresses, audit
 from people.passwords import generate_password, hash_password, lookup_tag
 from store.db import database, parse_id
@@ -123,7 +124,7 @@ class Started:
     done: Verification | None = None
 
 
-TAKEN = oauth.Explanation(
+TAKEN = oauth_errors.Explanation(
     "This mailbox is already linked",
     "The provider let you in, but another user of this server has linked this mailbox.",
     "They (or an administrator) must unlink it before you can link it.",
@@ -187,17 +188,17 @@ def start(
             token = grants.password_grant(client, username or account.address, password)
         else:
             raise LinkError("This client's grant is not supported.")
-    except tokens.GrantError as exc:
+    except oauth_errors.GrantError as exc:
         _discard_if_unlinked(account, user)
-        explanation = oauth.explain(exc.error, exc.description, redirect)
+        explanation = oauth_errors.explain(exc.error, exc.description, redirect)
         if grant == providers.CLIENT_CREDENTIALS:
-            explanation = oauth.with_cc_help(explanation)
+            explanation = oauth_errors.with_cc_help(explanation)
         elif grant == providers.PASSWORD and exc.error == "invalid_grant":
-            explanation = oauth.password_refused(exc.description)
+            explanation = oauth_errors.password_refused(exc.description)
         raise AuthorizationProblem(explanation) from None
-    except tokens.TokenUnavailable as exc:
+    except oauth_errors.TokenUnavailable as exc:
         _discard_if_unlinked(account, user)
-        raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
+        raise AuthorizationProblem(oauth_errors.unreachable(exc.message), 502) from None
     return Started(account, done=finish(account, client, token, actor=user, ip=ip))
 
 
@@ -258,18 +259,20 @@ def complete_callback(
             detail=str(args.get("error"))[:100],
         )  # fmt: skip
         raise AuthorizationProblem(
-            oauth.explain(args.get("error", ""), args.get("error_description", ""), redirect)
+            oauth_errors.explain(args.get("error", ""), args.get("error_description", ""), redirect)
         )
     code = args.get("code")
     if not code:
         raise AuthorizationProblem(oauth.NO_PENDING)
     try:
         token = grants.exchange_code(client, code, redirect, str(pending.code_verifier))
-    except tokens.GrantError as exc:
+    except oauth_errors.GrantError as exc:
         _discard_if_unlinked(account, user)
-        raise AuthorizationProblem(oauth.explain(exc.error, exc.description, redirect)) from None
-    except tokens.TokenUnavailable as exc:
-        raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
+        raise AuthorizationProblem(
+            oauth_errors.explain(exc.error, exc.description, redirect)
+        ) from None
+    except oauth_errors.TokenUnavailable as exc:
+        raise AuthorizationProblem(oauth_errors.unreachable(exc.message), 502) from None
     return account, finish(account, client, token, actor=user, ip=ip)
 
 
@@ -285,13 +288,13 @@ def poll_device(user: User, account: Account, state: str, *, ip: str = "") -> Ve
         raise AuthorizationProblem(oauth.EXPIRED)
     try:
         token = grants.device_code_poll(pending.client, str(pending.device_code))
-    except tokens.GrantError as exc:
+    except oauth_errors.GrantError as exc:
         PendingAuthorization.update(consumed_at=utcnow()).where(
             PendingAuthorization.id == pending.id
         ).execute()
         _discard_if_unlinked(account, user)
-        raise AuthorizationProblem(oauth.explain(exc.error, exc.description)) from None
-    except tokens.TokenUnavailable:
+        raise AuthorizationProblem(oauth_errors.explain(exc.error, exc.description)) from None
+    except oauth_errors.TokenUnavailable:
         return None  # the page polls again
     if token is None:
         return None
@@ -321,7 +324,7 @@ def finish(
         raise AuthorizationProblem(TAKEN, 409)
     if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
         _discard_if_unlinked(account, actor)
-        raise AuthorizationProblem(oauth.explain("no_refresh_token"))
+        raise AuthorizationProblem(oauth_errors.explain("no_refresh_token"))
     relink = account.has_tokens()
     if relink:
         result = _checked(account, client, token)
@@ -358,7 +361,7 @@ def _checked(account: Account, client: OAuthClient, token: Mapping[str, Any]) ->
         return Verification(False, "The token response holds no access token.")
     result = verify(account, access_token=access, client=client)
     if not result.ok and client.grant == providers.CLIENT_CREDENTIALS:
-        result = Verification(False, f"{result.message} {oauth.CLIENT_CREDENTIALS_HELP}")
+        result = Verification(False, f"{result.message} {oauth_errors.CLIENT_CREDENTIALS_HELP}")
     return result
 
 

@@ -45,6 +45,7 @@ from models import (
     User,
     utcnow,
 )
+from oauth import errors as oauth_errors
 from oauth import providers, tokens
 from people import audit, throttle
 from people.passwords import lookup_tag, verify_password
@@ -381,15 +382,15 @@ class AppBackend:
         with self._context():
             try:
                 return tokens.get_access_token(account_id, force_refresh=force_refresh)
-            except tokens.NeedsReauthorization as error:
+            except oauth_errors.NeedsReauthorization as error:
                 raise ProxyAuthError(
                     "reauth",
                     f"{error.message} Re-authorize this account in Auth-Email: "
                     f"{self.public_url}/accounts/{account_id}",
                 ) from None
-            except tokens.TokenUnavailable as error:
+            except oauth_errors.TokenUnavailable as error:
                 raise ProxyAuthError("unavailable", error.message) from None
-            except tokens.AccountUnusable as error:
+            except oauth_errors.AccountUnusable as error:
                 # unlinked, disabled or not yet authorized since the password was checked
                 raise ProxyAuthError("disabled", error.message) from None
             except Exception:

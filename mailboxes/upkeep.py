@@ -16,6 +16,7 @@ from flask import Flask
 from mailboxes import linking
 from models import Account, AccountStatus, OAuthClient, utcnow
 from oauth import authorize as oauth
+from oauth import errors as oauth_errors
 from oauth import providers, tokens
 from store import appstate
 
@@ -55,7 +56,7 @@ def refresh_idle_accounts(now: dt.datetime | None = None, idle_days: int = IDLE_
         for account_id in idle_accounts(now or utcnow(), idle_days):
             try:
                 tokens.get_access_token(account_id, force_refresh=True)
-            except tokens.TokenError as exc:
+            except oauth_errors.TokenError as exc:
                 log.warning("upkeep: account %s not refreshed: %s", account_id, exc.message)
                 continue
             except Exception:  # one broken account (e.g. unreadable) must not stop the others

@@ -21,6 +21,7 @@ from mailboxes import refusals as mailrefusals
 from mailproxy.backend import Endpoint, Grant, Mechanism
 from mailproxy.common import sasl_initial_response
 from models import Account, AccountStatus, OAuthClient, User
+from oauth import errors as oauth_errors
 from oauth import grants, providers, tokens
 from people import audit
 
@@ -73,7 +74,7 @@ def verify(
     if access_token is None:
         try:
             access_token = tokens.get_access_token(account.id)
-        except tokens.TokenError as exc:
+        except oauth_errors.TokenError as exc:
             return Verification(False, exc.message)
     mechanism = providers.sasl_mechanism_for(client)
     results: dict[str, str | None] = {}

@@ -24,9 +24,9 @@ from flask import Flask
 from requests.adapters import HTTPAdapter
 
 from config import HostPolicy, is_loopback_host
-from errors import PersonError
 from models import OAuthClient
 from oauth import providers
+from oauth.errors import TEMPORARY, GrantError, TokenError, TokenUnavailable
 from store import appstate
 
 log = logging.getLogger("auth_email.grants")
@@ -86,85 +86,6 @@ def use_settings(app: Flask, settings: Settings) -> None:
 def settings() -> Settings:
     """The current app's settings."""
     return _STATE.get().settings
-
-
-# ---------------------------------------------------------------------------------- errors
-
-
-class TokenError(PersonError):
-    """A token could not be had; ``message`` says why in words a person can act on.
-
-    ``retry_after``: seconds the provider asked us to wait (its ``Retry-After``), if it did.
-    """
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class NeedsReauthorization(TokenError):
-    """The grant is gone (revoked, expired, password changed): the user must authorize again."""
-
-
-class TokenUnavailable(TokenError):
-    """A temporary failure (timeout, 5xx, another refresh that failed): try again later.
-
-    ``unreached``: the request never reached the server (connection refused, DNS), so asking
-    again at once is harmless; any answer (even a 503) waits for the back-off instead.
-    """
-
-    unreached = False
-
-
-class AccountUnusable(TokenError):
-    """The account is disabled, not linked yet, or gone."""
-
-
-class ClientRefused(TokenUnavailable):
-    """The provider refuses the OAuth client itself (wrong or expired secret, grant or scope not
-    allowed): re-authorizing cannot help; the client's settings must be fixed. A subclass of
-    ``TokenUnavailable`` so that the mail proxy answers with a temporary error carrying it."""
-
-    def __init__(
-        self,
-        message: str,
-        error: str = "",
-        description: str = "",
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, retry_after)
-        self.error = error
-        self.description = description
-
-
-class GrantError(TokenError):
-    """The token endpoint refused a grant; ``error`` and ``description`` are the provider's."""
-
-    def __init__(self, error: str, description: str = "", retry_after: float | None = None) -> None:
-        self.error = error or "unknown_error"
-        self.description = description or ""
-        said = f"{self.error}: {self.description}" if description else self.error
-        super().__init__(said, retry_after)
-
-    @property
-    def grant_gone(self) -> bool:
-        """The grant itself is refused: only a new authorization by the user helps."""
-        return self.error in GRANT_GONE
-
-    @property
-    def client_refused(self) -> bool:
-        """The client (its secret or settings) is refused: re-authorizing cannot help."""
-        return self.error in CLIENT_REFUSED
-
-
-# The provider's error codes (RFC 6749 section 5.2, OpenID Connect, RFC 8628) by what helps.
-GRANT_GONE = frozenset(
-    {"invalid_grant", "interaction_required", "consent_required", "login_required"}
-)
-CLIENT_REFUSED = frozenset(
-    {"invalid_client", "unauthorized_client", "invalid_scope", "unsupported_grant_type"}
-)
-TEMPORARY = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
 
 
 # ---------------------------------------------------------------------------------- HTTP

@@ -34,32 +34,19 @@ from typing import Any
 from prometheus_client import Counter
 
 from models import Account, AccountStatus, OAuthClient, utcnow
-from oauth import authorize as oauth
+from oauth import errors as oauth_errors
 from oauth import grants
-from oauth.grants import (
+from oauth.errors import (
     AccountUnusable,
     ClientRefused,
     GrantError,
     NeedsReauthorization,
     TokenError,
     TokenUnavailable,
-    client_credentials,
-    refresh_grant,
-    settings,
 )
+from oauth.grants import client_credentials, refresh_grant, settings
 from oauth.providers import CLIENT_CREDENTIALS
 from store.db import Ciphertext, database, vault
-
-__all__ = [
-    "AccountUnusable",
-    "ClientRefused",
-    "GrantError",
-    "NeedsReauthorization",
-    "TokenError",
-    "TokenUnavailable",
-    "get_access_token",
-    "store_tokens",
-]
 
 log = logging.getLogger("auth_email.tokens")
 # The primary key column (peewee declares ``id`` implicitly, which type checkers cannot see).
@@ -391,7 +378,7 @@ def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseExceptio
 
 def _reauth_message(exc: GrantError) -> str:
     said = exc.description or exc.error
-    known = oauth.known_explanation(exc.error, exc.description)
+    known = oauth_errors.known_explanation(exc.error, exc.description)
     if known is None:
         return f"The provider refused to renew the authorization ({exc.error}): {said}"[:1000]
     return (f"{known.title}: {known.cause} {known.fix} (The provider said: {exc.error}: {said})")[
@@ -401,7 +388,7 @@ def _reauth_message(exc: GrantError) -> str:
 
 def _client_message(client: OAuthClient, exc: GrantError) -> str:
     """Why the provider refuses the client, and that its settings (not the user) must change."""
-    known = oauth.known_explanation(exc.error, exc.description)
+    known = oauth_errors.known_explanation(exc.error, exc.description)
     if known is not None:
         said = f"{known.title} ({known.code}). {known.cause} {known.fix}"
     else:
@@ -414,7 +401,7 @@ def _client_message(client: OAuthClient, exc: GrantError) -> str:
 
 def _classified(client: OAuthClient, exc: GrantError) -> TokenError:
     """The provider's refusal as the error that says what helps."""
-    if exc.grant_gone and not oauth.is_throttling(exc.error, exc.description):
+    if exc.grant_gone and not oauth_errors.is_throttling(exc.error, exc.description):
         return NeedsReauthorization(_reauth_message(exc))
     if exc.client_refused:
         return ClientRefused(

@@ -8,9 +8,15 @@ from errors import PersonError
 from mailboxes.emailproxy_import import ImportFileError
 from mailboxes.linking import LinkError
 from mailboxes.verification import VerificationFailed
-from oauth.authorize import AuthorizationProblem, explain
 from oauth.clients import ClientError, ClientInUse
-from oauth.grants import ClientRefused, GrantError, NeedsReauthorization, TokenError
+from oauth.errors import (
+    AuthorizationProblem,
+    ClientRefused,
+    GrantError,
+    NeedsReauthorization,
+    TokenError,
+    explain,
+)
 from people.addresses import AddressError
 from people.users import UserError
 

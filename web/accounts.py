@@ -30,6 +30,7 @@ from mailboxes.account_health import Health, health
 from models import Account, AccountStatus, MailPassword, OAuthClient, User, utcnow
 from oauth import authorize as oauth
 from oauth import clients as oauth_clients
+from oauth import errors as oauth_errors
 from oauth import providers
 from people import instance_settings
 from web import timefmt
@@ -195,7 +196,7 @@ def authorize_start() -> View:
         )
     except linking.LinkError as exc:
         return _authorize_page(form, 400, exc.message)
-    except oauth.AuthorizationProblem as exc:
+    except oauth_errors.AuthorizationProblem as exc:
         return _problem(exc, form.address.data)
     return _after_start(started)
 
@@ -219,7 +220,7 @@ def _after_link(account: Account, result: verification.Verification | None) -> R
     return redirect(url_for("accounts.detail", account_id=account.id))
 
 
-def _problem(exc: oauth.AuthorizationProblem, address: str = "") -> tuple[str, int]:
+def _problem(exc: oauth_errors.AuthorizationProblem, address: str = "") -> tuple[str, int]:
     return render_template(
         "accounts/problem.html", problem=exc.explanation, address=address
     ), exc.status
@@ -233,7 +234,7 @@ def callback() -> View:
         account, result = linking.complete_callback(
             _user(), request.args.to_dict(), _redirect_uri(), ip=_ip()
         )
-    except oauth.AuthorizationProblem as exc:
+    except oauth_errors.AuthorizationProblem as exc:
         return _problem(exc)
     return _after_link(account, result)
 
@@ -252,7 +253,7 @@ def device(account_id: int, state: str) -> View:
             return redirect(url_for("accounts.index"))
         return redirect(url_for("accounts.detail", account_id=account.id))
     if pending.expires_at < utcnow():
-        return _problem(oauth.AuthorizationProblem(oauth.EXPIRED), account.address)
+        return _problem(oauth_errors.AuthorizationProblem(oauth.EXPIRED), account.address)
     return render_template(
         "accounts/device.html", account=account, pending=pending, form=EmptyForm()
     )
@@ -267,7 +268,7 @@ def device_check(account_id: int, state: str) -> View:
         abort(400)
     try:
         result = linking.poll_device(_user(), account, state, ip=_ip())
-    except oauth.AuthorizationProblem as exc:
+    except oauth_errors.AuthorizationProblem as exc:
         if exc.status == 404:
             abort(404)
         return _problem(exc, account.address)
@@ -316,7 +317,7 @@ def reauthorize(account_id: int) -> View:
     except linking.LinkError as exc:
         flash(exc.message, "error")
         return redirect(url_for("accounts.detail", account_id=account.id))
-    except oauth.AuthorizationProblem as exc:
+    except oauth_errors.AuthorizationProblem as exc:
         return _problem(exc, account.address)
     return _after_start(started)
 
