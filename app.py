@@ -27,7 +27,7 @@ from store.db import (
     key_ids_in_use,
     open_database,
     use_database,
-    vault,
+    use_keyring,
 )
 from store.vault import (
     SECRET_KEY_FILE,
@@ -49,6 +49,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.from_pyfile("config.py", silent=True)
     app.config.update(config.from_environ(os.environ))
     app.config.update(test_config)
+    app.config.update(config.typed(app.config))
 
     instance = Path(app.instance_path)
     instance.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -76,9 +77,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         MAX_FORM_PARTS=100,
     )
     _quiet_sql_log(app.config["LOG_SQL"])
-    passwords.configure(app.config)
-    grants.configure(app.config)
-    graphsend.configure(app.config)
+    passwords.init_app(app)
+    grants.init_app(app)
+    graphsend.init_app(app)
     init_database(app)
 
     from web import security
@@ -93,20 +94,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(delivery_pages.bp)
     app.register_blueprint(settings.bp)
     app.register_blueprint(clients.bp)
-    clients.init_app(app)
     app.register_blueprint(admin.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(mailsetup.bp)
     app.register_blueprint(ops.bp)
     cli.init_app(app)
-
-    from mailboxes import mailbackend, upkeep
-
-    # What serve.py runs beside the web UI; nothing starts here.
-    app.extensions["services"] = [
-        mailbackend.MailProxyService,
-        lambda app: upkeep.Upkeep(interval=app.config["UPKEEP_INTERVAL_SECONDS"]),
-    ]
     return app
 
 
@@ -118,8 +110,8 @@ def _quiet_sql_log(wanted: bool) -> None:
 
 def init_database(app: Flask) -> None:
     """Open the database, bring its schema up to date and load the vault key."""
-    use_database(open_database(app.config["DATABASE_URL"]))
-    with database.connection_context():
+    use_database(open_database(app.config["DATABASE_URL"]), app)
+    with app.app_context(), database.connection_context():
         migrate()
         _private_sqlite_files(app.config["DATABASE_URL"])
         key_file = Path(app.instance_path) / VAULT_KEY_FILE
@@ -133,7 +125,7 @@ def init_database(app: Flask) -> None:
                 "sharing this database, copy its vault.key here and start again."
             )
         check_keyring(keyring, Meta, SECRET_MODELS)
-        vault.keyring = keyring
+        use_keyring(keyring, app)
 
     @app.before_request
     def _connect() -> None:

@@ -14,8 +14,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mailproxy.common import is_loopback
+from mailproxy.settings import DEFAULT_LISTENERS, LISTENER_NAMES, ProxySettings
 
 ENV_PREFIX = "AUTH_EMAIL_"
+
+#: The mail proxy's listeners (mailproxy's table): the setting that holds each one's host:port.
+LISTEN_SETTINGS = {name: f"{name.upper()}_LISTEN" for name in LISTENER_NAMES}
+_PROXY = ProxySettings()
 
 DEFAULTS: dict[str, Any] = {
     # The address people reach the web UI at; OAuth redirect URIs are built from it.
@@ -33,39 +38,34 @@ DEFAULTS: dict[str, Any] = {
     # few KiB; a larger request is refused with 413 before it is read).
     "MAX_REQUEST_BYTES": 1048576,
     "MAX_FORM_FIELD_BYTES": 65536,
-    # Mail proxy listeners, host:port each; empty disables one.
-    "IMAP_LISTEN": "127.0.0.1:1143",
-    "IMAPS_LISTEN": "127.0.0.1:1993",
-    "POP3_LISTEN": "127.0.0.1:1110",
-    "POP3S_LISTEN": "127.0.0.1:1995",
-    "SUBMISSION_LISTEN": "127.0.0.1:1587",
-    "SMTPS_LISTEN": "127.0.0.1:1465",
+    # Mail proxy listeners (IMAP_LISTEN ... SMTPS_LISTEN), host:port each; empty disables one.
+    **{LISTEN_SETTINGS[name]: address for name, address in DEFAULT_LISTENERS.items()},
     # Mail proxy limits: connections in all and per client IP, idle seconds before and after login.
-    "MAIL_MAX_CONNECTIONS": 4096,
-    "MAIL_MAX_CONNECTIONS_PER_IP": 256,
-    "MAIL_IDLE_TIMEOUT_PRELOGIN": 60,
-    "MAIL_IDLE_TIMEOUT": 1800,
+    "MAIL_MAX_CONNECTIONS": _PROXY.max_connections,
+    "MAIL_MAX_CONNECTIONS_PER_IP": _PROXY.max_connections_per_ip,
+    "MAIL_IDLE_TIMEOUT_PRELOGIN": _PROXY.idle_timeout_prelogin,
+    "MAIL_IDLE_TIMEOUT": _PROXY.idle_timeout,
     # Before login: seconds for the TLS handshake, seconds and commands until login.
-    "MAIL_HANDSHAKE_TIMEOUT": 10,
-    "MAIL_PRELOGIN_SECONDS": 300,
-    "MAIL_PRELOGIN_COMMANDS": 50,
+    "MAIL_HANDSHAKE_TIMEOUT": _PROXY.handshake_timeout,
+    "MAIL_PRELOGIN_SECONDS": _PROXY.prelogin_lifetime,
+    "MAIL_PRELOGIN_COMMANDS": _PROXY.max_prelogin_commands,
     # TCP load balancers in front of the mail listeners (addresses or CIDR ranges, comma
     # separated): their PROXY protocol header (v1 or v2) names each client's real address.
     "MAIL_TRUSTED_PROXIES": "",
-    "MAIL_UPSTREAM_POOL": 2,
+    "MAIL_UPSTREAM_POOL": _PROXY.upstream_pool_size,
     # Certificate for the mail listeners; empty: a self-signed pair in the instance folder.
     "TLS_CERT": "",
     "TLS_KEY": "",
     # Extra CA certificates trusted for upstream mail servers and token endpoints.
     "UPSTREAM_CA_FILE": "",
     # Token endpoint requests: timeout in seconds, attempts on timeouts and 5xx, first backoff.
-    "TOKEN_HTTP_TIMEOUT": 15,
+    "TOKEN_HTTP_TIMEOUT": 15.0,
     "TOKEN_ATTEMPTS": 3,
     "TOKEN_BACKOFF": 0.5,
     # Microsoft Graph (SMTP through sendMail when a tenant turns SMTP AUTH off): base URL,
     # seconds per request, tries while Graph answers 5xx.
     "GRAPH_URL": "https://graph.microsoft.com",
-    "GRAPH_TIMEOUT": 30,
+    "GRAPH_TIMEOUT": 30.0,
     "GRAPH_ATTEMPTS": 3,
     # How often the serving process refreshes idle accounts (refresh tokens age out unused).
     "UPKEEP_INTERVAL_SECONDS": 3600,
@@ -106,21 +106,47 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _coerce(name: str, raw: str, default: Any) -> Any:
-    """Environment values are strings; give them the type of their default."""
+def _coerce(label: str, raw: Any, default: Any) -> Any:
+    """A setting given the type of its default: booleans, whole numbers, numbers (seconds and
+    other durations may be fractional) and lists (comma-separated in a string). Environment
+    values are strings; instance/config.py and tests may give either."""
     if isinstance(default, bool):
-        lowered = raw.strip().lower()
+        if isinstance(raw, bool) or raw in (0, 1):
+            return bool(raw)
+        lowered = str(raw).strip().lower()
         if lowered in {"1", "true", "yes", "on"}:
             return True
         if lowered in {"0", "false", "no", "off", ""}:
             return False
-        raise ValueError(f"{ENV_PREFIX}{name} must be true or false, not {raw!r}")
-    if isinstance(default, int):
+        raise ValueError(f"{label} must be true or false, not {raw!r}")
+    if isinstance(default, int | float) and not isinstance(raw, bool):
+        kind = int if isinstance(default, int) else float
         try:
-            return int(raw)
+            if isinstance(raw, str) or (kind is float and isinstance(raw, int)):
+                return kind(raw)
+            if isinstance(raw, kind):
+                return raw
         except ValueError:
-            raise ValueError(f"{ENV_PREFIX}{name} must be a whole number, not {raw!r}") from None
+            pass
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{label} must be {what}, not {raw!r}")
+    if isinstance(default, list):
+        if isinstance(raw, str):
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        if isinstance(raw, list | tuple):
+            return list(raw)
+        raise ValueError(f"{label} must be a list, not {raw!r}")
     return raw
+
+
+def typed(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every known setting in ``config`` with the type of its default (the one place settings
+    get their types, whichever layer set them)."""
+    return {
+        name: _coerce(name, config[name], default)
+        for name, default in DEFAULTS.items()
+        if name in config
+    }
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -129,7 +155,7 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, default in DEFAULTS.items():
         key = ENV_PREFIX + name
         if key in environ:
-            found[name] = _coerce(name, environ[key], default)
+            found[name] = _coerce(key, environ[key], default)
     return found
 
 
@@ -219,3 +245,8 @@ class HostPolicy:
             f"{host} is not among the hosts this server allows for clients "
             "(ask your administrator)."
         )
+
+
+def listeners(config: Mapping[str, Any]) -> dict[str, str]:
+    """Listener name -> host:port of every mail listener the configuration enables."""
+    return {name: config[key] for name, key in LISTEN_SETTINGS.items() if config.get(key)}

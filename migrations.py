@@ -108,7 +108,7 @@ def _v8_per_user_pending_links() -> None:
     database satisfy both, as their addresses were unique in the whole instance.
     """
     database.execute_sql('DROP INDEX IF EXISTS "account_address"')
-    m.Account._schema.create_indexes(safe=True)
+    m.Account.create_table(safe=True)  # the table exists: only its missing indexes are made
 
 
 MIGRATIONS: list[Callable[[], None]] = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+from enum import StrEnum
 from typing import Any
 
 import peewee as pw
@@ -96,6 +97,7 @@ class AuditEvent(BaseModel):
 
     at = pw.DateTimeField(default=utcnow, index=True)
     actor = pw.ForeignKeyField(User, null=True, on_delete="SET NULL", backref="audit_events")
+    actor_id: int | None  # peewee's column of the foreign key
     actor_email = pw.CharField(max_length=254, default="")
     ip = pw.CharField(max_length=64, default="")
     action = pw.CharField(max_length=64)
@@ -116,6 +118,7 @@ class OAuthClient(SecretModel):
     """An app registration (Entra, Google, ...) a user added, or the instance's default one."""
 
     owner = pw.ForeignKeyField(User, on_delete="CASCADE", backref="clients")
+    owner_id: int  # peewee's column of the foreign key
     name = pw.CharField(max_length=100)
     provider = pw.CharField(max_length=32)
     grant = pw.CharField(max_length=32, default="authorization_code")
@@ -170,8 +173,73 @@ class OAuthClient(SecretModel):
         return cls.select().where(cls.owner == user)
 
 
-ACCOUNT_STATUSES = ("pending", "active", "needs_reauth", "error", "disabled")
 LINKED_ADDRESS_INDEX = "account_linked_address"
+
+
+class AccountStatus(StrEnum):
+    """Where a linked mailbox stands; every change goes through ``Account.set_status``.
+
+    pending --authorized, upstream login verified--> active
+    active | error --"Test sign-in" or re-authorization--> active | error
+    active | error --grant refused (token refresh, client deleted)--> needs_reauth
+    (imported from email-oauth2-proxy) --> needs_reauth --re-authorized and verified--> active
+    Only active accounts relay mail; pending and needs_reauth ones ask for an authorization.
+    """
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    NEEDS_REAUTH = "needs_reauth"
+    ERROR = "error"
+    DISABLED = "disabled"
+
+    @property
+    def label(self) -> str:
+        return _STATUS_TEXT[self][0]
+
+    @property
+    def phrase(self) -> str:
+        """The status in a sentence ("not usable yet (sign-in failed)")."""
+        return _STATUS_TEXT[self][1]
+
+    @property
+    def explanation(self) -> str:
+        return _STATUS_TEXT[self][2]
+
+    @property
+    def works(self) -> bool:
+        return self is AccountStatus.ACTIVE
+
+    @property
+    def testable(self) -> bool:
+        """A sign-in check may (re)decide between active and error."""
+        return self in (AccountStatus.ACTIVE, AccountStatus.ERROR)
+
+    @property
+    def needs_attention(self) -> bool:
+        return self in (AccountStatus.NEEDS_REAUTH, AccountStatus.ERROR)
+
+    @property
+    def needs_authorization(self) -> bool:
+        return self in (AccountStatus.NEEDS_REAUTH, AccountStatus.PENDING)
+
+
+# status -> (badge label, the status in a sentence, what it means for the mailbox)
+_STATUS_TEXT = {
+    AccountStatus.PENDING: (
+        "Pending",
+        "Authorization not finished",
+        "The authorization was not finished.",
+    ),
+    AccountStatus.ACTIVE: ("Active", "Active", "This mailbox works through Auth-Email."),
+    AccountStatus.NEEDS_REAUTH: (
+        "Needs re-authorization",
+        "Needs re-authorization",
+        "The provider no longer accepts this mailbox's authorization: authorize it again "
+        "(your mail-client passwords stay).",
+    ),
+    AccountStatus.ERROR: ("Error", "Sign-in failed", "The last sign-in check failed."),
+    AccountStatus.DISABLED: ("Disabled", "Disabled", "This mailbox is disabled."),
+}
 
 
 class Account(SecretModel):
@@ -186,7 +254,10 @@ class Account(SecretModel):
     address = pw.CharField(max_length=254)
     provider = pw.CharField(max_length=32)
     client = pw.ForeignKeyField(OAuthClient, null=True, on_delete="SET NULL", backref="accounts")
-    status = pw.CharField(max_length=16, default="pending")
+    owner_id: int  # peewee's columns of the foreign keys, and a backref
+    client_id: int | None
+    passwords: pw.ModelSelect
+    status = pw.CharField(max_length=16, default=AccountStatus.PENDING.value)
     status_detail = pw.TextField(default="")
     # The identity that signed in, when it differs from the mailbox (shared mailboxes).
     signed_in_as = pw.CharField(max_length=254, default="")
@@ -232,12 +303,25 @@ class Account(SecretModel):
     @classmethod
     def linked(cls) -> pw.ModelSelect[Account]:
         """Accounts past their placeholder stage: at most one per address in the instance."""
-        return cls.select().where(cls.status != "pending")
+        return cls.select().where(cls.status != AccountStatus.PENDING.value)
 
     @classmethod
     def linked_at(cls, address: str) -> Account | None:
         """The account that holds ``address`` in this instance, if any (never a placeholder)."""
         return cls.linked().where(cls.address == address).first()
+
+    @property
+    def state(self) -> AccountStatus:
+        return AccountStatus(self.status)
+
+    @classmethod
+    def set_status(
+        cls, where: Any, status: AccountStatus | str, detail: str = "", **also: Any
+    ) -> int:
+        """The one place an account's status changes (with ``also``: other columns in the same
+        UPDATE); ``where`` selects the accounts. See ``AccountStatus`` for the transitions."""
+        status = AccountStatus(status)
+        return cls.update(status=status.value, status_detail=detail, **also).where(where).execute()
 
     def has_tokens(self) -> bool:
         return self.has_secret("refresh_token") or self.has_secret("access_token")
@@ -246,7 +330,10 @@ class Account(SecretModel):
 # The instance-wide uniqueness of linked addresses (a partial index: placeholders are left out).
 Account.add_index(
     Account.index(
-        Account.address, unique=True, where=(Account.status != "pending"), name=LINKED_ADDRESS_INDEX
+        Account.address,
+        unique=True,
+        where=(Account.status != AccountStatus.PENDING.value),
+        name=LINKED_ADDRESS_INDEX,
     )
 )
 

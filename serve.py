@@ -19,6 +19,9 @@ from waitress import create_server
 
 from app import create_app
 from config import web_server_limits
+from mailboxes.mailbackend import MailProxyService
+from mailboxes.upkeep import Upkeep
+from mailproxy.settings import parse_hostport
 from store.vault import KeyFileError, lock_instance
 
 log = logging.getLogger("auth_email.serve")
@@ -32,11 +35,11 @@ class Service(Protocol):
 
 
 def services(app: Flask) -> list[Service]:
-    """What runs beside the web UI; each module that has one offers ``service(app)``."""
-    found: list[Service] = []
-    for factory in app.extensions.get("services", []):
-        found.append(factory(app))
-    return found
+    """What runs beside the web UI, for ``app``: the mail proxy and upkeep."""
+    return [
+        MailProxyService(app),
+        Upkeep(interval=app.config["UPKEEP_INTERVAL_SECONDS"], app=app),
+    ]
 
 
 def raise_open_file_limit() -> int | None:
@@ -79,11 +82,6 @@ class RareAcceptErrors(logging.Filter):
         return True
 
 
-def split_bind(bind: str) -> tuple[str, int]:
-    host, _, port = bind.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def web_server(app: Flask, host: str, port: int) -> Any:
     """The waitress server for the web UI; behind a reverse proxy, it takes the client's address
     from the proxy's X-Forwarded-* headers, and from no one else."""
@@ -124,7 +122,7 @@ def main() -> int:
         log.error("cannot start: another process is serving the instance %s", app.instance_path)
         return 2
     # The web UI's port first: a busy port is reported before anything else has started.
-    host, port = split_bind(app.config["BIND"])
+    host, port = parse_hostport(app.config["BIND"])
     try:
         server = web_server(app, host, port)
     except OSError as error:

@@ -11,15 +11,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from mailboxes import refusals as mailrefusals
-from models import Account
-
-LABELS = {
-    "active": "Active",
-    "needs_reauth": "Needs re-authorization",
-    "error": "Error",
-    "disabled": "Disabled",
-    "pending": "Pending",
-}
+from models import Account, AccountStatus
 
 
 @dataclass(frozen=True)
@@ -39,7 +31,7 @@ class Health:
 def health(account: Account) -> Health:
     """The account's state as the pages show it."""
     refusals = sorted(mailrefusals.states(account).values(), key=lambda r: r.protocol)
-    if account.status == "active" and account.refresh_failures:
+    if account.state.works and account.refresh_failures:
         return Health(
             "Cannot renew token",
             "error",
@@ -48,15 +40,15 @@ def health(account: Account) -> Health:
             account.next_refresh_at,
             refusals,
         )
-    if account.status == "active" and refusals:
+    if account.state.works and refusals:
         names = ", ".join(r.name for r in refusals)
         problem = " ".join(f"{r.name}: {r.title}." for r in refusals)
         return Health(f"Active, {names} refused", "partial", problem, refusals=refusals)
-    since = account.refresh_failing_since if account.status == "needs_reauth" else None
+    since = account.refresh_failing_since if account.state is AccountStatus.NEEDS_REAUTH else None
     return Health(
-        LABELS.get(account.status, account.status),
+        account.state.label,
         account.status,
-        account.status_detail if account.status != "active" else "",
+        account.status_detail if not account.state.works else "",
         since,
         refusals=refusals,
     )

@@ -24,9 +24,10 @@ import peewee as pw
 from flask import current_app
 from flask.cli import with_appcontext
 
+from errors import PersonError
 from mailboxes.linking import normalize_address
 from mailproxy.backend import Endpoint
-from models import Account, OAuthClient, User, utcnow
+from models import Account, AccountStatus, OAuthClient, User, utcnow
 from oauth import providers
 from people import audit
 from store.db import database
@@ -81,7 +82,7 @@ PROTOCOLS = {"imap": "imap", "pop": "pop3", "smtp": "smtp"}
 PLACEHOLDER = re.compile(r"\*\*\*.*\*\*\*")
 
 
-class ImportFileError(Exception):
+class ImportFileError(PersonError):
     """The file cannot be imported; ``problems`` lists every reason (none holds a secret)."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -344,7 +345,7 @@ def apply(user: User, text: str) -> Result:
                     address=address,
                     provider=client.provider,
                     client=client,
-                    status="needs_reauth",
+                    status=AccountStatus.NEEDS_REAUTH.value,
                     status_detail="Imported from email-oauth2-proxy: authorize it once.",
                 )
                 result.accounts_created.append(address)

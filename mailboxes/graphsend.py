@@ -30,10 +30,13 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from flask import Flask
 
 from mailproxy.backend import DeliveryRefused
 from models import Account, OAuthClient, utcnow
-from oauth import grants
+from oauth import errors as oauth_errors
+from oauth import grants, providers
+from store import appstate
 from store.db import Ciphertext, vault
 
 log = logging.getLogger("auth_email.graph")
@@ -54,24 +57,28 @@ class Settings:
     attempts: int = 3  # tries of sendMail while Graph answers 5xx (never after a timeout)
     backoff: float = 1.0  # first pause between tries; doubles; a shorter Retry-After wins
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
+        return cls(
+            url=str(config.get("GRAPH_URL") or cls.url).rstrip("/"),
+            timeout=float(config.get("GRAPH_TIMEOUT", cls.timeout)),
+            attempts=max(1, int(config.get("GRAPH_ATTEMPTS", cls.attempts))),
+            backoff=float(config.get("GRAPH_BACKOFF", cls.backoff)),
+        )
 
-_settings = Settings()
+
+_SETTINGS: appstate.Slot[Settings] = appstate.Slot("graphsend", default=Settings)
 _locks: dict[int, threading.Lock] = {}
 _locks_lock = threading.Lock()
 
 
-def configure(config: Mapping[str, Any]) -> None:
-    global _settings
-    _settings = Settings(
-        url=str(config.get("GRAPH_URL") or Settings.url).rstrip("/"),
-        timeout=float(config.get("GRAPH_TIMEOUT", Settings.timeout)),
-        attempts=max(1, int(config.get("GRAPH_ATTEMPTS", Settings.attempts))),
-        backoff=float(config.get("GRAPH_BACKOFF", Settings.backoff)),
-    )
+def init_app(app: Flask) -> None:
+    _SETTINGS.set(app, Settings.from_config(app.config))
 
 
 def settings() -> Settings:
-    return _settings
+    """The current app's settings."""
+    return _SETTINGS.get()
 
 
 class GraphTokenError(Exception):
@@ -97,7 +104,7 @@ def graph_token(account_id: int, force_refresh: bool = False) -> str:
         expires = account.graph_token_expires_at
         if (
             not force_refresh
-            and account.__data__.get("graph_access_token") is not None
+            and account.has_secret("graph_access_token")
             and expires is not None
             and expires > utcnow() + dt.timedelta(seconds=grants.settings().margin)
         ):
@@ -125,12 +132,12 @@ def _request_token(account: Account) -> dict[str, Any]:
     if client is None:
         raise GraphTokenError(DeliveryRefused(554, "5.7.0", "This mailbox has no OAuth client."))
     try:
-        if client.grant == grants.CLIENT_CREDENTIALS:
+        if client.grant == providers.CLIENT_CREDENTIALS:
             session = grants.session_for(client)
             token = grants.call_endpoint(
                 lambda: session.fetch_token(
                     client.token_url,
-                    grant_type=grants.CLIENT_CREDENTIALS,
+                    grant_type=providers.CLIENT_CREDENTIALS,
                     scope=GRAPH_APP_SCOPE,
                     timeout=grants.settings().timeout,
                 )
@@ -138,7 +145,7 @@ def _request_token(account: Account) -> dict[str, Any]:
         else:
             refresh = account.refresh_token
             if not refresh:
-                raise grants.GrantError("invalid_grant", "no refresh token is stored")
+                raise oauth_errors.GrantError("invalid_grant", "no refresh token is stored")
             grants.check_endpoint(client.token_url)
             session = grants.session_for(client)
             token = grants.call_endpoint(
@@ -149,9 +156,9 @@ def _request_token(account: Account) -> dict[str, Any]:
                     timeout=grants.settings().timeout,
                 )
             )
-    except grants.GrantError as exc:
+    except oauth_errors.GrantError as exc:
         raise GraphTokenError(_token_refusal(client, exc)) from None
-    except grants.TokenUnavailable as exc:
+    except oauth_errors.TokenUnavailable as exc:
         raise GraphTokenError(
             DeliveryRefused(451, "4.4.3", f"No Microsoft Graph token: {exc.message}")
         ) from None
@@ -162,7 +169,7 @@ def _request_token(account: Account) -> dict[str, Any]:
     return token
 
 
-def _token_refusal(client: OAuthClient, exc: grants.GrantError) -> DeliveryRefused:
+def _token_refusal(client: OAuthClient, exc: oauth_errors.GrantError) -> DeliveryRefused:
     said = f"{exc.error}: {exc.description}"[:300]
     if "65001" in exc.description or "consent" in exc.description.lower() or exc.client_refused:
         return DeliveryRefused(550, "5.7.1", f"{permission_help(client)} ({said})")
@@ -173,7 +180,7 @@ def _token_refusal(client: OAuthClient, exc: grants.GrantError) -> DeliveryRefus
 
 def permission_help(client: OAuthClient) -> str:
     """Which permission to add so that Graph may send (delegated or application)."""
-    if client.grant == grants.CLIENT_CREDENTIALS:
+    if client.grant == providers.CLIENT_CREDENTIALS:
         return (
             "Sending through Microsoft Graph needs the application permission Mail.Send "
             "(Microsoft Graph) with admin consent in the app registration"
@@ -268,13 +275,13 @@ def send(account: Account, sender: str, recipients: list[str], message: bytes) -
     have been), and 429 is not (Graph asks to wait).
     """
     body = base64.b64encode(prepare(account.address, recipients, message))
-    url = f"{_settings.url}/v1.0/users/{quote(account.address, safe='@')}/sendMail"
+    url = f"{settings().url}/v1.0/users/{quote(account.address, safe='@')}/sendMail"
     http = _http()
     refreshed = False
-    pause = _settings.backoff
+    pause = settings().backoff
     status, code, said = 0, "", ""
     attempt = 0
-    while attempt < _settings.attempts:
+    while attempt < settings().attempts:
         attempt += 1
         try:
             token = graph_token(account.id, force_refresh=refreshed)
@@ -285,7 +292,7 @@ def send(account: Account, sender: str, recipients: list[str], message: bytes) -
                 url,
                 data=body,
                 headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"},
-                timeout=_settings.timeout,
+                timeout=settings().timeout,
             )
         except requests.exceptions.ConnectTimeout:
             status, said = 0, "Microsoft Graph could not be reached in time"
@@ -293,7 +300,7 @@ def send(account: Account, sender: str, recipients: list[str], message: bytes) -
             raise DeliveryRefused(
                 451,
                 "4.4.2",
-                f"Microsoft Graph did not confirm the message within {_settings.timeout:g} s; "
+                f"Microsoft Graph did not confirm the message within {settings().timeout:g} s; "
                 "it may not have been sent: check Sent Items before sending it again",
             ) from None
         except requests.ConnectionError as exc:
@@ -311,7 +318,7 @@ def send(account: Account, sender: str, recipients: list[str], message: bytes) -
             if status < 500:
                 raise _refusal(account, sender, status, code, said, response)
             pause = min(pause, float(_retry_after(response, int(pause))))
-        if attempt < _settings.attempts:
+        if attempt < settings().attempts:
             time.sleep(pause)
             pause *= 2
     where = f"HTTP {status}" if status else said
@@ -327,7 +334,9 @@ def _refusal(
     account: Account, sender: str, status: int, code: str, said: str, response: requests.Response
 ) -> DeliveryRefused:
     client = account.client
-    principal = client.client_id if client and client.grant == grants.CLIENT_CREDENTIALS else None
+    principal = (
+        client.client_id if client and client.grant == providers.CLIENT_CREDENTIALS else None
+    )
     if code == "ErrorSendAsDenied":
         trustee = f"the app {principal}" if principal else account.address
         return DeliveryRefused(
@@ -379,10 +388,10 @@ def check(account: Account, access_token: str | None = None) -> str:
         token = access_token or graph_token(account.id)
     except GraphTokenError as exc:
         raise exc.reply from None
-    url = f"{_settings.url}/v1.0/users/{quote(account.address, safe='@')}"
+    url = f"{settings().url}/v1.0/users/{quote(account.address, safe='@')}"
     try:
         response = _http().get(
-            url, headers={"Authorization": f"Bearer {token}"}, timeout=_settings.timeout
+            url, headers={"Authorization": f"Bearer {token}"}, timeout=settings().timeout
         )
     except requests.RequestException as exc:
         raise DeliveryRefused(451, "4.4.1", f"Microsoft Graph is unreachable: {exc}") from None

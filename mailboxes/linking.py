@@ -14,10 +14,12 @@ from typing import Any
 
 import peewee as pw
 
+from errors import PersonError
 from mailboxes.verification import Verification, record_protocols, verify
 from models import (
     MAIL_LOOKUP_SECRET,
     Account,
+    AccountStatus,
     InstanceSecret,
     MailPassword,
     OAuthClient,
@@ -27,8 +29,9 @@ from models import (
 )
 from oauth import authorize as oauth
 from oauth import clients as oauth_clients
+from oauth import errors as oauth_errors
 from oauth import grants, providers, tokens
-from oauth.authorize import AuthorizationProblem
+from oauth.errors import AuthorizationProblem
 from people import addresses, audit
 from people.passwords import generate_password, hash_password, lookup_tag
 from store.db import database, parse_id
@@ -37,12 +40,8 @@ from store.db import database, parse_id
 ABANDONED_AFTER = dt.timedelta(hours=1)
 
 
-class LinkError(Exception):
+class LinkError(PersonError):
     """A request that cannot be done as asked; the message is shown next to the form."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 # ---------------------------------------------------------------------------------- lookups
@@ -68,7 +67,7 @@ def normalize_address(address: str) -> str:
     try:
         return addresses.normalize(address)
     except addresses.AddressError as exc:
-        raise LinkError(str(exc)) from None
+        raise LinkError(exc.message) from None
 
 
 def usable_client(user: User, client_id: int) -> OAuthClient | None:
@@ -124,7 +123,7 @@ class Started:
     done: Verification | None = None
 
 
-TAKEN = oauth.Explanation(
+TAKEN = oauth_errors.Explanation(
     "This mailbox is already linked",
     "The provider let you in, but this mailbox is already linked in this instance of Auth-Email, "
     "and a mailbox can be linked only once.",
@@ -187,24 +186,26 @@ def start(
             token = grants.password_grant(client, username or account.address, password)
         else:
             raise LinkError("This client's grant is not supported.")
-    except tokens.GrantError as exc:
+    except oauth_errors.GrantError as exc:
         _discard_if_unlinked(account, user)
-        explanation = oauth.explain(exc.error, exc.description, redirect)
+        explanation = oauth_errors.explain(exc.error, exc.description, redirect)
         if grant == providers.CLIENT_CREDENTIALS:
-            explanation = oauth.with_cc_help(explanation)
+            explanation = oauth_errors.with_cc_help(explanation)
         elif grant == providers.PASSWORD and exc.error == "invalid_grant":
-            explanation = oauth.password_refused(exc.description)
+            explanation = oauth_errors.password_refused(exc.description)
         raise AuthorizationProblem(explanation) from None
-    except tokens.TokenUnavailable as exc:
+    except oauth_errors.TokenUnavailable as exc:
         _discard_if_unlinked(account, user)
-        raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
+        raise AuthorizationProblem(oauth_errors.unreachable(exc.message), 502) from None
     return Started(account, done=finish(account, client, token, actor=user, ip=ip))
 
 
 def _placeholder(account: Account) -> bool:
     """Created for an authorization that never finished: pending, no tokens, no passwords."""
     return bool(
-        account.status == "pending" and not account.has_tokens() and not account.passwords.exists()
+        account.state is AccountStatus.PENDING
+        and not account.has_tokens()
+        and not account.passwords.exists()
     )
 
 
@@ -221,7 +222,7 @@ def forget_abandoned(now: dt.datetime | None = None, age: dt.timedelta = ABANDON
     """Delete abandoned placeholders older than ``age`` (upkeep); returns how many."""
     now = now or utcnow()
     old = Account.select().where(
-        (Account.status == "pending")
+        (Account.status == AccountStatus.PENDING.value)
         & Account.refresh_token.is_null()
         & Account.access_token.is_null()
         & (Account.created_at < now - age)
@@ -256,18 +257,20 @@ def complete_callback(
             detail=str(args.get("error"))[:100],
         )  # fmt: skip
         raise AuthorizationProblem(
-            oauth.explain(args.get("error", ""), args.get("error_description", ""), redirect)
+            oauth_errors.explain(args.get("error", ""), args.get("error_description", ""), redirect)
         )
     code = args.get("code")
     if not code:
         raise AuthorizationProblem(oauth.NO_PENDING)
     try:
         token = grants.exchange_code(client, code, redirect, str(pending.code_verifier))
-    except tokens.GrantError as exc:
+    except oauth_errors.GrantError as exc:
         _discard_if_unlinked(account, user)
-        raise AuthorizationProblem(oauth.explain(exc.error, exc.description, redirect)) from None
-    except tokens.TokenUnavailable as exc:
-        raise AuthorizationProblem(oauth.unreachable(exc.message), 502) from None
+        raise AuthorizationProblem(
+            oauth_errors.explain(exc.error, exc.description, redirect)
+        ) from None
+    except oauth_errors.TokenUnavailable as exc:
+        raise AuthorizationProblem(oauth_errors.unreachable(exc.message), 502) from None
     return account, finish(account, client, token, actor=user, ip=ip)
 
 
@@ -278,18 +281,18 @@ def poll_device(user: User, account: Account, state: str, *, ip: str = "") -> Ve
         raise AuthorizationProblem(oauth.NO_PENDING, 404)
     if pending.consumed_at is not None:
         fresh = Account.get_by_id(account.id)
-        return Verification(fresh.status == "active", fresh.status_detail)
+        return Verification(fresh.state.works, fresh.status_detail)
     if pending.expires_at < utcnow():
         raise AuthorizationProblem(oauth.EXPIRED)
     try:
         token = grants.device_code_poll(pending.client, str(pending.device_code))
-    except tokens.GrantError as exc:
+    except oauth_errors.GrantError as exc:
         PendingAuthorization.update(consumed_at=utcnow()).where(
             PendingAuthorization.id == pending.id
         ).execute()
         _discard_if_unlinked(account, user)
-        raise AuthorizationProblem(oauth.explain(exc.error, exc.description)) from None
-    except tokens.TokenUnavailable:
+        raise AuthorizationProblem(oauth_errors.explain(exc.error, exc.description)) from None
+    except oauth_errors.TokenUnavailable:
         return None  # the page polls again
     if token is None:
         return None
@@ -320,13 +323,13 @@ def finish(
         _refuse_taken(account, actor, ip)
     if client.grant != providers.CLIENT_CREDENTIALS and not token.get("refresh_token"):
         _discard_if_unlinked(account, actor)
-        raise AuthorizationProblem(oauth.explain("no_refresh_token"))
+        raise AuthorizationProblem(oauth_errors.explain("no_refresh_token"))
     relink = account.has_tokens()
     if relink:
         result = _checked(account, client, token)
         if result.ok:
             _store(account, client, token)
-            tokens.set_status(account.id, "active")
+            tokens.set_status(account.id, AccountStatus.ACTIVE)
         else:
             result = Verification(
                 False,
@@ -340,7 +343,7 @@ def finish(
             with database.atomic():  # leaves "pending": the address is now held instance-wide
                 tokens.set_status(
                     account.id,
-                    "active" if result.ok else "error",
+                    AccountStatus.ACTIVE if result.ok else AccountStatus.ERROR,
                     "" if result.ok else result.message,
                 )
         except pw.IntegrityError:  # another user's link of the address finished first
@@ -366,7 +369,9 @@ def _refuse_taken(account: Account, actor: User, ip: str) -> None:
     grant's tokens stored on it) goes, and nothing of the holder's account is read or changed.
     The audit log keeps the attempt (no owner named: the actor reads their own trail too)."""
     attempt = Account.get_or_none(
-        (Account.id == account.id) & (Account.owner == actor) & (Account.status == "pending")
+        (Account.id == account.id)
+        & (Account.owner == actor)
+        & (Account.status == AccountStatus.PENDING.value)
     )
     if attempt is not None:
         attempt.delete_instance(recursive=True)
@@ -380,7 +385,7 @@ def _checked(account: Account, client: OAuthClient, token: Mapping[str, Any]) ->
         return Verification(False, "The token response holds no access token.")
     result = verify(account, access_token=access, client=client)
     if not result.ok and client.grant == providers.CLIENT_CREDENTIALS:
-        result = Verification(False, f"{result.message} {oauth.CLIENT_CREDENTIALS_HELP}")
+        result = Verification(False, f"{result.message} {oauth_errors.CLIENT_CREDENTIALS_HELP}")
     return result
 
 

@@ -1,4 +1,4 @@
-"""The mail proxy's listeners as the app configures them: their TLS certificate and key."""
+"""The mail proxy's listeners as the app configures them: addresses, TLS certificate and key."""
 
 from __future__ import annotations
 
@@ -6,8 +6,31 @@ from pathlib import Path
 
 from flask import Flask
 
-from config import mail_host
+from config import listeners, mail_host
 from mailproxy import ensure_self_signed
+from store import appstate
+
+# Listener name -> the (host, port) the app's running proxy bound (one set to port 0 gets a free
+# port); kept on the app, so the configuration stays as it was given.
+_BOUND: appstate.Slot[dict[str, tuple[str, int]]] = appstate.Slot("mail_bound", fallback=False)
+
+
+def record_bound(app: Flask, bound: dict[str, tuple[str, int]]) -> None:
+    """The proxy of ``app`` listens at ``bound`` (called once it started)."""
+    _BOUND.set(app, dict(bound))
+
+
+def addresses(app: Flask) -> dict[str, str]:
+    """Listener name -> host:port of every enabled mail listener, as mail clients reach it: one
+    configured on port 0 is named by the port it got once the app's proxy listens."""
+    bound = _BOUND.of(app) or {}
+    found = {}
+    for name, value in listeners(app.config).items():
+        if name in bound and value.rstrip().endswith(":0"):
+            host, port = bound[name]
+            value = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        found[name] = value
+    return found
 
 
 def tls_files(app: Flask) -> tuple[str, str, bool]:

@@ -15,16 +15,17 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import peewee as pw
 from flask import Flask
 
-from config import HostPolicy
-from mailboxes import graphsend, smtpdelivery
+from config import LISTEN_SETTINGS, HostPolicy, mail_host
+from mailboxes import graphsend, listeners, smtpdelivery
 from mailboxes import refusals as mailrefusals
 from mailproxy import (
     Controller,
@@ -34,19 +35,21 @@ from mailproxy import (
     ProxySettings,
     proxyproto,
 )
-from mailproxy.settings import LISTENER_NAMES, parse_hostport
 from models import (
     MAIL_LOOKUP_SECRET,
     Account,
+    AccountStatus,
     InstanceSecret,
     MailPassword,
     OAuthClient,
     User,
     utcnow,
 )
+from oauth import errors as oauth_errors
 from oauth import providers, tokens
 from people import audit, throttle
 from people.passwords import lookup_tag, verify_password
+from store import appstate
 from store.db import Prepared, database
 
 log = logging.getLogger("auth_email.mail")
@@ -121,7 +124,10 @@ _cached_login = Prepared(
 class AppBackend:
     """``mailproxy.Backend`` over this app's accounts, mail-client passwords and tokens."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], app: Flask | None = None) -> None:
+        # The app whose database, vault and settings the proxy's threads use (by default the
+        # one whose context creates the backend).
+        self.app = app or appstate.current()
         self.public_url = config["PUBLIC_URL"]
         self.config = dict(config)
         self.hosts = HostPolicy.from_config(config, providers.preset_hosts())
@@ -142,7 +148,7 @@ class AppBackend:
     def authenticate(self, protocol: str, address: str, password: str, client_ip: str) -> Grant:
         address = address.strip().lower()
         keys = throttle.login_keys("mail", address, client_ip, self.config)
-        with database.connection_context():
+        with self._context():
             self._refuse_if_blocked(throttle.retry_after(keys))
             account = self._check_password(address, password, client_ip, keys)
             if account is None:
@@ -212,7 +218,7 @@ class AppBackend:
         tag = lookup_tag(InstanceSecret.value_of(MAIL_LOOKUP_SECRET), address, password)
         account = _with_owner_and_client(
             Account.select(Account, User, OAuthClient).where(
-                (Account.address == address) & (Account.status != "pending")
+                (Account.address == address) & (Account.status != AccountStatus.PENDING.value)
             )  # the one linked account (placeholders of other users' attempts hold none)
         )
         rows = (
@@ -245,12 +251,18 @@ class AppBackend:
         self._password_used(match.id, client_ip)
         return account
 
+    @contextmanager
+    def _context(self) -> Iterator[None]:
+        """A database connection, in this backend's app (its database, vault and settings)."""
+        with appstate.bound(self.app), database.connection_context():
+            yield
+
     def later(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run a bookkeeping write in the bookkeeping thread."""
 
         def run() -> None:
             try:
-                with database.connection_context():
+                with self._context():
                     write(*args, **kwargs)
             except Exception:
                 log.exception("bookkeeping write failed")
@@ -282,9 +294,9 @@ class AppBackend:
 
     def _grant(self, account: Account, protocol: str, client_ip: str) -> Grant:
         page = f"{self.public_url}/accounts/{account.id}"
-        if not account.owner.is_enabled or account.status == "disabled":
+        if not account.owner.is_enabled or account.state is AccountStatus.DISABLED:
             raise ProxyAuthError("disabled", "This account is disabled in Auth-Email")
-        if account.status in ("needs_reauth", "pending") or account.client is None:
+        if account.state.needs_authorization or account.client is None:
             self.later(
                 audit.record,
                 "mail.login_needs_reauth",
@@ -331,7 +343,7 @@ class AppBackend:
         return replace(grant, deliver=True, max_message=graphsend.MAX_MESSAGE)
 
     def smtp_auth_refused(self, account_id: int, detail: str) -> Grant | None:
-        with database.connection_context():
+        with self._context():
             switch = smtpdelivery.record_refusal(account_id, detail)
             account = Account.get_by_id(account_id)
             self.later(
@@ -353,7 +365,7 @@ class AppBackend:
             )
 
     def deliver(self, account_id: int, sender: str, recipients: list[str], message: bytes) -> str:
-        with database.connection_context():
+        with self._context():
             account = Account.get_or_none(Account.id == account_id)
             if account is None:
                 raise DeliveryRefused(451, "4.7.0", "This mailbox is not linked any more")
@@ -369,20 +381,20 @@ class AppBackend:
 
     # -- tokens -------------------------------------------------------------------------------
     def access_token(self, account_id: int, force_refresh: bool = False) -> str:
-        with database.connection_context():
+        with self._context():
             try:
                 return tokens.get_access_token(account_id, force_refresh=force_refresh)
-            except tokens.NeedsReauthorization as error:
+            except oauth_errors.NeedsReauthorization as error:
                 raise ProxyAuthError(
                     "reauth",
-                    f"{error} Re-authorize this account in Auth-Email: "
+                    f"{error.message} Re-authorize this account in Auth-Email: "
                     f"{self.public_url}/accounts/{account_id}",
                 ) from None
-            except tokens.TokenUnavailable as error:
-                raise ProxyAuthError("unavailable", str(error)) from None
-            except tokens.AccountUnusable as error:
+            except oauth_errors.TokenUnavailable as error:
+                raise ProxyAuthError("unavailable", error.message) from None
+            except oauth_errors.AccountUnusable as error:
                 # unlinked, disabled or not yet authorized since the password was checked
-                raise ProxyAuthError("disabled", str(error)) from None
+                raise ProxyAuthError("disabled", error.message) from None
             except Exception:
                 log.exception("getting the access token of account %s failed", account_id)
                 raise ProxyAuthError("unavailable", "Internal error, try again later") from None
@@ -391,7 +403,7 @@ class AppBackend:
         """Worth one refresh and retry? Not for a policy refusal (SMTP AUTH disabled), nor when
         this protocol already refused this very token: the recorded reason comes back at once,
         without a token request. Never marks the account: that is the token endpoint's say."""
-        with database.connection_context():
+        with self._context():
             account = _with_owner_and_client(
                 Account.select(Account, User, OAuthClient).where(Account.id == account_id)
             )
@@ -408,7 +420,7 @@ class AppBackend:
 
     def token_rejected(self, account_id: int, protocol: str, detail: str) -> str | None:
         """A freshly renewed token was refused too: recorded for this protocol only."""
-        with database.connection_context():
+        with self._context():
             account = _with_owner_and_client(
                 Account.select(Account, User, OAuthClient).where(Account.id == account_id)
             )
@@ -456,13 +468,10 @@ class AppBackend:
 
 def proxy_settings(app: Flask) -> ProxySettings:
     """The proxy's settings from the app's configuration layers."""
-    from config import mail_host
-    from mailboxes.listeners import tls_files
-
     cfg = app.config
-    cert, key, generated = tls_files(app)
+    cert, key, generated = listeners.tls_files(app)
     return ProxySettings(
-        listeners={name: cfg[f"{name.upper()}_LISTEN"] for name in LISTENER_NAMES},
+        listeners={name: cfg[key] for name, key in LISTEN_SETTINGS.items()},
         tls_cert=cert,
         tls_key=key,
         tls_key_group_readable=not generated,  # e.g. certbot's key shared with our group
@@ -493,24 +502,27 @@ def trusted_proxies(value: str) -> tuple[str, ...]:
         raise ValueError(f"MAIL_TRUSTED_PROXIES: {error}") from None
 
 
+_SERVICE: appstate.Slot[MailProxyService] = appstate.Slot("mail_proxy", fallback=False)
+
+
+def running(app: Flask) -> MailProxyService | None:
+    """The mail proxy service of ``app`` in this process (None: the proxy does not run here)."""
+    return _SERVICE.of(app)
+
+
 class MailProxyService:
     """The mail proxy as a service of the serving process (see serve.py)."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
-        self.backend = AppBackend(app.config)
-        app.extensions["mail_backend"] = self.backend
+        self.backend = AppBackend(app.config, app)
         self.controller = Controller(self.backend, proxy_settings(app))
-        app.extensions["mail_proxy"] = self.controller
+        _SERVICE.set(app, self)
 
     def start(self) -> None:
         self.controller.start()
-        for name, (host, port) in self.controller.listening.items():
-            # A listener on port 0 got a free port: /healthz and the mail-client setup pages
-            # read the listener settings, so they must name the port actually bound.
-            key = f"{name.upper()}_LISTEN"
-            if parse_hostport(self.app.config[key])[1] == 0:
-                self.app.config[key] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # /healthz and the mail-client setup pages name the ports actually bound
+        listeners.record_bound(self.app, self.controller.listening)
 
     def stop(self) -> None:
         self.controller.stop()

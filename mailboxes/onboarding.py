@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models import Account, MailPassword, OAuthClient, User
+from models import Account, AccountStatus, MailPassword, OAuthClient, User
 from oauth import clients as oauth_clients
 from oauth import providers
 
@@ -100,7 +100,7 @@ def first_run_steps(user: User) -> list[Step]:
     shared = OAuthClient.select().where(OAuthClient.shared == True).exists()  # noqa: E712
     has_default = any(oauth_clients.default_client(key) for key in providers.PRESETS)
     accounts = Account.owned_by(user)
-    linked = accounts.where(Account.status == "active").exists()
+    linked = accounts.where(Account.status == AccountStatus.ACTIVE.value).exists()
     passwords = MailPassword.select().join(Account).where(Account.owner == user)
     has_password = passwords.exists()
     used = passwords.where(MailPassword.last_used_at.is_null(False)).exists()

@@ -11,10 +11,14 @@ import datetime as dt
 import logging
 import threading
 
+from flask import Flask
+
 from mailboxes import linking
-from models import Account, OAuthClient, utcnow
+from models import Account, AccountStatus, OAuthClient, utcnow
 from oauth import authorize as oauth
+from oauth import errors as oauth_errors
 from oauth import providers, tokens
+from store import appstate
 
 log = logging.getLogger("auth_email.upkeep")
 
@@ -29,7 +33,7 @@ def idle_accounts(now: dt.datetime, idle_days: int = IDLE_DAYS) -> list[int]:
         Account.select(Account.id)
         .join(OAuthClient)
         .where(
-            Account.status.in_(["active", "error"]),
+            Account.status.in_([s.value for s in AccountStatus if s.testable]),
             Account.refresh_token.is_null(False),
             OAuthClient.grant != providers.CLIENT_CREDENTIALS,
             (Account.last_refresh_at < cutoff)
@@ -52,7 +56,7 @@ def refresh_idle_accounts(now: dt.datetime | None = None, idle_days: int = IDLE_
         for account_id in idle_accounts(now or utcnow(), idle_days):
             try:
                 tokens.get_access_token(account_id, force_refresh=True)
-            except tokens.TokenError as exc:
+            except oauth_errors.TokenError as exc:
                 log.warning("upkeep: account %s not refreshed: %s", account_id, exc.message)
                 continue
             except Exception:  # one broken account (e.g. unreadable) must not stop the others
@@ -69,7 +73,13 @@ def refresh_idle_accounts(now: dt.datetime | None = None, idle_days: int = IDLE_
 class Upkeep:
     """Runs ``refresh_idle_accounts`` every ``interval`` seconds in a daemon thread."""
 
-    def __init__(self, interval: float = INTERVAL_SECONDS, idle_days: int = IDLE_DAYS) -> None:
+    def __init__(
+        self,
+        interval: float = INTERVAL_SECONDS,
+        idle_days: int = IDLE_DAYS,
+        app: Flask | None = None,
+    ) -> None:
+        self.app = app or appstate.current()  # whose accounts (by default: the current app's)
         self.interval = interval
         self.idle_days = idle_days
         self._stop = threading.Event()
@@ -92,7 +102,8 @@ class Upkeep:
         # A short pause first, so that start-up is not slowed by token requests.
         while not self._stop.wait(min(60.0, self.interval)):
             try:
-                count = refresh_idle_accounts(idle_days=self.idle_days)
+                with appstate.bound(self.app):
+                    count = refresh_idle_accounts(idle_days=self.idle_days)
                 if count:
                     log.info("upkeep: refreshed %d idle account(s)", count)
             except Exception:  # keep the thread alive; the next round tries again

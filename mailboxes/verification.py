@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config import is_loopback_host
+from errors import PersonError
 from mailboxes import refusals as mailrefusals
-from mailproxy.backend import Endpoint
-from models import Account, OAuthClient, User
+from mailproxy.backend import Endpoint, Grant, Mechanism
+from mailproxy.common import sasl_initial_response
+from models import Account, AccountStatus, OAuthClient, User
+from oauth import errors as oauth_errors
 from oauth import grants, providers, tokens
 from people import audit
 
@@ -71,7 +74,7 @@ def verify(
     if access_token is None:
         try:
             access_token = tokens.get_access_token(account.id)
-        except tokens.TokenError as exc:
+        except oauth_errors.TokenError as exc:
             return Verification(False, exc.message)
     mechanism = providers.sasl_mechanism_for(client)
     results: dict[str, str | None] = {}
@@ -80,7 +83,7 @@ def verify(
             CHECKS[protocol](endpoints[protocol], account.address, access_token, mechanism)
             results[protocol] = None
         except VerificationFailed as exc:
-            results[protocol] = str(exc)
+            results[protocol] = exc.message
     worked = [p for p, why in results.items() if why is None]
     failed = [f"{NAMES[p]}: {why}" for p, why in results.items() if why is not None]
     if not worked:
@@ -109,26 +112,29 @@ def record_protocols(account: Account, result: Verification, app_only: bool) -> 
 def recheck(user: User, account: Account, *, ip: str = "") -> Verification:
     """Test an existing link again (the "Test connection" button)."""
     result = verify(account)
-    app_only = account.client is not None and account.client.grant == "client_credentials"
+    app_only = account.client is not None and account.client.grant == providers.CLIENT_CREDENTIALS
     record_protocols(account, result, app_only)
-    if account.status in ("active", "error"):
+    if account.state.testable:
         tokens.set_status(
-            account.id, "active" if result.ok else "error", "" if result.ok else result.message
+            account.id,
+            AccountStatus.ACTIVE if result.ok else AccountStatus.ERROR,
+            "" if result.ok else result.message,
         )
     audit.record("account.tested", actor=user, ip=ip, target=account.address,
                  detail="ok" if result.ok else "failed")  # fmt: skip
     return result
 
 
-class VerificationFailed(Exception):
+class VerificationFailed(PersonError):
     """The upstream login or the follow-up command failed (message for a person)."""
 
 
-def sasl_payload(mechanism: str, address: str, access_token: str) -> bytes:
-    """The initial SASL response: the mailbox address goes into ``user=`` / ``a=``."""
-    if mechanism.upper() == "OAUTHBEARER":
-        return f"n,a={address},\x01auth=Bearer {access_token}\x01\x01".encode()
-    return f"user={address}\x01auth=Bearer {access_token}\x01\x01".encode()
+def sasl_payload(endpoint: Endpoint, mechanism: str, address: str, access_token: str) -> bytes:
+    """The initial SASL response (raw; imaplib encodes it), from the mail proxy's one builder:
+    the mailbox address goes into ``user=`` / ``a=``."""
+    kind: Mechanism = "OAUTHBEARER" if mechanism.upper() == "OAUTHBEARER" else "XOAUTH2"
+    grant = Grant(account_id=0, address=address, upstream=endpoint, mechanism=kind)
+    return base64.b64decode(sasl_initial_response(grant, access_token))
 
 
 def check_imap(
@@ -151,7 +157,7 @@ def check_imap(
         nonlocal calls
         calls += 1
         # After a failure the server sends an error challenge; an empty answer ends it.
-        return sasl_payload(mechanism, address, access_token) if calls == 1 else b""
+        return sasl_payload(endpoint, mechanism, address, access_token) if calls == 1 else b""
 
     where = f"{endpoint.host}:{endpoint.port}"
     try:
@@ -219,7 +225,7 @@ def check_pop3(
                 conn.stls(context=context)
     except (OSError, poplib.error_proto, ssl.SSLError) as exc:
         raise _connect_error(where, exc) from None
-    payload = base64.b64encode(sasl_payload(mechanism, address, access_token)).decode()
+    payload = base64.b64encode(sasl_payload(endpoint, mechanism, address, access_token)).decode()
     try:
         try:
             raw: Any = conn  # poplib has no AUTH: its command primitives are private
@@ -266,7 +272,7 @@ def check_smtp(
         conn.ehlo()
     except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
         raise _connect_error(where, exc) from None
-    payload = sasl_payload(mechanism, address, access_token).decode()
+    payload = sasl_payload(endpoint, mechanism, address, access_token).decode()
     try:
         try:
             conn.auth(

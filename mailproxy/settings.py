@@ -47,7 +47,7 @@ class ProxySettings:
     # file descriptors (client and upstream): Controller.start lowers max_connections so that
     # 2 * max_connections + fd_reserve stays within the process's open-file limit.
     max_connections: int = 4096
-    max_connections_per_ip: int = 1024
+    max_connections_per_ip: int = 256
     fd_reserve: int = 320  # web server, database, token requests, logs
     max_auth_failures: int = 3
     allow_plaintext_from_loopback: bool = True

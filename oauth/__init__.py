@@ -1,1 +1,2 @@
-"""OAuth: provider presets, clients, the browser flow, endpoint requests and the token lifecycle."""
+"""OAuth: provider presets, clients, the browser flow, endpoint requests, the token lifecycle
+and their errors."""

@@ -11,7 +11,8 @@ from typing import Any
 
 import peewee as pw
 
-from models import Account, OAuthClient, Setting, User, utcnow
+from errors import PersonError
+from models import Account, AccountStatus, OAuthClient, Setting, User, utcnow
 from oauth import providers
 from store.db import database, parse_id
 
@@ -33,7 +34,7 @@ EDITABLE = (
 )
 
 
-class ClientError(Exception):
+class ClientError(PersonError):
     """A change that cannot be made; the message says why."""
 
 
@@ -147,9 +148,9 @@ def delete_client(client: OAuthClient, *, reauth_accounts: bool = False) -> list
         if accounts and not reauth_accounts:
             raise ClientInUse(accounts)
         detail = f"The OAuth client “{client.name}” was deleted; authorize this account again."
-        Account.update(status="needs_reauth", status_detail=detail, client=None).where(
-            Account.client == client
-        ).execute()
+        Account.set_status(
+            Account.client == client, AccountStatus.NEEDS_REAUTH, detail, client=None
+        )
         Setting.delete().where(
             (Setting.key == DEFAULT_KEY.format(client.provider)) & (Setting.value == str(client.id))
         ).execute()
@@ -217,7 +218,7 @@ class ExpiryWarning:
 
     @property
     def message(self) -> str:
-        date = self.client.secret_expires_on.isoformat()
+        date = self.client.secret_expires_on.isoformat() if self.client.secret_expires_on else ""
         name = self.client.name
         what = "certificate" if self.client.credential == "certificate" else "secret"
         if self.level == "expired":

@@ -20,15 +20,17 @@ from urllib.parse import urlsplit
 import requests
 from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
+from flask import Flask
 from requests.adapters import HTTPAdapter
 
 from config import HostPolicy, is_loopback_host
 from models import OAuthClient
 from oauth import providers
+from oauth.errors import TEMPORARY, GrantError, TokenError, TokenUnavailable
+from store import appstate
 
 log = logging.getLogger("auth_email.grants")
 
-CLIENT_CREDENTIALS = "client_credentials"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 
@@ -49,108 +51,41 @@ class Settings:
         """How long a refresh claim holds before another caller may take over (a crash)."""
         return self.attempts * self.timeout + self.backoff * 2**self.attempts + 10
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
+        return cls(
+            ca_file=str(config.get("UPSTREAM_CA_FILE") or ""),
+            hosts=HostPolicy.from_config(config, providers.preset_hosts()),
+            timeout=float(config.get("TOKEN_HTTP_TIMEOUT", 15.0)),
+            attempts=int(config.get("TOKEN_ATTEMPTS", 3)),
+            backoff=float(config.get("TOKEN_BACKOFF", 0.5)),
+        )
 
-_settings = Settings()
-_ssl_lock = threading.Lock()
-_ssl_context: ssl.SSLContext | None = None
+
+class _State:
+    """One app's settings, and the TLS context built from them on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.lock = threading.Lock()
+        self.ssl_context: ssl.SSLContext | None = None
 
 
-def configure(config: Mapping[str, Any]) -> None:
-    """Take the settings from the app's config (called by the app factory, or by tests)."""
-    global _settings, _ssl_context
-    _settings = Settings(
-        ca_file=str(config.get("UPSTREAM_CA_FILE") or ""),
-        hosts=HostPolicy.from_config(config, providers.preset_hosts()),
-        timeout=float(config.get("TOKEN_HTTP_TIMEOUT", 15.0)),
-        attempts=int(config.get("TOKEN_ATTEMPTS", 3)),
-        backoff=float(config.get("TOKEN_BACKOFF", 0.5)),
-    )
-    with _ssl_lock:
-        _ssl_context = None
+_STATE: appstate.Slot[_State] = appstate.Slot("grants", default=lambda: _State(Settings()))
+
+
+def init_app(app: Flask) -> None:
+    """Take the app's settings from its config."""
+    use_settings(app, Settings.from_config(app.config))
+
+
+def use_settings(app: Flask, settings: Settings) -> None:
+    _STATE.set(app, _State(settings))
 
 
 def settings() -> Settings:
-    return _settings
-
-
-# ---------------------------------------------------------------------------------- errors
-
-
-class TokenError(Exception):
-    """A token could not be had; ``message`` says why in words a person can act on.
-
-    ``retry_after``: seconds the provider asked us to wait (its ``Retry-After``), if it did.
-    """
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-
-
-class NeedsReauthorization(TokenError):
-    """The grant is gone (revoked, expired, password changed): the user must authorize again."""
-
-
-class TokenUnavailable(TokenError):
-    """A temporary failure (timeout, 5xx, another refresh that failed): try again later.
-
-    ``unreached``: the request never reached the server (connection refused, DNS), so asking
-    again at once is harmless; any answer (even a 503) waits for the back-off instead.
-    """
-
-    unreached = False
-
-
-class AccountUnusable(TokenError):
-    """The account is disabled, not linked yet, or gone."""
-
-
-class ClientRefused(TokenUnavailable):
-    """The provider refuses the OAuth client itself (wrong or expired secret, grant or scope not
-    allowed): re-authorizing cannot help; the client's settings must be fixed. A subclass of
-    ``TokenUnavailable`` so that the mail proxy answers with a temporary error carrying it."""
-
-    def __init__(
-        self,
-        message: str,
-        error: str = "",
-        description: str = "",
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, retry_after)
-        self.error = error
-        self.description = description
-
-
-class GrantError(TokenError):
-    """The token endpoint refused a grant; ``error`` and ``description`` are the provider's."""
-
-    def __init__(self, error: str, description: str = "", retry_after: float | None = None) -> None:
-        self.error = error or "unknown_error"
-        self.description = description or ""
-        said = f"{self.error}: {self.description}" if description else self.error
-        super().__init__(said, retry_after)
-
-    @property
-    def grant_gone(self) -> bool:
-        """The grant itself is refused: only a new authorization by the user helps."""
-        return self.error in GRANT_GONE
-
-    @property
-    def client_refused(self) -> bool:
-        """The client (its secret or settings) is refused: re-authorizing cannot help."""
-        return self.error in CLIENT_REFUSED
-
-
-# The provider's error codes (RFC 6749 section 5.2, OpenID Connect, RFC 8628) by what helps.
-GRANT_GONE = frozenset(
-    {"invalid_grant", "interaction_required", "consent_required", "login_required"}
-)
-CLIENT_REFUSED = frozenset(
-    {"invalid_client", "unauthorized_client", "invalid_scope", "unsupported_grant_type"}
-)
-TEMPORARY = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+    """The current app's settings."""
+    return _STATE.get().settings
 
 
 # ---------------------------------------------------------------------------------- HTTP
@@ -158,14 +93,14 @@ TEMPORARY = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
 
 def ssl_context() -> ssl.SSLContext:
     """System CAs plus ``UPSTREAM_CA_FILE``: for token endpoints and upstream mail servers."""
-    global _ssl_context
-    with _ssl_lock:
-        if _ssl_context is None:
+    state = _STATE.get()
+    with state.lock:
+        if state.ssl_context is None:
             context = ssl.create_default_context()
-            if _settings.ca_file:
-                context.load_verify_locations(cafile=_settings.ca_file)
-            _ssl_context = context
-        return _ssl_context
+            if state.settings.ca_file:
+                context.load_verify_locations(cafile=state.settings.ca_file)
+            state.ssl_context = context
+        return state.ssl_context
 
 
 class _VerifyingAdapter(HTTPAdapter):
@@ -185,14 +120,14 @@ def check_endpoint(url: str) -> None:
     )
     if not secure:
         raise GrantError("insecure_endpoint", f"the endpoint {url!r} must use https")
-    refusal = _settings.hosts.refusal(parts.hostname)
+    refusal = settings().hosts.refusal(parts.hostname)
     if refusal:
         raise GrantError("host_not_allowed", refusal)
 
 
 def host_policy() -> HostPolicy:
     """Where clients may point this server (the one policy: forms, grants, mail servers)."""
-    return _settings.hosts
+    return settings().hosts
 
 
 def session_for(
@@ -309,7 +244,7 @@ def _post(client: OAuthClient, url: str, data: dict[str, str]) -> dict[str, Any]
         body = {**data}
         if session.token_endpoint_auth_method == "private_key_jwt":
             body["client_id"] = client.client_id
-        response = session.post(url, data=body, auth=auth, timeout=_settings.timeout)
+        response = session.post(url, data=body, auth=auth, timeout=settings().timeout)
         try:
             payload = response.json() if response.content else {}
         except ValueError:
@@ -340,7 +275,7 @@ def _fetch(client: OAuthClient, redirect_uri: str | None = None, **params: Any) 
     if redirect_uri:
         params["redirect_uri"] = redirect_uri
     return call_endpoint(
-        lambda: session.fetch_token(client.token_url, timeout=_settings.timeout, **params)
+        lambda: session.fetch_token(client.token_url, timeout=settings().timeout, **params)
     )
 
 
@@ -359,7 +294,7 @@ def exchange_code(
 
 def client_credentials(client: OAuthClient) -> dict[str, Any]:
     """Client Credentials grant (no user): the scope is the client's, e.g. ``.../.default``."""
-    return _fetch(client, grant_type=CLIENT_CREDENTIALS, scope=client.scope)
+    return _fetch(client, grant_type=providers.CLIENT_CREDENTIALS, scope=client.scope)
 
 
 def refresh_grant(client: OAuthClient, refresh_token: str, scope: str = "") -> dict[str, Any]:

@@ -110,7 +110,7 @@ def _app_resource(resource: str) -> str:
     return "outlook.office365.com" if resource == "outlook.office.com" else resource
 
 
-def _servers(imap: str, pop3: str, smtp: str, smtp_port: int = 587) -> dict[str, Endpoint]:
+def _servers(imap: str, pop3: str, smtp: str, smtp_port: int = 587) -> dict[str, Any]:
     return {
         "imap": Endpoint(imap, 993, "tls"),
         "pop3": Endpoint(pop3, 995, "tls"),
@@ -265,7 +265,8 @@ def choices() -> list[tuple[str, str]]:
 
 def grant_choices(provider_key: str | None = None) -> list[tuple[str, str]]:
     """(grant, label) of every grant, or of those ``provider_key`` allows."""
-    allowed = PRESETS[provider_key].grants if provider_key in PRESETS else GRANT_LABELS
+    preset = PRESETS.get(provider_key or "")
+    allowed = preset.grants if preset is not None else GRANT_LABELS
     return [(g, label) for g, label in GRANT_LABELS.items() if g in allowed]
 
 
@@ -341,7 +342,7 @@ def editor_data() -> dict[str, Any]:
 
 def preset_hosts() -> frozenset[str]:
     """The hosts the built-in providers name (always allowed, whatever CUSTOM_CLIENT_HOSTS says)."""
-    hosts = set()
+    hosts: set[str] = set()
     for preset in PRESETS.values():
         urls = [preset.revocation_url]
         for grant in preset.grants.values():

@@ -33,33 +33,20 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from models import Account, OAuthClient, utcnow
-from oauth import authorize as oauth
+from models import Account, AccountStatus, OAuthClient, utcnow
+from oauth import errors as oauth_errors
 from oauth import grants
-from oauth.grants import (
-    CLIENT_CREDENTIALS,
+from oauth.errors import (
     AccountUnusable,
     ClientRefused,
     GrantError,
     NeedsReauthorization,
     TokenError,
     TokenUnavailable,
-    client_credentials,
-    refresh_grant,
-    settings,
 )
+from oauth.grants import client_credentials, refresh_grant, settings
+from oauth.providers import CLIENT_CREDENTIALS
 from store.db import Ciphertext, database, vault
-
-__all__ = [
-    "AccountUnusable",
-    "ClientRefused",
-    "GrantError",
-    "NeedsReauthorization",
-    "TokenError",
-    "TokenUnavailable",
-    "get_access_token",
-    "store_tokens",
-]
 
 log = logging.getLogger("auth_email.tokens")
 # The primary key column (peewee declares ``id`` implicitly, which type checkers cannot see).
@@ -166,8 +153,8 @@ def store_tokens(account: Account, token: Mapping[str, Any]) -> None:
     Account.update(values).where(_ID == account.get_id()).execute()
 
 
-def set_status(account_id: int, status: str, detail: str = "") -> None:
-    Account.update(status=status, status_detail=detail).where(_ID == account_id).execute()
+def set_status(account_id: int, status: AccountStatus | str, detail: str = "") -> None:
+    Account.set_status(_ID == account_id, status, detail)
 
 
 # ---------------------------------------------------------------------------------- lifecycle
@@ -181,13 +168,13 @@ def _load(account_id: int) -> Account:
 
 
 def _usable(account: Account) -> None:
-    if account.status == "needs_reauth":
+    if account.state is AccountStatus.NEEDS_REAUTH:
         raise NeedsReauthorization(
             account.status_detail or "The provider no longer accepts this mailbox's authorization."
         )
-    if account.status == "disabled":
+    if account.state is AccountStatus.DISABLED:
         raise AccountUnusable("This mailbox is disabled.")
-    if account.status == "pending":
+    if account.state is AccountStatus.PENDING:
         raise AccountUnusable("This mailbox is not authorized yet.")
 
 
@@ -211,7 +198,7 @@ def _fresh(account: Account, now: dt.datetime) -> bool:
 def _valid(account: Account, now: dt.datetime) -> bool:
     """Not expired yet (though maybe inside the renewal margin)."""
     return bool(
-        account.__data__.get("access_token") is not None
+        account.has_secret("access_token")
         and account.token_expires_at is not None
         and account.token_expires_at > now + dt.timedelta(seconds=5)
     )
@@ -357,9 +344,10 @@ def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseExceptio
     since = account.refresh_failing_since or now
     if isinstance(exc, NeedsReauthorization):
         log.warning("account %s needs re-authorization: %s", account.get_id(), exc.message)
-        Account.update(
-            status="needs_reauth",
-            status_detail=exc.message,
+        Account.set_status(
+            mine,
+            AccountStatus.NEEDS_REAUTH,
+            exc.message,
             last_error=exc.message,
             refresh_failures=account.refresh_failures + 1,
             refresh_failing_since=since,
@@ -367,7 +355,7 @@ def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseExceptio
             refresh_error_kind="reauth",
             token_version=claim + 1,
             refresh_claimed_until=None,
-        ).where(mine).execute()
+        )
     elif isinstance(exc, TokenUnavailable):
         failures = account.refresh_failures + 1
         wait = backoff_seconds(failures, exc.retry_after)
@@ -390,7 +378,7 @@ def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseExceptio
 
 def _reauth_message(exc: GrantError) -> str:
     said = exc.description or exc.error
-    known = oauth.known_explanation(exc.error, exc.description)
+    known = oauth_errors.known_explanation(exc.error, exc.description)
     if known is None:
         return f"The provider refused to renew the authorization ({exc.error}): {said}"[:1000]
     return (f"{known.title}: {known.cause} {known.fix} (The provider said: {exc.error}: {said})")[
@@ -400,7 +388,7 @@ def _reauth_message(exc: GrantError) -> str:
 
 def _client_message(client: OAuthClient, exc: GrantError) -> str:
     """Why the provider refuses the client, and that its settings (not the user) must change."""
-    known = oauth.known_explanation(exc.error, exc.description)
+    known = oauth_errors.known_explanation(exc.error, exc.description)
     if known is not None:
         said = f"{known.title} ({known.code}). {known.cause} {known.fix}"
     else:
@@ -413,7 +401,7 @@ def _client_message(client: OAuthClient, exc: GrantError) -> str:
 
 def _classified(client: OAuthClient, exc: GrantError) -> TokenError:
     """The provider's refusal as the error that says what helps."""
-    if exc.grant_gone and not oauth.is_throttling(exc.error, exc.description):
+    if exc.grant_gone and not oauth_errors.is_throttling(exc.error, exc.description):
         return NeedsReauthorization(_reauth_message(exc))
     if exc.client_refused:
         return ClientRefused(

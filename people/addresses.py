@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import re
 
+from errors import PersonError
+
 MAX_LENGTH = 254
 MESSAGE = "Enter an email address such as name@example.com."
 
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+$")
 
 
-class AddressError(ValueError):
+class AddressError(PersonError, ValueError):
     """Not an address by the rule above; the message is for a person."""
 
 

@@ -10,36 +10,59 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from flask import Flask
 
-_hasher = PasswordHasher()
-
-# A hash of a random password, verified when the user does not exist, so that a wrong address
-# takes as long as a wrong password.
-_DUMMY: str | None = None
+from store import appstate
 
 
-def configure(config: Mapping[str, Any]) -> None:
-    global _hasher, _DUMMY
-    _hasher = PasswordHasher(
-        time_cost=int(config["ARGON2_TIME_COST"]),
-        memory_cost=int(config["ARGON2_MEMORY_KIB"]),
-        parallelism=int(config["ARGON2_PARALLELISM"]),
-    )
-    _DUMMY = None
+class Hasher:
+    """One app's argon2id cost (ARGON2_*), and the hash verified for an unknown user."""
+
+    def __init__(self, argon: PasswordHasher | None = None) -> None:
+        self.argon = argon or PasswordHasher()
+        self._dummy: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Hasher:
+        return cls(
+            PasswordHasher(
+                time_cost=int(config["ARGON2_TIME_COST"]),
+                memory_cost=int(config["ARGON2_MEMORY_KIB"]),
+                parallelism=int(config["ARGON2_PARALLELISM"]),
+            )
+        )
+
+    @property
+    def dummy(self) -> str:
+        """A hash of a random password, verified when the user does not exist, so that a wrong
+        address takes as long as a wrong password."""
+        if self._dummy is None:
+            self._dummy = self.argon.hash(secrets.token_urlsafe(16))
+        return self._dummy
+
+
+_HASHER: appstate.Slot[Hasher] = appstate.Slot("passwords", default=Hasher)
+
+
+def init_app(app: Flask) -> None:
+    _HASHER.set(app, Hasher.from_config(app.config))
+
+
+def hasher() -> Hasher:
+    """The current app's hasher."""
+    return _HASHER.get()
 
 
 def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+    return hasher().argon.hash(password)
 
 
 def verify_password(stored_hash: str | None, password: str) -> bool:
-    global _DUMMY
+    current = hasher()
     if stored_hash is None:
-        if _DUMMY is None:
-            _DUMMY = _hasher.hash(secrets.token_urlsafe(16))
-        stored_hash, password = _DUMMY, password + "\x00never"
+        stored_hash, password = current.dummy, password + "\x00never"
     try:
-        return _hasher.verify(stored_hash, password)
+        return current.argon.verify(stored_hash, password)
     except (VerificationError, InvalidHashError):
         return False
 

@@ -8,12 +8,13 @@ import secrets
 
 import peewee as pw
 
+from errors import PersonError
 from models import Invite, User, utcnow
 from people.passwords import hash_password
 from store.db import database
 
 
-class UserError(ValueError):
+class UserError(PersonError, ValueError):
     """A user change that cannot be made; the message is for a person."""
 
 

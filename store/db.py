@@ -1,21 +1,45 @@
 """The database: one peewee proxy, opened from a URL, with encrypted fields and schema migrations.
 
-The web app opens one connection per request; the mail proxy's worker threads use peewee's
-per-thread connections through the same proxy.
+The proxy stands for the current app's database and the vault for its keyring (each app keeps
+its own, see ``store.appstate``). The web app opens one connection per request; the mail proxy's
+worker threads use peewee's per-thread connections through the same proxy.
 """
 
 from __future__ import annotations
 
 import secrets
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import peewee as pw
+from flask import Flask
 from playhouse.db_url import connect
 
+from store import appstate
 from store.vault import KeyFileError, Keyring, VaultError, aad_for
 
-database = pw.DatabaseProxy()
+_DATABASE: appstate.Slot[pw.Database] = appstate.Slot("database")
+_KEYRING: appstate.Slot[Keyring] = appstate.Slot("keyring")
+
+
+class _AppDatabase(pw.DatabaseProxy):
+    """The models' database: the current app's (outside any app, the one opened last)."""
+
+    __slots__ = ()
+
+    @property  # type: ignore[override]
+    def obj(self) -> Any:
+        return _DATABASE.get_or_none()
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr == "obj":  # initialize(): a database for code outside any app
+            _DATABASE.set(None, value)
+        else:
+            object.__setattr__(self, attr, value)
+
+
+database = _AppDatabase()
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
@@ -26,9 +50,16 @@ SQLITE_PRAGMAS = {
 
 
 class _VaultHolder:
-    """The keyring in use; set by the app factory so models can decrypt outside a request."""
+    """The current app's keyring; set by the app factory (``use_keyring``), so models can
+    decrypt in the app's requests, commands and service threads."""
 
-    keyring: Keyring | None = None
+    @property
+    def keyring(self) -> Keyring | None:
+        return _KEYRING.get_or_none()
+
+    @keyring.setter
+    def keyring(self, keyring: Keyring) -> None:
+        _KEYRING.set(appstate.current(), keyring)
 
     def get(self) -> Keyring:
         if self.keyring is None:
@@ -54,12 +85,23 @@ def open_database(url: str) -> pw.Database:
     return connect(url, **POOL)
 
 
-def use_database(db: pw.Database) -> None:
-    """Point the models at ``db``, releasing the pool of the one used before (tests make many)."""
-    previous = database.obj
+def use_database(db: pw.Database, app: Flask | None = None) -> None:
+    """Point ``app``'s models at ``db`` (its pool is released with the app). Without an app:
+    the database of code outside any app, releasing the pool of the one used before."""
+    if app is not None:
+        _DATABASE.set(app, db)
+        if hasattr(db, "close_all"):
+            weakref.finalize(app, db.close_all)
+        return
+    previous = _DATABASE.get_or_none()
     if previous is not None and previous is not db and hasattr(previous, "close_all"):
         previous.close_all()
     database.initialize(db)
+
+
+def use_keyring(keyring: Keyring, app: Flask) -> None:
+    """Give ``app`` its vault keyring."""
+    _KEYRING.set(app, keyring)
 
 
 class Ciphertext(bytes):
@@ -91,7 +133,9 @@ class EncryptedField(pw.BlobField):
             return None
         if not isinstance(value, Ciphertext):
             raise TypeError("plaintext must never reach the database; assign and save() instead")
-        return super().db_value(bytes(value))
+        # the binary type of the database in use (an app's may be SQLite, the next PostgreSQL);
+        # BlobField's own is fixed when a proxy is initialized, which per-app databases are not
+        return database.get_binary_type()(bytes(value))
 
     def python_value(self, value: Any) -> Any:
         return None if value is None else Ciphertext(bytes(value))
@@ -145,7 +189,7 @@ def new_uid() -> str:
 
 class BaseModel(pw.Model):
     # peewee adds an ``id`` AutoField to models without another primary key; say so for mypy.
-    id: int
+    id: Any  # an int on a row, a field on the class (``Model.id.desc()``)
 
     class Meta:
         database = database

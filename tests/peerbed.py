@@ -544,10 +544,10 @@ class Peers:
                 conn.stls(self.ssl_context())
         b64 = base64.b64encode(xoauth2(address, token).encode()).decode()
         try:
-            resp = conn._shortcmd("AUTH XOAUTH2 " + b64)
+            resp = conn._shortcmd("AUTH XOAUTH2 " + b64)  # type: ignore[attr-defined]
             if not resp.startswith(b"+OK"):
-                conn._putcmd("")
-                conn._getresp()  # -ERR raises poplib.error_proto
+                conn._putcmd("")  # type: ignore[attr-defined]
+                conn._getresp()  # type: ignore[attr-defined]  # -ERR raises
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.close()

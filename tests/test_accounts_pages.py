@@ -12,8 +12,8 @@ from playhouse.shortcuts import model_to_dict
 
 from mailboxes import linking, upkeep, verification
 from models import Account, AuditEvent, MailPassword, OAuthClient, PendingAuthorization, User
-from oauth import authorize as oauth
 from oauth import clients as oauth_clients
+from oauth import errors as oauth_errors
 from oauth import tokens
 from people import users
 from people.passwords import verify_password
@@ -285,7 +285,7 @@ def test_address_of_another_user_is_refused_once_a_grant_arrives(app: Flask, ali
     started = linking.start(alice, "BOBS@example.com", mine, REDIRECT)
     assert started.url.startswith("https://login.example.com/authorize?")  # as for any address
     grant = {"access_token": "alices-access", "refresh_token": "alices-refresh"}
-    with pytest.raises(oauth.AuthorizationProblem, match="already linked") as refused:
+    with pytest.raises(oauth_errors.AuthorizationProblem, match="already linked") as refused:
         linking.finish(started.account, mine, grant, actor=alice)
     assert refused.value.status == 409
     after = Account.get_by_id(bobs.id)
@@ -308,9 +308,13 @@ def test_plain_imap_is_refused_off_loopback() -> None:
 
 
 def test_xoauth2_user_is_the_mailbox_address() -> None:
-    payload = verification.sasl_payload("XOAUTH2", "shared@example.com", "tok")
+    from mailproxy.backend import Endpoint
+
+    imap = Endpoint("imap.example.com", 993, "tls")
+    payload = verification.sasl_payload(imap, "XOAUTH2", "shared@example.com", "tok")
     assert payload == b"user=shared@example.com\x01auth=Bearer tok\x01\x01"
-    assert verification.sasl_payload("OAUTHBEARER", "s@e.c", "t").startswith(b"n,a=s@e.c,\x01")
+    bearer = verification.sasl_payload(imap, "OAUTHBEARER", "s@e.c", "t")
+    assert bearer == b"n,a=s@e.c,\x01host=imap.example.com\x01port=993\x01auth=Bearer t\x01\x01"
 
 
 @pytest.mark.parametrize(
@@ -333,7 +337,7 @@ def test_xoauth2_user_is_the_mailbox_address() -> None:
     ],
 )
 def test_provider_errors_are_explained(error: str, description: str, expected: str) -> None:
-    explanation = oauth.explain(error, description, REDIRECT)
+    explanation = oauth_errors.explain(error, description, REDIRECT)
     text = f"{explanation.title} {explanation.cause} {explanation.fix}"
     assert expected in text
     assert explanation.detail == description

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Top-level module or folder -> its layer; a module may import its own folder and lower layers.
 LAYERS: dict[str, int] = {
     "config": 0,
+    "errors": 0,
     "store": 1,
     "models": 2,
     "migrations": 3,
@@ -181,3 +182,23 @@ def test_the_contract_catches_a_wrong_way_import_and_a_cycle() -> None:
     assert cycles(import_graph(sources, typing=False)) == [
         ["oauth.tokens", "store.db", "oauth.tokens"]
     ]
+
+
+def test_no_peewee_internals_outside_the_store() -> None:
+    """``has_secret`` and the model methods say what a row holds; ``__data__`` is the store's."""
+    assert [
+        m for m, s in product_sources().items() if "__data__" in s and m.split(".")[0] != "store"
+    ] == []
+
+
+def test_per_app_state_lives_on_the_app() -> None:
+    """No module global is set at run time (``global``), and ``app.extensions`` is reached
+    only through ``store.appstate``'s slots: a second app never reconfigures the first."""
+    wrong = []
+    for module, source in product_sources().items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Global):
+                wrong.append(f"{module}: global {', '.join(node.names)}")
+        if "extensions" in source and module != "store.appstate":
+            wrong.append(f"{module}: uses app.extensions (declare an appstate.Slot)")
+    assert wrong == []

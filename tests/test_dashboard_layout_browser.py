@@ -21,7 +21,7 @@ from flask import Flask
 from selenium.webdriver.common.by import By
 
 from mailboxes import linking
-from models import Account, OAuthClient, PendingAuthorization, User, utcnow
+from models import Account, MailPassword, OAuthClient, PendingAuthorization, User, utcnow
 from oauth import clients as oauth_clients
 from oauth import tokens
 from people import audit, users
@@ -186,7 +186,7 @@ def test_every_page_fits_a_phone_and_a_desktop(app: Flask, live_server: Any, bro
     linking.add_password(admin, mine, "Thunderbird on the office laptop in room 4.12", "p" * 16)
     scanner_label = "Scanner-on-the-second-floor-next-to-the-kitchen"
     linking.add_password(admin, mine, scanner_label, "s" * 16)
-    password_id = mine.passwords.order_by(mine.passwords.model.id.desc()).first().id
+    password_id = mine.passwords.order_by(MailPassword.id.desc()).first().id
     other = users.create_user("colleague.with.a.rather.long.address@example.test", USER_PW, False)
     users.create_invite("new.colleague.arriving.next.month@example.test", admin, True, 72)
     for n in range(60):

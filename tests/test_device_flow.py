@@ -13,7 +13,7 @@ from flask import Flask
 
 from mailboxes import linking
 from models import Account, AuditEvent, OAuthClient, PendingAuthorization, User, utcnow
-from oauth.authorize import AuthorizationProblem
+from oauth.errors import AuthorizationProblem
 from people import users
 from tests.test_linking import (
     REDIRECT,

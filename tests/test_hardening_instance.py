@@ -17,6 +17,7 @@ from flask import Flask
 import config
 from mailproxy import ProxyAuthError
 from models import User
+from oauth import errors as oauth_errors
 from tests.conftest import (
     ADMIN_EMAIL,
     AuthActions,
@@ -218,9 +219,9 @@ def test_hosts_are_checked_again_at_use(strict_app: Flask) -> None:
 
     AuthActions(strict_app, strict_app.test_client()).setup_admin()
     with strict_app.app_context():
-        with pytest.raises(grants.GrantError, match="loopback host"):
+        with pytest.raises(oauth_errors.GrantError, match="loopback host"):
             grants.check_endpoint("http://127.0.0.1:9/token")
-        with pytest.raises(grants.GrantError, match="not among the hosts"):
+        with pytest.raises(oauth_errors.GrantError, match="not among the hosts"):
             grants.check_endpoint("https://login.example.com/token")
         grants.check_endpoint("https://login.corp.example/token")
         owner = User.by_email(ADMIN_EMAIL)

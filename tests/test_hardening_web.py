@@ -17,6 +17,7 @@ from flask.testing import FlaskClient
 
 import config
 from models import User
+from oauth import errors as oauth_errors
 from people import users
 from store.db import parse_id
 from tests.conftest import (
@@ -63,7 +64,7 @@ def test_a_token_url_on_a_127_name_is_refused_over_http(app: Flask) -> None:
     from web.forms import https_url_error
 
     assert https_url_error("http://127.attacker.example/token")
-    with pytest.raises(grants.GrantError):
+    with pytest.raises(oauth_errors.GrantError):
         grants.check_endpoint("http://127.attacker.example/token")
     grants.check_endpoint("http://127.0.0.1:9/token")
 

@@ -30,7 +30,7 @@ from models import (
     User,
     utcnow,
 )
-from oauth import authorize as oauth
+from oauth import errors as oauth_errors
 from oauth import tokens
 from people import users
 from tests.conftest import (
@@ -418,7 +418,7 @@ def test_reauthorize_after_invalid_grant_returns_to_active_and_keeps_passwords(
     account = Account.get(Account.address == address)
     linking.add_password(user, account, "laptop", "correct horse battery")
     revoke_at_op(peer, email=address)
-    with pytest.raises(tokens.NeedsReauthorization):
+    with pytest.raises(oauth_errors.NeedsReauthorization):
         tokens.get_access_token(account.id, force_refresh=True)
     assert Account.get_by_id(account.id).status == "needs_reauth"
     assert "Re-authorize" in client.get("/").get_data(as_text=True)
@@ -581,7 +581,7 @@ def test_another_users_placeholder_does_not_block_the_address(
     assert result.ok, result.message
     assert Account.linked_at(address).owner_id == second.id
     late = op_sign_in(peer, left.url, address)  # the first comes back: too late
-    with pytest.raises(oauth.AuthorizationProblem, match="already linked"):
+    with pytest.raises(oauth_errors.AuthorizationProblem, match="already linked"):
         linking.complete_callback(first, query_of(late), REDIRECT)
     assert [a.owner_id for a in Account.select().where(Account.address == address)] == [second.id]
 

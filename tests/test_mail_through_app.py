@@ -370,7 +370,7 @@ def test_revoked_password_is_refused_at_once_though_the_auth_cache_had_it(
 ) -> None:
     account = link_with_client_credentials(owner, peers, "revoked")
     mail.imap(account.address, PASSWORD).logout()  # now in the auth cache
-    assert app.extensions["mail_backend"].cache.get(account.address, PASSWORD) is not None
+    assert mail.service.backend.cache.get(account.address, PASSWORD) is not None
     row = MailPassword.get(MailPassword.account == account)
 
     answer = post_form(

@@ -47,7 +47,7 @@ def test_client_credentials_token_opens_imap_over_starttls_and_tls(peers: Peers)
         conn = peers.imap(address, token, tls=tls)
         try:
             assert inbox_count(conn) == 3, tls
-            assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+            assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")  # type: ignore[attr-defined]
         finally:
             conn.logout()
     conn = peers.imap(address, token, tls="implicit", mech="OAUTHBEARER")

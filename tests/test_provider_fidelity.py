@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from oauth import authorize as oauth
+from oauth import errors as oauth_errors
 from oauth import providers
 from tests.test_clients import add, field_help, one_client
 
@@ -18,21 +18,23 @@ AADSTS_CODES = [
 
 @pytest.mark.parametrize("code", AADSTS_CODES)
 def test_every_aadsts_code_has_its_own_cause_and_fix(code: int) -> None:
-    said = oauth.explain("invalid_grant", f"AADSTS{code}: something happened.\r\nTrace ID: x")
-    generic = oauth.explain("invalid_grant", "")
+    said = oauth_errors.explain(
+        "invalid_grant", f"AADSTS{code}: something happened.\r\nTrace ID: x"
+    )
+    generic = oauth_errors.explain("invalid_grant", "")
     assert said.code == f"AADSTS{code}"
     assert said.title and said.cause and said.fix
     assert (said.title, said.fix) != (generic.title, generic.fix)
-    assert oauth.known_explanation("invalid_grant", f"AADSTS{code}: x") is not None
+    assert oauth_errors.known_explanation("invalid_grant", f"AADSTS{code}: x") is not None
 
 
 def test_only_the_request_loop_counts_as_throttling() -> None:
-    assert oauth.is_throttling("invalid_grant", "AADSTS50196: The server terminated ...")
-    assert not oauth.is_throttling("invalid_grant", "AADSTS700082: expired")
+    assert oauth_errors.is_throttling("invalid_grant", "AADSTS50196: The server terminated ...")
+    assert not oauth_errors.is_throttling("invalid_grant", "AADSTS700082: expired")
 
 
 def test_google_expired_or_revoked_is_recognised_with_the_testing_status() -> None:
-    said = oauth.explain("invalid_grant", "Token has been expired or revoked.")
+    said = oauth_errors.explain("invalid_grant", "Token has been expired or revoked.")
     assert "Testing" in said.cause and "7 days" in said.cause and "Publish" in said.fix
 
 

@@ -619,8 +619,8 @@ def test_exchange_pop3_with_poplib(sims: ProviderSims) -> None:
     user = sims.entra_user("poplib", seed=1)
     token = sims.entra_tokens(app, user)["access_token"]
     conn = poplib.POP3_SSL("127.0.0.1", sims.exchange.pop3.port, context=sims.client_tls())
-    assert conn._shortcmd("AUTH XOAUTH2").startswith(b"+")
-    assert conn._shortcmd(b64(user.email, token)) == b"+OK User successfully authenticated."
+    assert conn._shortcmd("AUTH XOAUTH2").startswith(b"+")  # type: ignore[attr-defined]
+    assert conn._shortcmd(b64(user.email, token)) == b"+OK User successfully authenticated."  # type: ignore[attr-defined]
     assert b"Seed message 1" in b"\n".join(conn.retr(1)[1])
     conn.quit()
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ LIMITS = dict(
 
 
 @pytest.fixture(scope="module")
-def proxy() -> Controller:
+def proxy() -> Iterator[Controller]:
     with running_proxy(RecordingBackend(), **LIMITS) as controller:
         yield controller
 

@@ -9,7 +9,7 @@ import pytest
 
 from mailboxes import linking
 from models import Account, OAuthClient, User
-from oauth import authorize as oauth
+from oauth import errors as oauth_errors
 from oauth import tokens
 from tests.conftest import make_app, post_form
 from tests.test_clients import MICROSOFT_FORM, add, field_help, one_client
@@ -80,7 +80,7 @@ def test_a_stored_secret_can_be_removed_to_make_the_client_public(app, admin_cli
 def test_a_secret_where_none_belongs_and_the_reverse_say_what_to_change(
     description: str, words: str
 ) -> None:
-    said = oauth.explain("invalid_client", description)
+    said = oauth_errors.explain("invalid_client", description)
     assert words in said.fix and said.code.startswith("AADSTS")
 
 

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from mailboxes import upkeep
 from models import Account, User, utcnow
+from oauth import errors as oauth_errors
 from oauth import grants, tokens
 from store.db import Ciphertext
 from tests.conftest import make_app
@@ -160,7 +161,7 @@ def test_the_refresh_counter_counts_each_outcome_once(
     assert refreshes("ok") == counts["ok"] + 1
 
     revoke_at_op(peer, client_id=reg["client_id"])
-    with pytest.raises(tokens.NeedsReauthorization):
+    with pytest.raises(oauth_errors.NeedsReauthorization):
         tokens.get_access_token(account.id, force_refresh=True)
     assert refreshes("needs_reauth") == counts["needs_reauth"] + 1
     assert refreshes("ok") == counts["ok"] + 1
@@ -175,7 +176,7 @@ def test_a_failed_refresh_counts_once_as_unavailable(
     account = broken_account(fast_app, endpoint_503.url)
     before = {r: refreshes(r) for r in ("ok", "unavailable")}
 
-    with pytest.raises(tokens.TokenUnavailable):
+    with pytest.raises(oauth_errors.TokenUnavailable):
         tokens.get_access_token(account.id)
 
     # A 503 is an answer: it waits for the renewal back-off instead of being repeated at once

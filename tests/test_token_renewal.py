@@ -23,6 +23,7 @@ from flask import Flask
 
 from mailboxes import linking
 from models import Account, OAuthClient, User, utcnow
+from oauth import errors as oauth_errors
 from oauth import tokens
 from tests.conftest import make_app
 from tests.test_linking import (
@@ -243,7 +244,7 @@ def test_invalid_scope_without_a_scope_is_not_repeated(
     server = scripted((400, {"error": "invalid_scope", "error_description": "no"}))
     account = account_at(quick_app, server.url, granted="")
 
-    with pytest.raises(tokens.ClientRefused):
+    with pytest.raises(oauth_errors.ClientRefused):
         tokens.get_access_token(account.id)
     assert server.hits == 1
 
@@ -268,12 +269,12 @@ def test_a_refused_refresh_is_remembered_and_not_asked_again_until_the_back_off_
     server = scripted((401, {"error": "invalid_client", "error_description": "bad secret"}))
     account = account_at(quick_app, server.url)
 
-    with pytest.raises(tokens.ClientRefused):
+    with pytest.raises(oauth_errors.ClientRefused):
         tokens.get_access_token(account.id)
     for _ in range(50):
-        with pytest.raises(tokens.ClientRefused, match="Next try in"):
+        with pytest.raises(oauth_errors.ClientRefused, match="Next try in"):
             tokens.get_access_token(account.id)
-    with pytest.raises(tokens.ClientRefused):
+    with pytest.raises(oauth_errors.ClientRefused):
         tokens.get_access_token(account.id, force_refresh=True)
 
     assert server.hits == 1
@@ -283,7 +284,7 @@ def test_a_refused_refresh_is_remembered_and_not_asked_again_until_the_back_off_
     assert first.status == "active" and "bad secret" in first.last_error
 
     due_now(account)
-    with pytest.raises(tokens.ClientRefused):
+    with pytest.raises(oauth_errors.ClientRefused):
         tokens.get_access_token(account.id)
     assert server.hits == 2
     assert 55 < seconds_until_next_try(account) <= 60  # doubled
@@ -308,7 +309,7 @@ def test_retry_after_is_honoured(
     server = scripted((429, "Too Many Requests", {"Retry-After": header}))
     account = account_at(quick_app, server.url)
 
-    with pytest.raises(tokens.TokenUnavailable):
+    with pytest.raises(oauth_errors.TokenUnavailable):
         tokens.get_access_token(account.id)
 
     assert server.hits == 1
@@ -320,7 +321,7 @@ def test_a_success_after_failures_forgets_them(
 ) -> None:
     server = scripted((503, "busy"), OK)
     account = account_at(quick_app, server.url)
-    with pytest.raises(tokens.TokenUnavailable):
+    with pytest.raises(oauth_errors.TokenUnavailable):
         tokens.get_access_token(account.id)
     due_now(account)
 
@@ -345,7 +346,7 @@ def test_a_token_not_yet_run_out_still_serves_during_the_back_off(
     assert tokens.get_access_token(account.id) == "a1"  # the refresh failed; the token serves
     assert tokens.get_access_token(account.id) == "a1"
     assert server.hits == 1
-    with pytest.raises(tokens.TokenUnavailable):  # the server refused it: no other token
+    with pytest.raises(oauth_errors.TokenUnavailable):  # the server refused it: no other token
         tokens.get_access_token(account.id, force_refresh=True)
     assert server.hits == 1
 
@@ -369,7 +370,7 @@ def test_a_throttling_invalid_grant_is_not_a_lost_authorization(
     server = scripted((400, {"error": "invalid_grant", "error_description": loop}))
     account = account_at(quick_app, server.url)
 
-    with pytest.raises(tokens.TokenUnavailable):
+    with pytest.raises(oauth_errors.TokenUnavailable):
         tokens.get_access_token(account.id)
 
     stored = Account.get_by_id(account.id)
@@ -383,7 +384,7 @@ def test_google_expired_or_revoked_explains_the_testing_status(
     server = scripted((400, said))
     account = account_at(quick_app, server.url, provider="google")
 
-    with pytest.raises(tokens.NeedsReauthorization) as raised:
+    with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
         tokens.get_access_token(account.id)
 
     assert "Testing" in raised.value.message and "7 days" in raised.value.message
@@ -411,12 +412,12 @@ def test_a_malformed_or_missing_answer_keeps_the_tokens_and_the_account(
     server = scripted(answer)
     account = account_at(quick_app, server.url)
 
-    with pytest.raises(tokens.TokenUnavailable) as raised:
+    with pytest.raises(oauth_errors.TokenUnavailable) as raised:
         tokens.get_access_token(account.id)
-    with pytest.raises(tokens.TokenUnavailable):
+    with pytest.raises(oauth_errors.TokenUnavailable):
         tokens.get_access_token(account.id)  # recorded: no second request
 
-    assert not isinstance(raised.value, tokens.NeedsReauthorization)
+    assert not isinstance(raised.value, oauth_errors.NeedsReauthorization)
     assert server.hits == 1
     stored = Account.get_by_id(account.id)
     assert stored.status == "active" and words in stored.last_error
@@ -430,7 +431,7 @@ def test_a_rotated_refresh_token_is_kept_though_the_rest_of_the_answer_is_unusab
     server = scripted((200, {"refresh_token": "r2", "token_type": "Bearer"}))
     account = account_at(quick_app, server.url)
 
-    with pytest.raises(tokens.TokenUnavailable, match="without an access token"):
+    with pytest.raises(oauth_errors.TokenUnavailable, match="without an access token"):
         tokens.get_access_token(account.id)
 
     assert Account.get_by_id(account.id).refresh_token == "r2"
@@ -455,12 +456,13 @@ _SECOND_PROCESS = """
 import sys
 sys.path.insert(0, {root!r})
 from app import create_app
+from oauth import errors as oauth_errors
 from oauth import tokens
 create_app({config!r})
 try:
     tokens.get_access_token({account_id})
     print("got a token")
-except tokens.TokenUnavailable as exc:
+except oauth_errors.TokenUnavailable as exc:
     print("refused:", exc.message)
 """
 
@@ -479,7 +481,7 @@ def test_another_process_on_the_same_postgres_honours_the_back_off(
     app = make_app(instance, **{k: v for k, v in config.items() if k != "INSTANCE_PATH"})
     server = scripted((503, "busy"))
     account = account_at(app, server.url)
-    with pytest.raises(tokens.TokenUnavailable):
+    with pytest.raises(oauth_errors.TokenUnavailable):
         tokens.get_access_token(account.id)
 
     script = _SECOND_PROCESS.format(

@@ -17,6 +17,7 @@ from flask import Flask
 
 from mailboxes import linking, upkeep, verification
 from models import Account, OAuthClient, User, utcnow
+from oauth import errors as oauth_errors
 from oauth import grants, tokens
 from tests.conftest import make_app
 from tests.test_linking import (
@@ -107,7 +108,7 @@ def test_invalid_grant_needs_reauthorization_and_keeps_tokens(owner: User, peer:
     account, reg = link(owner, peer)
     revoke_at_op(peer, email=account.address)
 
-    with pytest.raises(tokens.NeedsReauthorization) as raised:
+    with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
         tokens.get_access_token(account.id, force_refresh=True)
 
     stored = Account.get_by_id(account.id)
@@ -116,7 +117,7 @@ def test_invalid_grant_needs_reauthorization_and_keeps_tokens(owner: User, peer:
     assert stored.refresh_token == account.refresh_token
     assert stored.access_token == account.access_token
     before = token_requests(peer, reg["client_id"])
-    with pytest.raises(tokens.NeedsReauthorization):
+    with pytest.raises(oauth_errors.NeedsReauthorization):
         tokens.get_access_token(account.id)
     assert token_requests(peer, reg["client_id"]) == before  # no pointless retries
 
@@ -294,7 +295,7 @@ def test_5xx_is_not_asked_again_at_once_and_keeps_the_account_active(
 ) -> None:
     account = broken_account(fast_app, endpoint_503.url)
 
-    with pytest.raises(tokens.TokenUnavailable, match="503"):
+    with pytest.raises(oauth_errors.TokenUnavailable, match="503"):
         tokens.get_access_token(account.id)
 
     stored = Account.get_by_id(account.id)
@@ -310,7 +311,7 @@ def test_timeout_keeps_the_account_active(
 ) -> None:
     account = broken_account(timeout_app, endpoint_slow.url)
 
-    with pytest.raises(tokens.TokenUnavailable, match="in time"):
+    with pytest.raises(oauth_errors.TokenUnavailable, match="in time"):
         tokens.get_access_token(account.id)
 
     stored = Account.get_by_id(account.id)
@@ -328,7 +329,7 @@ def test_waiters_do_not_pile_on_after_a_failed_refresh(
         barrier.wait()
         try:
             tokens.get_access_token(account.id)
-        except tokens.TokenUnavailable as exc:
+        except oauth_errors.TokenUnavailable as exc:
             failures.append(exc)
 
     threads = [threading.Thread(target=call) for _ in range(8)]
@@ -348,7 +349,7 @@ def test_a_stale_claim_is_taken_over(fast_app: Flask, endpoint_503: FlakyTokenEn
         Account.id == account.id
     ).execute()
 
-    with pytest.raises(tokens.TokenUnavailable):
+    with pytest.raises(oauth_errors.TokenUnavailable):
         tokens.get_access_token(account.id)
     assert endpoint_503.hits == 1
 
@@ -376,7 +377,7 @@ def test_a_refused_grant_needs_reauthorization_and_keeps_tokens(
     server = endpoint(status=400, body={"error": error, "error_description": "grant is gone"})
     account = broken_account(fast_app, server.url)
 
-    with pytest.raises(tokens.NeedsReauthorization, match=error):
+    with pytest.raises(oauth_errors.NeedsReauthorization, match=error):
         tokens.get_access_token(account.id)
 
     stored = Account.get_by_id(account.id)
@@ -415,10 +416,10 @@ def test_a_refused_client_keeps_the_account_active_and_says_what_to_fix(
     server = endpoint(status=400, body={"error": error, "error_description": description})
     account = broken_account(fast_app, server.url)
 
-    with pytest.raises(tokens.ClientRefused) as raised:
+    with pytest.raises(oauth_errors.ClientRefused) as raised:
         tokens.get_access_token(account.id)
 
-    assert isinstance(raised.value, tokens.TokenUnavailable)  # the proxy answers "try later"
+    assert isinstance(raised.value, oauth_errors.TokenUnavailable)  # the proxy answers "try later"
     stored = Account.get_by_id(account.id)
     assert server.hits == 1  # retrying (or re-authorizing) cannot help
     assert stored.status == "active" and stored.status_detail == ""
@@ -448,10 +449,10 @@ def test_temporary_errors_wait_for_the_back_off_and_keep_the_account_active(
     server = endpoint(status=status, body=body)
     account = broken_account(fast_app, server.url)
 
-    with pytest.raises(tokens.TokenUnavailable) as raised:
+    with pytest.raises(oauth_errors.TokenUnavailable) as raised:
         tokens.get_access_token(account.id)
 
-    assert not isinstance(raised.value, tokens.ClientRefused)
+    assert not isinstance(raised.value, oauth_errors.ClientRefused)
     stored = Account.get_by_id(account.id)
     assert server.hits == 1  # not at once: the back-off decides
     assert stored.status == "active" and stored.last_error
@@ -495,7 +496,7 @@ def test_a_lapsed_claim_without_a_fresh_token_fails_without_retrying(
     server = endpoint(status=200, body=MINE, on_request=_take_over(0))
     account = broken_account(fast_app, server.url)
 
-    with pytest.raises(tokens.TokenUnavailable, match="took over"):
+    with pytest.raises(oauth_errors.TokenUnavailable, match="took over"):
         tokens.get_access_token(account.id)
 
     stored = Account.get_by_id(account.id)
@@ -504,7 +505,7 @@ def test_a_lapsed_claim_without_a_fresh_token_fails_without_retrying(
 
 
 def test_plain_http_token_endpoint_is_refused_off_loopback() -> None:
-    with pytest.raises(tokens.GrantError, match="https"):
+    with pytest.raises(oauth_errors.GrantError, match="https"):
         grants.check_endpoint("http://login.example.com/token")
     grants.check_endpoint("http://127.0.0.1:9/token")
     grants.check_endpoint("https://login.example.com/token")
@@ -514,7 +515,7 @@ def test_disabled_and_pending_accounts_get_no_token(fast_app: Flask) -> None:
     account = broken_account(fast_app, "http://127.0.0.1:9/token")
     for status in ("disabled", "pending"):
         tokens.set_status(account.id, status)
-        with pytest.raises(tokens.AccountUnusable):
+        with pytest.raises(oauth_errors.AccountUnusable):
             tokens.get_access_token(account.id)
 
 

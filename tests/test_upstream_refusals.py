@@ -353,7 +353,10 @@ def test_a_hanging_token_endpoint_gives_a_temporary_error_and_one_request(
         ).execute()
         account.client.token_url = hanging.url
         account.client.save()
-        monkeypatch.setattr(grants, "_settings", replace(grants.settings(), timeout=1.0))
+        app = web.application
+        with app.app_context():
+            quick = replace(grants.settings(), timeout=1.0)
+        monkeypatch.setitem(app.extensions, "auth_email.grants", grants._State(quick))
 
         said = [mail.refusal("imap", account.address, PASSWORD) for _ in range(3)]
     finally:

@@ -24,12 +24,13 @@ from flask_login import current_user, login_required
 from markupsafe import Markup, escape
 from werkzeug.wrappers import Response
 
-from mailboxes import linking, onboarding, verification
+from mailboxes import linking, mailbackend, onboarding, verification
 from mailboxes import refusals as mailrefusals
 from mailboxes.account_health import Health, health
-from models import Account, OAuthClient, User, utcnow
+from models import Account, AccountStatus, MailPassword, OAuthClient, User, utcnow
 from oauth import authorize as oauth
 from oauth import clients as oauth_clients
+from oauth import errors as oauth_errors
 from oauth import providers
 from people import instance_settings
 from web import timefmt
@@ -78,7 +79,9 @@ def dashboard(user: User) -> dict[str, Any]:
     steps = onboarding.first_run_steps(user) if user.is_admin else []
     return {
         "accounts": accounts,
-        "attention": [a for a in accounts if a.status != "pending" and not health(a).ok],
+        "attention": [
+            a for a in accounts if a.state is not AccountStatus.PENDING and not health(a).ok
+        ],
         "secret_warnings": oauth_clients.secret_expiry_warnings(user),
         "provider_names": dict(providers.choices()),
         "steps": steps if not all(step.done for step in steps) else [],
@@ -153,8 +156,8 @@ def breakable(text: str) -> Markup:
 @bp.app_template_global()
 def sessions_open(account_id: int) -> int | None:
     """Mail sessions this serving process holds open for the account (None: no proxy here)."""
-    backend = current_app.extensions.get("mail_backend")
-    return backend.sessions_open(account_id) if backend is not None else None
+    service = mailbackend.running(current_app)
+    return service.backend.sessions_open(account_id) if service is not None else None
 
 
 @bp.get("/accounts/new")
@@ -193,7 +196,7 @@ def authorize_start() -> View:
         )
     except linking.LinkError as exc:
         return _authorize_page(form, 400, exc.message)
-    except oauth.AuthorizationProblem as exc:
+    except oauth_errors.AuthorizationProblem as exc:
         return _problem(exc, form.address.data)
     return _after_start(started)
 
@@ -217,7 +220,7 @@ def _after_link(account: Account, result: verification.Verification | None) -> R
     return redirect(url_for("accounts.detail", account_id=account.id))
 
 
-def _problem(exc: oauth.AuthorizationProblem, address: str = "") -> tuple[str, int]:
+def _problem(exc: oauth_errors.AuthorizationProblem, address: str = "") -> tuple[str, int]:
     return render_template(
         "accounts/problem.html", problem=exc.explanation, address=address
     ), exc.status
@@ -231,7 +234,7 @@ def callback() -> View:
         account, result = linking.complete_callback(
             _user(), request.args.to_dict(), _redirect_uri(), ip=_ip()
         )
-    except oauth.AuthorizationProblem as exc:
+    except oauth_errors.AuthorizationProblem as exc:
         return _problem(exc)
     return _after_link(account, result)
 
@@ -248,7 +251,7 @@ def device(account_id: int, state: str) -> View:
     if pending.consumed_at is not None:
         return redirect(url_for("accounts.detail", account_id=account.id))
     if pending.expires_at < utcnow():
-        return _problem(oauth.AuthorizationProblem(oauth.EXPIRED), account.address)
+        return _problem(oauth_errors.AuthorizationProblem(oauth.EXPIRED), account.address)
     return render_template(
         "accounts/device.html", account=account, pending=pending, form=EmptyForm()
     )
@@ -263,7 +266,7 @@ def device_check(account_id: int, state: str) -> View:
         abort(400)
     try:
         result = linking.poll_device(_user(), account, state, ip=_ip())
-    except oauth.AuthorizationProblem as exc:
+    except oauth_errors.AuthorizationProblem as exc:
         if exc.status == 404:
             abort(404)
         return _problem(exc, account.address)
@@ -279,7 +282,7 @@ def _detail(
         "accounts/detail.html",
         account=account,
         password_form=password_form or MailPasswordForm(),
-        passwords=list(account.passwords.order_by(account.passwords.model.created_at)),
+        passwords=list(account.passwords.order_by(MailPassword.created_at)),
         shown_password=shown,
         just_saved=request.args.get("saved") == "1",
         empty=EmptyForm(),
@@ -312,7 +315,7 @@ def reauthorize(account_id: int) -> View:
     except linking.LinkError as exc:
         flash(exc.message, "error")
         return redirect(url_for("accounts.detail", account_id=account.id))
-    except oauth.AuthorizationProblem as exc:
+    except oauth_errors.AuthorizationProblem as exc:
         return _problem(exc, account.address)
     return _after_start(started)
 
@@ -375,7 +378,7 @@ def add_password(account_id: int) -> View:
 @login_required
 def revoke_confirm(account_id: int, password_id: int) -> str:
     account = _own(account_id)
-    found = account.passwords.where(account.passwords.model.id == password_id).first()
+    found = account.passwords.where(MailPassword.id == password_id).first()
     if found is None:
         abort(404)
     return render_template(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from flask import (
     Blueprint,
     abort,
@@ -21,6 +19,7 @@ from models import User, utcnow
 from people import audit, invites, users
 from people import instance_settings as stored_settings
 from web import audit_view
+from web.default_clients import default_clients_section
 from web.forms import EmptyForm, InstanceSettingsForm, NewUserForm, ResetPasswordForm
 from web.security import admin_required
 
@@ -134,7 +133,7 @@ def _set_enabled(user_id: int, enabled: bool) -> Response:
         try:
             users.set_enabled(user, enabled)
         except users.UserError as error:
-            flash(str(error), "error")
+            flash(error.message, "error")
         else:
             audit.record_request("user.enabled" if enabled else "user.disabled", target=user.email)
             flash(f"{user.email} is {'enabled' if enabled else 'disabled'}.", "success")
@@ -183,12 +182,9 @@ def instance_settings() -> Response | str | tuple[str, int]:
     if not form.is_submitted():
         form.new_users_custom_clients.data = _new_user_default()
         form.allow_ropc.data = stored_settings.ropc_allowed(current_app.config)
-    return render_template("admin/settings.html", form=form, extra_sections=settings_sections())
-
-
-def settings_sections() -> list[Callable[[], str]]:
-    """Other modules add sections to the admin settings page (e.g. default OAuth clients)."""
-    return list(current_app.extensions.get("admin_settings_sections", []))
+    return render_template(
+        "admin/settings.html", form=form, extra_sections=[default_clients_section]
+    )
 
 
 @bp.get("/audit")

@@ -55,14 +55,17 @@ def init_app(app: Flask) -> None:
     login_manager.init_app(app)
     app.register_blueprint(bp)
 
+    setup_done = False  # this app's; users are never all deleted: ask only until one exists
+
     @app.before_request
     def _first_run() -> Response | None:
         """Until an administrator exists, every page leads to the setup page."""
-        if request.endpoint in OPEN_BEFORE_SETUP or app.extensions.get("setup_done"):
+        nonlocal setup_done
+        if request.endpoint in OPEN_BEFORE_SETUP or setup_done:
             return None
         if not User.select().exists():
             return redirect(url_for("auth.setup"))
-        app.extensions["setup_done"] = True  # users are never all deleted: ask only until then
+        setup_done = True
         return None
 
 
@@ -89,7 +92,7 @@ def check_login(email: str, password: str, ip: str) -> tuple[User | None, str | 
 
 
 @bp.route("/login", methods=["GET", "POST"])
-def login() -> Response | str:
+def login() -> Response | str | tuple[str, int]:
     if current_user.is_authenticated:
         return redirect(url_for("accounts.index"))
     form = LoginForm()
@@ -117,7 +120,7 @@ def logout() -> Response:
 
 
 @bp.route("/setup", methods=["GET", "POST"])
-def setup() -> Response | str:
+def setup() -> Response | str | tuple[str, int]:
     """One-time creation of the administrator; gone once a user exists."""
     if User.select().exists():
         abort(404)
@@ -135,7 +138,7 @@ def setup() -> Response | str:
 
 
 @bp.route("/invite/<token>", methods=["GET", "POST"])
-def invite(token: str) -> Response | str:
+def invite(token: str) -> Response | str | tuple[str, int]:
     found = users.find_invite(token)
     if found is None:
         return render_template("auth/invite_invalid.html"), 404
@@ -144,7 +147,7 @@ def invite(token: str) -> Response | str:
         try:
             user = users.accept_invite(found, form.password.data)
         except users.UserError as error:
-            flash(str(error), "error")
+            flash(error.message, "error")
             return render_template("auth/invite_invalid.html"), 409
         audit.record("user.invite_accepted", actor=user, ip=request.remote_addr or "")
         login_user(user)

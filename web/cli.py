@@ -38,7 +38,7 @@ def create_admin(email: str, password_stdin: bool) -> None:
     try:
         email = addresses.normalize(email)
     except addresses.AddressError as error:
-        raise click.ClickException(str(error)) from None
+        raise click.ClickException(error.message) from None
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -49,7 +49,7 @@ def create_admin(email: str, password_stdin: bool) -> None:
         try:
             admin = users.create_admin(email, password)
         except users.UserError as error:
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(error.message) from None
         audit.record("user.setup_admin", actor=admin, ip="cli", target=admin.email)
     click.echo(f"Administrator {admin.email} created.")
 
@@ -74,8 +74,9 @@ def rotate_key() -> None:
     with database.connection_context():
         check_keyring(both, Meta, SECRET_MODELS)  # the new key's check value
         moved = reencrypt_all(SECRET_MODELS, both)
-        vault.keyring = both.only_current()
-        write_private(path, vault.keyring.dump())
+        current = both.only_current()
+        vault.keyring = current
+        write_private(path, current.dump())
         audit.record("vault.key_rotated", ip="cli", detail=f"{moved} values re-encrypted")
     click.echo(f"Re-encrypted {moved} secrets under key {both.current}.")
 

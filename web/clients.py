@@ -1,7 +1,7 @@
 """The custom OAuth client screens: the editor, sharing, deletion, and the admin's defaults.
 
 The list lives on Account settings (``oauth.clients.overview``); the admin's per-provider default
-clients are a section of the admin settings page (``init_app``). The logic is in
+clients are a section of the admin settings page (``web.default_clients``). The logic is in
 ``oauth_clients`` (plain functions that take no request).
 """
 
@@ -11,7 +11,6 @@ from typing import Any
 
 from flask import (
     Blueprint,
-    Flask,
     abort,
     current_app,
     flash,
@@ -21,15 +20,16 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from markupsafe import Markup
 from werkzeug.wrappers import Response
 
 from models import OAuthClient, User
+from oauth import authorize as oauth
 from oauth import certificates as client_certificates
 from oauth import clients as oauth_clients
 from oauth import providers
 from people import audit, instance_settings
-from web.forms import ClientForm, DefaultClientsForm, DeleteClientForm, EmptyForm
+from web.default_clients import defaults_form
+from web.forms import ClientForm, DeleteClientForm, EmptyForm
 
 bp = Blueprint("clients", __name__, url_prefix="/settings/clients")
 
@@ -102,7 +102,7 @@ def _editor(client: OAuthClient | None) -> Response | tuple[str, int]:
             clear_secret=bool(form.clear_secret.data),
         )
     except oauth_clients.ClientError as error:
-        form.name.errors.append(str(error))
+        form.name.errors.append(error.message)
         return _render_editor(form, client, 400)
     detail = f"provider={saved.provider} grant={saved.grant}"
     audit.record_request(
@@ -116,7 +116,7 @@ def initial_values(client: OAuthClient | None, provider: str | None = None) -> d
     """The editor's starting values: the client's (never its secret), or a preset's defaults."""
     if client is not None:
         return {name: getattr(client, name) for name in oauth_clients.EDITABLE}
-    key = provider if provider in providers.PRESETS else "microsoft365"
+    key = provider if provider and provider in providers.PRESETS else "microsoft365"
     preset = providers.get(key)
     grant = providers.AUTHORIZATION_CODE
     values: dict[str, Any] = {"provider": key, "grant": grant, "tenant": preset.default_tenant}
@@ -171,7 +171,7 @@ def _render_editor(form: ClientForm, client: OAuthClient | None, status: int) ->
         preset=providers.PRESETS.get(form.provider.data or ""),
         grant=form.grant.data,
         grant_labels=providers.GRANT_LABELS,
-        redirect_uri=current_app.config["PUBLIC_URL"] + "/authorize",
+        redirect_uri=oauth.redirect_uri(current_app.config["PUBLIC_URL"]),
         accounts=oauth_clients.accounts_using(client, _user()) if client else [],
         certificate=client_certificates.summary(client) if client else None,
         certificate_form=EmptyForm(),
@@ -261,30 +261,12 @@ def share(client_id: int) -> Response:
 # --- Admin: instance defaults ---------------------------------------------------------------
 
 
-def _defaults_form(**kwargs: Any) -> tuple[DefaultClientsForm, dict[str, list[OAuthClient]]]:
-    candidates = {key: oauth_clients.default_candidates(key) for key in providers.PRESETS}
-    options = {
-        key: [(str(c.id), f"{c.name} ({c.client_id})") for c in found]
-        for key, found in candidates.items()
-    }
-    return DefaultClientsForm.build(options, **kwargs), candidates
-
-
-def default_clients_section() -> Markup:
-    """The admin settings page's section: per provider, the default client."""
-    form, candidates = _defaults_form()
-    for key in providers.PRESETS:
-        chosen = oauth_clients.default_client(key)
-        getattr(form, f"default_{key}").data = str(chosen.id) if chosen else ""
-    return Markup(render_template("admin/_default_clients.html", form=form, candidates=candidates))
-
-
 @bp.post("/defaults")
 @login_required
 def save_defaults() -> Response:
     if not _user().is_admin:
         abort(404)
-    form, candidates = _defaults_form()
+    form, candidates = defaults_form()
     if not form.validate_on_submit():
         flash("The form expired; try again.", "error")
         return redirect(url_for("admin.instance_settings"))
@@ -301,10 +283,3 @@ def save_defaults() -> Response:
     audit.record_request("settings.default_clients", detail=summary)
     flash("Default clients saved.", "success")
     return redirect(url_for("admin.instance_settings"))
-
-
-def init_app(app: Flask) -> None:
-    """Add the default clients section to the admin settings page."""
-    sections = app.extensions.setdefault("admin_settings_sections", [])
-    if default_clients_section not in sections:
-        sections.append(default_clients_section)

@@ -15,7 +15,7 @@ import peewee as pw
 from flask import Blueprint, render_template, request
 
 from mailboxes import account_health
-from models import Account, AuditEvent, OAuthClient, User, utcnow
+from models import Account, AccountStatus, AuditEvent, OAuthClient, User, utcnow
 from oauth import clients as oauth_clients
 from oauth import providers
 from web.security import admin_required
@@ -53,7 +53,7 @@ def _token_state(account: Account, now: dt.datetime) -> str:
     if account.last_error:
         return f"renewal failing: {account.last_error}"
     if account.token_expires_at is None:
-        return "no token yet" if account.status == "pending" else "—"
+        return "no token yet" if account.state is AccountStatus.PENDING else "—"
     if account.token_expires_at > now:
         return f"valid until {account.token_expires_at:%Y-%m-%d %H:%M} UTC"
     return "expired; renewed at the next use"
@@ -68,7 +68,7 @@ def _last_outcomes(addresses: list[str]) -> dict[tuple[str, str], tuple[str, dt.
         .where(AuditEvent.action.in_(list(OUTCOMES)), AuditEvent.target.in_(addresses))
         .group_by(AuditEvent.target, AuditEvent.detail)
     )
-    ids = [row[2] for row in latest.tuples()]
+    ids = [row[2] for row in latest.tuples()]  # type: ignore[index]  # tuples, not rows
     found: dict[tuple[str, str], tuple[str, dt.datetime]] = {}
     for event in AuditEvent.select().where(AuditEvent.id.in_(ids)):
         found[event.target, event.detail] = (OUTCOMES[event.action], event.at)
@@ -119,9 +119,9 @@ def overview(today: dt.date | None = None) -> list[Row]:
                 row.protocols[protocol] = outcomes[account.address, protocol]
         state = account_health.health(account)  # the same words as the owner's pages
         row.label, row.css = state.label, state.css
-        if account.status in ("needs_reauth", "error"):
+        if account.state.needs_attention:
             row.reasons.append(account.status_detail or "the provider refused its authorization")
-        elif not state.ok and state.problem and account.status != "pending":
+        elif not state.ok and state.problem and account.state is not AccountStatus.PENDING:
             failing = "token renewal failing: " if account.refresh_failures else ""
             row.reasons.append(failing + state.problem)
         if client is not None and client.secret_expires_on:
@@ -129,8 +129,8 @@ def overview(today: dt.date | None = None) -> list[Row]:
             row.expiry = f"{what} until {client.secret_expires_on.isoformat()}"
             level = oauth_clients.expiry_level(client.secret_expires_on, today)
             if level:
-                state = "expired" if level[0] == "expired" else f"expires in {level[1]} days"
-                row.reasons.append(f"client {what} {state}")
+                when = "expired" if level[0] == "expired" else f"expires in {level[1]} days"
+                row.reasons.append(f"client {what} {when}")
         rows.append(row)
     return rows
 
@@ -140,7 +140,7 @@ def counts(rows: list[Row]) -> dict[str, int]:
         "mailboxes": len(rows),
         "active": sum(r.css == "active" and not r.needs_attention for r in rows),
         "attention": sum(r.needs_attention for r in rows),
-        "reauth": sum(r.status == "needs_reauth" for r in rows),
+        "reauth": sum(r.status == AccountStatus.NEEDS_REAUTH for r in rows),
     }
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import plistlib
 import uuid
 from dataclasses import dataclass
-from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from flask import Blueprint, Response, abort, current_app, render_template, request
+from flask import Blueprint, Flask, Response, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 
 from config import mail_host
+from mailboxes import listeners as mail_listeners
 from mailboxes.listeners import tls_files
 from mailproxy import fingerprint_sha256
 from mailproxy.settings import parse_hostport
@@ -34,26 +34,27 @@ class Server:
         return "SSL" if self.security == "SSL/TLS" else "STARTTLS"
 
 
-# listener setting -> (protocol, security); implicit TLS first, as clients should prefer it
-LISTENERS = (
-    ("IMAPS_LISTEN", "imap", "SSL/TLS"),
-    ("IMAP_LISTEN", "imap", "STARTTLS"),
-    ("POP3S_LISTEN", "pop3", "SSL/TLS"),
-    ("POP3_LISTEN", "pop3", "STARTTLS"),
-    ("SMTPS_LISTEN", "smtp", "SSL/TLS"),
-    ("SUBMISSION_LISTEN", "smtp", "STARTTLS"),
-)
+# listener -> (protocol, security) as mail clients name them; implicit TLS first, as they
+# should prefer it
+LABELS = {
+    "imaps": ("imap", "SSL/TLS"),
+    "imap": ("imap", "STARTTLS"),
+    "pop3s": ("pop3", "SSL/TLS"),
+    "pop3": ("pop3", "STARTTLS"),
+    "smtps": ("smtp", "SSL/TLS"),
+    "submission": ("smtp", "STARTTLS"),
+}
 
 
-def servers(config: Any) -> list[Server]:
+def servers(app: Flask) -> list[Server]:
     """The proxy's enabled listeners as mail clients should see them."""
-    host = mail_host(config)
-    found = []
-    for setting, protocol, security in LISTENERS:
-        if config.get(setting):
-            _, port = parse_hostport(config[setting])
-            found.append(Server(protocol, host, port, security))
-    return found
+    host = mail_host(app.config)
+    enabled = mail_listeners.addresses(app)
+    return [
+        Server(protocol, host, parse_hostport(enabled[name])[1], security)
+        for name, (protocol, security) in LABELS.items()
+        if name in enabled
+    ]
 
 
 def self_signed_fingerprint() -> str | None:
@@ -75,7 +76,7 @@ def client_setup(account_id: int) -> str:
     return render_template(
         "mailsetup/client.html",
         account=account,
-        servers=servers(current_app.config),
+        servers=servers(current_app),
         fingerprint=self_signed_fingerprint(),
     )
 
@@ -84,9 +85,7 @@ def client_setup(account_id: int) -> str:
 @login_required
 def mobileconfig(account_id: int) -> Response:
     account = _own_account(account_id)
-    body = apple_profile(
-        account.address, servers(current_app.config), mail_host(current_app.config)
-    )
+    body = apple_profile(account.address, servers(current_app), mail_host(current_app.config))
     filename = f"{account.address.replace('@', '_at_')}.mobileconfig"
     return Response(
         body,
@@ -144,7 +143,7 @@ def autoconfig() -> Response:
     address = request.args.get("emailaddress", "")
     domain = address.rpartition("@")[2] if "@" in address else mail_host(current_app.config)
     return Response(
-        autoconfig_xml(domain, servers(current_app.config), mail_host(current_app.config)),
+        autoconfig_xml(domain, servers(current_app), mail_host(current_app.config)),
         mimetype="application/xml",
     )
 

@@ -5,23 +5,21 @@ from __future__ import annotations
 import hmac
 import socket
 
-from flask import Blueprint, Response, abort, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config import is_loopback_host
-from mailproxy.settings import LISTENER_NAMES, parse_hostport
+from mailboxes import listeners as mail_listeners
+from mailproxy.settings import parse_hostport
 from store.db import database
 
 bp = Blueprint("ops", __name__)
 
 
-def listener_checks(config: dict) -> dict[str, bool]:
+def listener_checks(app: Flask) -> dict[str, bool]:
     """Whether each configured mail listener accepts a TCP connection right now."""
     results = {}
-    for name in LISTENER_NAMES:
-        value = config.get(f"{name.upper()}_LISTEN")
-        if not value:
-            continue
+    for name, value in mail_listeners.addresses(app).items():
         host, port = parse_hostport(value)
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
@@ -43,7 +41,7 @@ def database_ok() -> bool:
 
 @bp.get("/healthz")
 def healthz() -> tuple[Response, int]:
-    checks = {"database": database_ok(), **listener_checks(current_app.config)}
+    checks = {"database": database_ok(), **listener_checks(current_app)}
     healthy = all(checks.values())
     return jsonify(status="ok" if healthy else "unhealthy", checks=checks), 200 if healthy else 503
 
