@@ -18,7 +18,7 @@ import config
 from mailboxes import graphsend
 from migrations import migrate
 from models import SECRET_MODELS, Meta
-from oauth import grants
+from oauth import grants, providers
 from people import passwords
 from store.db import (
     check_keyring,
@@ -77,6 +77,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     _quiet_sql_log(app.config["LOG_SQL"])
     passwords.configure(app.config)
+    providers.configure(app.config)  # before grants: the hosts it always allows follow it
     grants.configure(app.config)
     graphsend.configure(app.config)
     init_database(app)
