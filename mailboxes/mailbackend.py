@@ -371,10 +371,11 @@ class AppBackend:
             try:
                 return tokens.get_access_token(account_id, force_refresh=force_refresh)
             except tokens.NeedsReauthorization as error:
+                # Where to go first: a mail client cuts a long line, the reason may be long.
                 raise ProxyAuthError(
                     "reauth",
-                    f"{error} Re-authorize this account in Auth-Email: "
-                    f"{self.public_url}/accounts/{account_id}",
+                    f"Re-authorize this account in Auth-Email at "
+                    f"{self.public_url}/accounts/{account_id} : {error}",
                 ) from None
             except tokens.TokenUnavailable as error:
                 raise ProxyAuthError("unavailable", str(error)) from None
