@@ -6,6 +6,7 @@ then drives the served mail proxy with stdlib clients and reads the dashboard: w
 client gets (the protocol's own error, with a reason a person can act on) and what the account
 page and the accounts list show (never "Active" for a mailbox that does not work; "Needs
 re-authorization" only where re-authorizing helps; the account is never deleted).
+The last two tests look at the served web UI in headless Chromium, at phone and desktop width.
 The situation → test table is in tests/providers/README.md.
 """
 
@@ -34,7 +35,15 @@ from models import Account, User, utcnow
 from oauth import clients as oauth_clients
 from oauth import providers
 from people import users
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
+from tests.conftest import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    AuthActions,
+    LiveServer,
+    make_app,
+    post_form,
+)
+from tests.dashboardkit import WIDTHS, fill, layout_problems, set_width, sign_in, wait_for
 from tests.providers.plugin import ProviderSims
 from tests.test_linking import path_and_query
 from tests.test_mail_through_app import EVERY_LISTENER_ON_A_FREE_PORT, MailClients
@@ -567,3 +576,115 @@ def test_a_session_whose_token_runs_out_is_ended_by_exchange_and_the_next_login_
     after = sims.entra.requests.count(client_id=linked.client_id, grant_type="refresh_token")
     assert after == before + 1
     assert badge(web, linked) == "Active"
+
+
+# ------------------------------------------------------------------ what a person sees (Chromium)
+
+
+@pytest.fixture
+def served(app: Flask) -> Iterator[list[LiveServer]]:
+    """Started by the test after linking (it moves PUBLIC_URL, the simulators' redirect URI)."""
+    servers: list[LiveServer] = []
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def badge_of(browser: Any, address: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    row = browser.find_element(By.XPATH, f"//tr[contains(normalize-space(.), '{address}')]")
+    return str(row.find_element(By.CSS_SELECTOR, ".badge").text)
+
+
+@pytest.mark.browser
+def test_the_dashboard_shows_what_each_provider_refused_at_every_width(
+    app: Flask,
+    web: FlaskClient,
+    sims: ProviderSims,
+    mail: MailClients,
+    browser: Any,
+    served: list[LiveServer],
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    revoked = microsoft(app, web, sims)
+    sims.entra.situation(revoked.address, "consent_revoked")
+    revoked.token_runs_out()
+    no_imap = microsoft(app, web, sims)
+    sims.entra.situation(no_imap.address, "imap_disabled")
+    throttled = google(app, web, sims)
+    sims.google.token_fault("throttled", client_id=throttled.client_id, retry_after=600)
+    throttled.token_runs_out()
+    for linked, protocol in ((revoked, "pop3"), (no_imap, "imap"), (throttled, "smtp")):
+        refused(mail, linked, protocol)
+    mail.flush()
+
+    served.append(LiveServer(app))
+    base = served[0].url
+    sign_in(browser, base, ADMIN_EMAIL, ADMIN_PASSWORD)
+    expected = {
+        revoked.address: "Needs re-authorization",
+        no_imap.address: "Active, IMAP refused",
+        throttled.address: "Cannot renew token",
+    }
+    for width in WIDTHS:
+        set_width(browser, width)
+        browser.get(base + "/")
+        for address, label in expected.items():
+            assert badge_of(browser, address) == label, (width, address)
+        assert layout_problems(browser, width) == []
+
+        browser.get(f"{base}/accounts/{revoked.id}")
+        status = browser.find_element(By.ID, "account-status").text
+        assert "authorize it again" in status and "65001" in status
+        assert browser.find_element(By.ID, "reauthorize").is_displayed()
+        assert layout_problems(browser, width) == []
+
+        browser.get(f"{base}/accounts/{no_imap.id}")
+        imap_row = browser.find_element(By.CSS_SELECTOR, "tr[data-protocol='IMAP']").text
+        assert "Refused by the mail server" in imap_row and "-ImapEnabled $true" in imap_row
+        assert (
+            "No refusal recorded"
+            in browser.find_element(By.CSS_SELECTOR, "tr[data-protocol='POP3']").text
+        )
+        assert layout_problems(browser, width) == []
+
+        browser.get(f"{base}/accounts/{throttled.id}")
+        renewal = browser.find_element(By.ID, "renewal").text
+        assert "cannot be renewed" in renewal and "next try" in renewal
+        assert layout_problems(browser, width) == []
+
+
+@pytest.mark.browser
+def test_the_shared_mailbox_field_refuses_bad_input_beside_it_on_a_phone(
+    app: Flask,
+    web: FlaskClient,
+    sims: ProviderSims,
+    browser: Any,
+    served: list[LiveServer],
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    linked: Linked = microsoft(app, web, sims)
+    served.append(LiveServer(app))
+    base = served[0].url
+    sign_in(browser, base, ADMIN_EMAIL, ADMIN_PASSWORD)
+    set_width(browser, 390)
+    browser.get(f"{base}/accounts/{linked.id}")
+    fill(browser, "delegate", linked.address)
+    browser.find_element(By.ID, "save-delegate").click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#shared-mailbox .error"))
+    field = browser.find_element(By.ID, "delegate")
+    assert field.get_attribute("aria-invalid") == "true"
+    assert field.get_attribute("value") == linked.address  # what was typed stays
+    error = browser.find_element(By.CSS_SELECTOR, "#shared-mailbox .error").text
+    assert "this mailbox's own address" in error
+    assert layout_problems(browser, 390) == []
+
+    delegate = sims.entra_user("boss", seed=0).email
+    fill(browser, "delegate", delegate)
+    browser.find_element(By.ID, "save-delegate").click()
+    wait_for(browser, lambda d: "mail is sent logged in as" in d.page_source)
+    assert browser.find_element(By.ID, "delegate").get_attribute("value") == delegate
+    assert linked.account().signed_in_as == delegate
