@@ -273,16 +273,15 @@ class HostMove:
     new_port: int | None
 
 
-_moves: tuple[HostMove, ...] = ()
 _moved: MappingProxyType[str, Preset] = PRESETS
 
 
 def configure(config: Mapping[str, Any]) -> None:
     """Take PROVIDER_HOSTS from the app's config (the app factory calls this); ValueError with
     every problem listed when the value cannot be used, so the service refuses to start."""
-    global _moves, _moved
+    global _moved
     moves = parse_provider_hosts(config.get("PROVIDER_HOSTS") or "")
-    _moves, _moved = moves, _move_table(PRESETS, moves) if moves else PRESETS
+    _moved = _move_table(PRESETS, moves) if moves else PRESETS
     _PATTERNS.clear()
 
 
@@ -364,21 +363,22 @@ def parse_provider_hosts(raw: Any) -> tuple[HostMove, ...]:
     return tuple(moves)
 
 
-def _moved_to(host: str, port: int) -> tuple[str, int] | None:
+def _moved_to(moves: tuple[HostMove, ...], host: str, port: int) -> tuple[str, int] | None:
+    """Where ``host:port`` goes: an entry for that very port first, then one for the host."""
     for exact in (True, False):
-        for move in _moves:
+        for move in moves:
             if move.host == host and (move.port == port if exact else move.port is None):
                 return move.new_host, move.new_port or port
     return None
 
 
-def _move_url(url: str) -> str:
+def _move_url(moves: tuple[HostMove, ...], url: str) -> str:
     if not url:
         return url
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    moved = _moved_to(host, port)
+    moved = _moved_to(moves, host, port)
     if moved is None:
         return url
     new_host, new_port = moved
@@ -388,40 +388,37 @@ def _move_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _move_endpoint(endpoint: Endpoint | None) -> Endpoint | None:
+def _move_endpoint(moves: tuple[HostMove, ...], endpoint: Endpoint | None) -> Endpoint | None:
     if endpoint is None:
         return None
-    moved = _moved_to(endpoint.host, endpoint.port)
+    moved = _moved_to(moves, endpoint.host, endpoint.port)
     return endpoint if moved is None else replace(endpoint, host=moved[0], port=moved[1])
 
 
 def _move_table(
     table: Mapping[str, Preset], moves: tuple[HostMove, ...]
 ) -> MappingProxyType[str, Preset]:
-    global _moves
-    saved, _moves = _moves, moves
-    try:
-        moved = {}
-        for key, preset in table.items():
-            grants = {
-                name: replace(g, **{f: _move_url(getattr(g, f)) for f in URL_FIELDS})
-                for name, g in preset.grants.items()
-            }
-            moved[key] = replace(
-                preset,
-                grants=_frozen(grants),
-                revocation_url=_move_url(preset.revocation_url),
-                imap=_move_endpoint(preset.imap),
-                pop3=_move_endpoint(preset.pop3),
-                smtp=_move_endpoint(preset.smtp),
-            )
-        return _frozen(moved)
-    finally:
-        _moves = saved
+    """``table`` with every URL and mail server that ``moves`` names moved (scheme, path,
+    security as they were)."""
+    moved = {}
+    for key, preset in table.items():
+        grants = {
+            name: replace(g, **{f: _move_url(moves, getattr(g, f)) for f in URL_FIELDS})
+            for name, g in preset.grants.items()
+        }
+        moved[key] = replace(
+            preset,
+            grants=_frozen(grants),
+            revocation_url=_move_url(moves, preset.revocation_url),
+            imap=_move_endpoint(moves, preset.imap),
+            pop3=_move_endpoint(moves, preset.pop3),
+            smtp=_move_endpoint(moves, preset.smtp),
+        )
+    return _frozen(moved)
 
 
 def _hosts_of(table: Mapping[str, Preset]) -> frozenset[str]:
-    hosts = set()
+    hosts: set[str] = set()
     for preset in table.values():
         urls = [preset.revocation_url]
         for grant in preset.grants.values():
