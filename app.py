@@ -18,7 +18,7 @@ import config
 from mailboxes import graphsend
 from migrations import migrate
 from models import SECRET_MODELS, Meta
-from oauth import grants
+from oauth import grants, providers
 from people import passwords
 from store.db import (
     check_keyring,
@@ -78,6 +78,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     _quiet_sql_log(app.config["LOG_SQL"])
     passwords.init_app(app)
+    providers.init_app(app)  # before grants: the hosts it always allows follow it
     grants.init_app(app)
     graphsend.init_app(app)
     init_database(app)

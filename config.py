@@ -67,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
     "GRAPH_URL": "https://graph.microsoft.com",
     "GRAPH_TIMEOUT": 30.0,
     "GRAPH_ATTEMPTS": 3,
+    # The built-in providers' hosts moved elsewhere (a test tenant, a national cloud's front
+    # door, the test bed's simulators): a dict {"host[:port]": "host[:port]"} or, in the
+    # environment, "host[:port]=host[:port]" pairs (see oauth/providers.py, parse_provider_hosts).
+    "PROVIDER_HOSTS": "",
     # How often the serving process refreshes idle accounts (refresh tokens age out unused).
     "UPKEEP_INTERVAL_SECONDS": 3600,
     # Hosts that OAuth clients' URLs (permission, token, device, revocation) and custom mail
@@ -220,11 +224,13 @@ class HostPolicy:
         if not host:
             return "Enter a host name."
         host = _plain_host(host)
+        if host in self.fixed:  # the presets' hosts, or where the operator moved them
+            return None
         if is_loopback_host(host):
             if self.allow_loopback:
                 return None
             return f"{host} is a loopback host, which this server does not allow for clients."
-        if host in self.fixed or host in self.patterns:
+        if host in self.patterns:
             return None
         try:
             address = ipaddress.ip_address(host)

@@ -109,7 +109,7 @@ def web_server(app: Flask, host: str, port: int) -> Any:
 def main() -> int:
     try:
         app = create_app()
-    except KeyFileError as error:
+    except (KeyFileError, ValueError) as error:  # a key file, or a setting that cannot be used
         print(f"auth-email: cannot start: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(

@@ -383,20 +383,28 @@ def _checked(account: Account, client: OAuthClient, token: Mapping[str, Any]) ->
     access = token.get("access_token")
     if not isinstance(access, str) or not access:
         return Verification(False, "The token response holds no access token.")
-    result = verify(account, access_token=access, client=client)
+    result = verify(account, access_token=access, client=client, delegate=_delegate(account, token))
     if not result.ok and client.grant == providers.CLIENT_CREDENTIALS:
         result = Verification(False, f"{result.message} {oauth_errors.CLIENT_CREDENTIALS_HELP}")
     return result
 
 
-def _store(account: Account, client: OAuthClient, token: Mapping[str, Any]) -> None:
+def _delegate(account: Account, token: Mapping[str, Any]) -> str:
+    """Who signed in for the mailbox when that is someone else (a shared mailbox's delegate):
+    the token says so (id_token, or the access token's ``upn``), else the address the user
+    typed on the account page stays; empty for the mailbox itself."""
     identity = grants.identity_from(token)
+    if identity:
+        return identity if identity != account.address else ""
+    return account.signed_in_as
+
+
+def _store(account: Account, client: OAuthClient, token: Mapping[str, Any]) -> None:
+    delegate = _delegate(account, token)
     with database.atomic():
-        Account.update(
-            client=client,
-            provider=client.provider,
-            signed_in_as=identity if identity and identity != account.address else "",
-        ).where(Account.id == account.id).execute()
+        Account.update(client=client, provider=client.provider, signed_in_as=delegate).where(
+            Account.id == account.id
+        ).execute()
         tokens.store_tokens(account, token)
 
 
@@ -439,6 +447,19 @@ def unlink(user: User, account: Account, *, ip: str = "") -> bool:
 
 
 # ---------------------------------------------------------------------------------- passwords
+
+
+def set_delegate(user: User, account: Account, delegate: str, *, ip: str = "") -> str:
+    """Who signs in for a shared mailbox, as typed on the account page (empty: the mailbox
+    itself). SMTP logs in as them and the provider's sign-in page is prefilled with them; the
+    next authorization replaces it with whom the provider names in its token, if it does."""
+    delegate = normalize_address(delegate) if delegate.strip() else ""
+    if delegate == account.address:
+        delegate = ""
+    Account.update(signed_in_as=delegate).where(Account.id == account.id).execute()
+    audit.record("account.delegate", actor=user, ip=ip, target=account.address,
+                 detail=delegate or "none")  # fmt: skip
+    return delegate
 
 
 def add_password(

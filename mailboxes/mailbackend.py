@@ -385,10 +385,11 @@ class AppBackend:
             try:
                 return tokens.get_access_token(account_id, force_refresh=force_refresh)
             except oauth_errors.NeedsReauthorization as error:
+                # Where to go first: a mail client cuts a long line, the reason may be long.
                 raise ProxyAuthError(
                     "reauth",
-                    f"{error.message} Re-authorize this account in Auth-Email: "
-                    f"{self.public_url}/accounts/{account_id}",
+                    f"Re-authorize this account in Auth-Email at "
+                    f"{self.public_url}/accounts/{account_id} : {error.message}",
                 ) from None
             except oauth_errors.TokenUnavailable as error:
                 raise ProxyAuthError("unavailable", error.message) from None

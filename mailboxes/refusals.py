@@ -154,6 +154,26 @@ def explain(protocol: str, said: str, address: str, app_only: bool = False) -> R
             _CC_SETUP.replace("{permission}", permission),
             True,
         )
+    if protocol in ("imap", "pop3") and re.search(r"not enabled for (imap|pop)", text):
+        return make(
+            f"{name} is turned off in this Gmail account",
+            f"Gmail refuses {name} for this account until it is turned on in its settings. "
+            "A new token cannot change that.",
+            f"Turn it on in Gmail: Settings → See all settings → Forwarding and POP/IMAP → "
+            f"{'Enable IMAP' if protocol == 'imap' else 'Enable POP'} (in Google Workspace the "
+            "administrator must allow it too).",
+            False,
+        )
+    if protocol == "imap" and "authenticated but not connected" in text:
+        return make(
+            "Exchange accepted the sign-in but cannot open this mailbox",
+            "IMAP is turned off for this mailbox, or the signed-in user has no access to it "
+            "(a shared mailbox without FullAccess). A new token cannot change that.",
+            "An Exchange administrator turns IMAP on with Set-CASMailbox -Identity {address} "
+            "-ImapEnabled $true; for a shared mailbox, Add-MailboxPermission -Identity "
+            "{address} -User <the person who authorizes> -AccessRights FullAccess.",
+            False,
+        )
     if protocol in ("imap", "pop3") and re.search(
         r"authenticate failed|authentication failure", text
     ):

@@ -55,14 +55,20 @@ def protocols_covered(scope: str, served: list[str]) -> list[str]:
 
 
 def verify(
-    account: Account, access_token: str | None = None, *, client: OAuthClient | None = None
+    account: Account,
+    access_token: str | None = None,
+    *,
+    client: OAuthClient | None = None,
+    delegate: str | None = None,
 ) -> Verification:
     """Log in upstream over each protocol the scope covers, with a follow-up command each
     (IMAP SELECT, POP3 STAT, SMTP without sending). The link works when one of them does.
 
     ``access_token`` and ``client``: check a new authorization before it is stored (default:
-    the account's stored token and client).
+    the account's stored token and client). ``delegate``: who signed in for a shared mailbox
+    (default: the account's ``signed_in_as``); SMTP logs in as them, as the proxy does.
     """
+    delegate = account.signed_in_as if delegate is None else delegate
     client = client or account.client
     if client is None:
         return Verification(False, "The client this mailbox was linked with no longer exists.")
@@ -80,7 +86,8 @@ def verify(
     results: dict[str, str | None] = {}
     for protocol in covered:
         try:
-            CHECKS[protocol](endpoints[protocol], account.address, access_token, mechanism)
+            login = delegate if protocol == "smtp" and delegate else account.address
+            CHECKS[protocol](endpoints[protocol], login, access_token, mechanism)
             results[protocol] = None
         except VerificationFailed as exc:
             results[protocol] = exc.message

@@ -37,7 +37,11 @@ NOT_YET = frozenset(
 def token_refused(tagged: str) -> bool:
     """A tagged NO that refuses the credentials, not the session (limits, alerts, outages)."""
     upper = tagged.upper()
-    return "[AUTHENTICATIONFAILED]" in upper or "AUTHENTICATE FAILED" in upper
+    return (
+        "[AUTHENTICATIONFAILED]" in upper
+        or "AUTHENTICATE FAILED" in upper
+        or "NOT ENABLED FOR IMAP" in upper  # Gmail: IMAP is off for this account
+    )
 
 
 class BadSyntax(Exception):
@@ -293,7 +297,9 @@ class IMAPSession(Session):
                 if m:
                     self.upstream_caps = m[1]
                 if not self.upstream_caps:
-                    await self._fetch_caps(up)
+                    refused = await self._fetch_caps(up)
+                    if refused:  # Exchange: "User is authenticated but not connected."
+                        return False, refused
                 return True, ""
             if challenged or token_refused(line):
                 return False, one_line(f"{line} {detail}")
@@ -301,15 +307,20 @@ class IMAPSession(Session):
             raise UpstreamError("refused", f"mail server: {one_line(text)}")
         raise UpstreamError("protocol", "mail server did not finish authentication")
 
-    async def _fetch_caps(self, up: Upstream) -> None:
+    async def _fetch_caps(self, up: Upstream) -> str:
+        """Ask for the capabilities after login; the refusal when the server accepted the
+        login but answers no command (the mailbox cannot be opened), else ''."""
         tag = up.next_tag()
         await up.send(f"{tag} CAPABILITY")
         status, line, untagged = await upstream_result(up, tag)
+        if status in ("BAD", "NO") and "not connected" in line.lower():
+            return one_line(line[len(tag) + 1 :])
         for u in untagged:
             if u.upper().startswith("* CAPABILITY "):
                 self.upstream_caps = u[13:]
         if not self.upstream_caps:
             self.upstream_caps = "IMAP4rev1"
+        return ""
 
 
 async def upstream_result(up: Upstream, tag: str) -> tuple[str, str, list[str]]:

@@ -170,7 +170,16 @@ class POP3Session(Session):
 def token_refused(line: str) -> bool:
     """An -ERR that refuses the credentials, not the session (in use, outages, policy)."""
     lower = line.lower()
-    return "[auth]" in lower or "authentication failed" in lower or "auth failed" in lower
+    return any(
+        words in lower
+        for words in (
+            "[auth]",
+            "authentication failed",
+            "auth failed",
+            "authentication failure",  # Exchange
+            "not enabled for pop",  # Gmail: POP is off for this account
+        )
+    )
 
 
 COMMANDS: dict[str, Callable[..., Awaitable[None]]] = {

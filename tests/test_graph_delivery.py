@@ -34,13 +34,12 @@ PASSWORD = "scanner-" + secrets.token_hex(6)
 
 
 @pytest.fixture
-def app(instance: Path, simulated_presets: ProviderSims) -> Flask:
+def app(instance: Path, sim_settings: dict[str, Any]) -> Flask:
     app = make_app(
         instance,
+        **sim_settings,
         PUBLIC_URL=PUBLIC,
-        UPSTREAM_CA_FILE=simulated_presets.ca_file,
         LOGIN_FAILURE_LIMIT_PER_IP=1000,
-        GRAPH_URL=simulated_presets.graph.url,
         GRAPH_TIMEOUT=2,
         GRAPH_ATTEMPTS=2,
         GRAPH_BACKOFF=0.1,
@@ -95,9 +94,8 @@ def sent_folder_has(sims: ProviderSims, address: str, subject: str) -> bool:
 
 
 def test_a_scanner_sends_through_graph_when_the_tenant_refuses_smtp_auth(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
-    sims = simulated_presets
     user = mailbox(app, sims, "graph", "smtp_auth_disabled_tenant")
     cc = sims.entra_user("cc", seed=1).email
     bcc = sims.entra_user("bcc", seed=1).email
@@ -130,9 +128,8 @@ def test_a_scanner_sends_through_graph_when_the_tenant_refuses_smtp_auth(
 
 
 def test_an_expired_graph_token_is_renewed_once_and_the_message_still_goes(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
-    sims = simulated_presets
     user = mailbox(app, sims, "graph", "smtp_auth_disabled_tenant")
     smtp = mail.smtp(user.email, PASSWORD)
     smtp.send_message(message(user.email, user.email, f"first-{time.time_ns()}"))
@@ -147,11 +144,10 @@ def test_an_expired_graph_token_is_renewed_once_and_the_message_still_goes(
 
 
 def test_msmtp_sends_through_graph(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients, tmp_path: Path
+    app: Flask, sims: ProviderSims, mail: MailClients, tmp_path: Path
 ) -> None:
     if shutil.which("msmtp") is None:
         pytest.fail("msmtp is missing: apt-get install msmtp")
-    sims = simulated_presets
     user = mailbox(app, sims, "graph", "smtp_auth_disabled")
     other = sims.entra_user("to", seed=1).email
     subject = f"msmtp-{time.time_ns()}"
@@ -185,9 +181,8 @@ def test_msmtp_sends_through_graph(
 
 
 def test_automatic_mode_switches_to_graph_after_the_first_5_7_139(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
-    sims = simulated_presets
     user = mailbox(app, sims, "auto", "smtp_auth_disabled_tenant")
     sent_before = len(sims.exchange.sent)
     for n in (1, 2):
@@ -212,9 +207,8 @@ def test_automatic_mode_switches_to_graph_after_the_first_5_7_139(
 
 
 def test_smtp_auth_mode_explains_a_refusal_by_policy_and_keeps_the_account(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
-    sims = simulated_presets
     user = mailbox(app, sims, "smtp", "smtp_auth_disabled_tenant")
     said = mail.refusal("smtp", user.email, PASSWORD)
     # Refused for SMTP only, with the fix an Exchange administrator applies.
@@ -226,9 +220,8 @@ def test_smtp_auth_mode_explains_a_refusal_by_policy_and_keeps_the_account(
 
 
 def test_the_account_page_chooses_graph_and_checks_it_without_sending(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
-    sims = simulated_presets
     user = mailbox(app, sims, "smtp")
     other = mailbox(app, sims, "smtp", admin_consented={("exchange", "SMTP.Send")})
     web = app.test_client()
@@ -302,9 +295,8 @@ class RawSMTP:
 
 
 def test_bad_input_gets_protocol_correct_replies(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
-    sims = simulated_presets
     user = mailbox(app, sims, "graph", "smtp_auth_disabled_tenant")
     boss = sims.entra_user("boss", seed=1).email
     smtp = mail.smtp(user.email, PASSWORD)
@@ -404,13 +396,12 @@ def test_bad_input_gets_protocol_correct_replies(
 
 
 def test_client_credentials_send_through_graph_with_the_application_permission(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
     """App-only: the Graph token comes from Client Credentials for graph.microsoft.com/.default."""
     from oauth import clients as oauth_clients
     from oauth import providers
 
-    sims = simulated_presets
     entra_app = sims.entra.add_app()
     user = sims.entra_user("apponly", seed=1)
     sims.entra.situation(user.email, "smtp_auth_disabled_tenant")

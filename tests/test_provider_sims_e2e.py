@@ -2,10 +2,10 @@
 through the web routes (the simulator's sign-in form over HTTP), then read and send through the
 mail proxy with the mail-client password.
 
-The product is pointed at the simulators only through its normal interfaces: an "Other (custom
-server)" OAuth client with the simulator's URLs and mail servers, and ``UPSTREAM_CA_FILE`` (the
-test bed's CA). A "Microsoft 365" client cannot be used: its endpoints and servers are fixed
-presets (login.microsoftonline.com, outlook.office365.com); see tests/providers/README.md.
+The product is pointed at the simulators only through its settings, as an operator would point
+it at another cloud: ``PROVIDER_HOSTS`` moves the Microsoft 365 and Google presets' hosts,
+``GRAPH_URL`` Graph's, ``UPSTREAM_CA_FILE`` trusts the test bed's CA; or an "Other (custom
+server)" OAuth client with the simulator's URLs and mail servers.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ SCOPE = (
 
 
 @pytest.fixture
-def app(instance: Path, sims: ProviderSims) -> Flask:
+def app(instance: Path, sim_settings: dict[str, Any]) -> Flask:
     app = make_app(
         instance,
+        **sim_settings,
         PUBLIC_URL=PUBLIC,
-        UPSTREAM_CA_FILE=sims.ca_file,
         LOGIN_FAILURE_LIMIT_PER_IP=1000,
         **EVERY_LISTENER_ON_A_FREE_PORT,
     )
@@ -149,7 +149,7 @@ def test_a_mailbox_linked_at_the_entra_simulator_works_through_the_proxy(
 
 
 def preset_client(owner: User, provider: str, client_id: str, secret: str, tenant: str = "") -> Any:
-    """A client of a shipped preset (moved to the simulators by ``simulated_presets``)."""
+    """A client of a shipped preset (moved to the simulators by ``PROVIDER_HOSTS``)."""
     from oauth import providers
 
     grant = "authorization_code"
@@ -188,9 +188,8 @@ def link_through_the_web(app: Flask, provider: str, client: Any, address: str, s
 
 
 def test_the_microsoft_365_preset_against_the_simulators(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
-    sims = simulated_presets
     entra_app = sims.entra.add_app(redirect_uris=[REDIRECT])
     user = sims.entra_user("m365", seed=1)
     with app.app_context():
@@ -217,9 +216,8 @@ def test_the_microsoft_365_preset_against_the_simulators(
 
 
 def test_the_google_preset_against_the_simulators(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
-    sims = simulated_presets
     google_app = sims.google.add_app(redirect_uris=[REDIRECT])
     account = sims.google_account("gmail", seed=1)
     with app.app_context():
@@ -249,13 +247,12 @@ def test_the_google_preset_against_the_simulators(
 
 
 def test_client_credentials_with_the_microsoft_365_preset(
-    app: Flask, simulated_presets: ProviderSims, mail: MailClients
+    app: Flask, sims: ProviderSims, mail: MailClients
 ) -> None:
     """App-only: without Add-MailboxPermission Exchange says NO AUTHENTICATE failed and the
     product explains the Exchange steps; with it the mailbox links and works over IMAP."""
     from oauth import providers
 
-    sims = simulated_presets
     entra_app = sims.entra.add_app()
     user = sims.entra_user("apponly", seed=1)
     tenant = sims.entra.tenant.id

@@ -98,3 +98,26 @@ class UnlinkForm(Form):
         "Type the mailbox address to confirm",
         validators=[DataRequired(message="Type the mailbox address to confirm.")],
     )
+
+
+class DelegateForm(Form):
+    """Who signs in for a shared mailbox (account page); ``mailbox`` is the account's address."""
+
+    delegate = EmailField(
+        "Signs in for this shared mailbox",
+        validators=[Optional(), address_rule, Length(max=254)],
+        # Cut to one past the limit: the length error still shows, and the page never echoes
+        # megabytes back.
+        filters=[lambda v: v.strip().lower()[:255] if isinstance(v, str) else v],
+        description="The address of the person with access to this shared mailbox, who "
+        "authorizes it: mail is sent logged in as them, from the shared address (Exchange "
+        "needs SendAs). Leave empty when you sign in to the mailbox itself.",
+    )
+    mailbox = ""
+
+    def validate_delegate(self, field: EmailField) -> None:
+        if field.data and field.data == self.mailbox:
+            raise ValidationError(
+                "That is this mailbox's own address: leave the field empty when you sign in "
+                "to the mailbox itself."
+            )

@@ -34,7 +34,13 @@ from oauth import errors as oauth_errors
 from oauth import providers
 from people import instance_settings
 from web import timefmt
-from web.account_forms import AddressForm, AuthorizeForm, MailPasswordForm, UnlinkForm
+from web.account_forms import (
+    AddressForm,
+    AuthorizeForm,
+    DelegateForm,
+    MailPasswordForm,
+    UnlinkForm,
+)
 from web.forms import EmptyForm
 
 bp = Blueprint("accounts", __name__)
@@ -276,12 +282,22 @@ def device_check(account_id: int, state: str) -> View:
 
 
 def _detail(
-    account: Account, password_form: MailPasswordForm | None = None, shown: str = "", status=200
+    account: Account,
+    password_form: MailPasswordForm | None = None,
+    shown: str = "",
+    status=200,
+    delegate_form: DelegateForm | None = None,
 ) -> tuple[str, int]:
+    preset = providers.PRESETS.get(account.provider)
+    if delegate_form is None:
+        delegate_form = DelegateForm(formdata=None, delegate=account.signed_in_as)
     return render_template(
         "accounts/detail.html",
         account=account,
         password_form=password_form or MailPasswordForm(),
+        delegate_form=delegate_form,
+        # Shared mailboxes with a delegate's SMTP login are Exchange's (and a custom server's)
+        shows_delegate=preset is None or preset.is_custom or preset.is_microsoft,
         passwords=list(account.passwords.order_by(MailPassword.created_at)),
         shown_password=shown,
         just_saved=request.args.get("saved") == "1",
@@ -318,6 +334,28 @@ def reauthorize(account_id: int) -> View:
     except oauth_errors.AuthorizationProblem as exc:
         return _problem(exc, account.address)
     return _after_start(started)
+
+
+@bp.post("/accounts/<int:account_id>/delegate")
+@login_required
+def delegate(account_id: int) -> View:
+    """Who signs in for a shared mailbox; a bad address re-renders the page with the error."""
+    account = _own(account_id)
+    form = DelegateForm()
+    form.mailbox = account.address
+    if not form.validate_on_submit():
+        return _detail(account, status=400, delegate_form=form)
+    saved = linking.set_delegate(_user(), account, form.delegate.data or "", ip=_ip())
+    if saved:
+        flash(
+            f"Saved: {account.address} is authorized by {saved}, and mail is sent logged in as "
+            f"{saved} from {account.address}. Re-authorize signing in as {saved} if you have "
+            "not yet.",
+            "success",
+        )
+    else:
+        flash(f"Saved: you sign in to {account.address} itself.", "success")
+    return redirect(url_for("accounts.detail", account_id=account.id))
 
 
 @bp.post("/accounts/<int:account_id>/test")

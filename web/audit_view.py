@@ -50,6 +50,7 @@ WORDING: dict[str, tuple[str, str]] = {
         "mailboxes",
         "could not link a mailbox another user has already linked",
     ),
+    "account.delegate": ("mailboxes", "named who signs in for a shared mailbox"),
     "account.password_added": ("mailboxes", "added a mail-client password"),
     "account.password_revoked": ("mailboxes", "revoked a mail-client password"),
     "mail.login": ("mail", "a mail program signed in"),

@@ -12,8 +12,6 @@ import re
 import secrets
 import ssl
 from collections.abc import Iterator
-from dataclasses import replace
-from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
@@ -67,6 +65,31 @@ class ProviderSims:
         self.google.clock.offset = 0
         self.entra.loop_threshold = 20
         self.exchange.basic_auth_disabled = False
+
+    def provider_hosts(self) -> dict[str, str]:
+        """PROVIDER_HOSTS moving the shipped Microsoft and Google hosts to the simulators."""
+        here = self.host
+        exchange, google = self.exchange, self.google
+        return {
+            "login.microsoftonline.com": f"{here}:{urlsplit(self.entra.url).port}",
+            "accounts.google.com": f"{here}:{urlsplit(self.google.url).port}",
+            "oauth2.googleapis.com": f"{here}:{urlsplit(self.google.url).port}",
+            "outlook.office365.com:993": f"{here}:{exchange.imap.port}",
+            "outlook.office365.com:995": f"{here}:{exchange.pop3.port}",
+            "smtp.office365.com": f"{here}:{exchange.smtp.port}",
+            "smtp-mail.outlook.com": f"{here}:{exchange.smtp.port}",
+            "imap.gmail.com": f"{here}:{google.imap.port}",
+            "pop.gmail.com": f"{here}:{google.pop3.port}",
+            "smtp.gmail.com": f"{here}:{google.smtp.port}",
+        }
+
+    def product_settings(self) -> dict[str, Any]:
+        """The product's settings that reach the simulators (and trust their certificate)."""
+        return {
+            "PROVIDER_HOSTS": self.provider_hosts(),
+            "GRAPH_URL": self.graph.url,
+            "UPSTREAM_CA_FILE": self.ca_file,
+        }
 
     def client_tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca_file)
@@ -231,62 +254,16 @@ class ProviderSims:
         return str(back.headers["Location"])
 
 
-def moved_presets(sims: ProviderSims) -> dict[str, Any]:
-    """The product's Microsoft 365, Outlook.com and Google presets with their URLs and mail
-    servers moved to the simulators (everything else, scopes included, as shipped)."""
-    from mailproxy.backend import Endpoint
-    from oauth import providers
-
-    hosts = {
-        "https://login.microsoftonline.com": sims.entra.url,
-        "https://accounts.google.com": sims.google.url,
-        "https://oauth2.googleapis.com": sims.google.url,
-    }
-
-    def move(url: str) -> str:
-        for real, simulated in hosts.items():
-            url = url.replace(real, simulated)
-        return url
-
-    exchange = {
-        "imap": Endpoint("127.0.0.1", sims.exchange.imap.port, "tls"),
-        "pop3": Endpoint("127.0.0.1", sims.exchange.pop3.port, "tls"),
-        "smtp": Endpoint("127.0.0.1", sims.exchange.smtp.port, "starttls"),
-    }
-    gmail = {
-        "imap": Endpoint("127.0.0.1", sims.google.imap.port, "tls"),
-        "pop3": Endpoint("127.0.0.1", sims.google.pop3.port, "tls"),
-        "smtp": Endpoint("127.0.0.1", sims.google.smtp.port, "tls"),
-    }
-    presets = dict(providers.PRESETS)
-    for key, servers in (("microsoft365", exchange), ("outlook", exchange), ("google", gmail)):
-        preset = presets[key]
-        grants = {
-            name: replace(g, **{f: move(getattr(g, f)) for f in providers.URL_FIELDS})
-            for name, g in preset.grants.items()
-        }
-        presets[key] = replace(
-            preset,
-            grants=MappingProxyType(grants),
-            revocation_url=move(preset.revocation_url),
-            **servers,
-        )
-    return presets
-
-
 @pytest.fixture
-def simulated_presets(monkeypatch: pytest.MonkeyPatch, sims: ProviderSims) -> ProviderSims:
-    """Point the product's Microsoft and Google presets at the simulators for one test.
-
-    The product has no setting for this (its presets name the real hosts); this swaps the
-    presets table the product reads at each use.
-    """
+def sim_settings(sims: ProviderSims) -> Iterator[dict[str, Any]]:
+    """Settings that point the product's Microsoft 365, Outlook.com and Google presets and
+    Microsoft Graph at the simulators (``make_app(instance, **sim_settings)``): the supported
+    ``PROVIDER_HOSTS`` and ``GRAPH_URL``, as an operator would set them for another cloud.
+    The presets are set back to the shipped hosts afterwards, for tests that build no app."""
     from oauth import providers
 
-    monkeypatch.setattr(providers, "PRESETS", MappingProxyType(moved_presets(sims)))
-    if hasattr(providers, "_PATTERNS"):
-        monkeypatch.setattr(providers, "_PATTERNS", {})
-    return sims
+    yield sims.product_settings()
+    providers.configure({})
 
 
 def _unescape(value: str) -> str:
