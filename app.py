@@ -85,7 +85,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     security.init_app(app)
 
-    from web import accounts, admin, auth, cli, clients, health, mailsetup, ops, settings
+    from web import (
+        accounts,
+        admin,
+        auth,
+        cli,
+        clients,
+        health,
+        mailsetup,
+        notifications,
+        ops,
+        settings,
+    )
     from web import delivery as delivery_pages
 
     auth.init_app(app)
@@ -98,14 +109,21 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(mailsetup.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(notifications.bp)
     cli.init_app(app)
 
-    from mailboxes import mailbackend, upkeep
+    from mailboxes import mailbackend, notifications, upkeep
+
+    def notifier(app: Flask) -> notifications.Notifier:
+        service = notifications.Notifier(app.config)
+        app.extensions["notifier"] = service  # the web UI wakes it for a test message
+        return service
 
     # What serve.py runs beside the web UI; nothing starts here.
     app.extensions["services"] = [
         mailbackend.MailProxyService,
         lambda app: upkeep.Upkeep(interval=app.config["UPKEEP_INTERVAL_SECONDS"]),
+        notifier,
     ]
     return app
 

@@ -67,6 +67,13 @@ DEFAULTS: dict[str, Any] = {
     "GRAPH_URL": "https://graph.microsoft.com",
     "GRAPH_TIMEOUT": 30,
     "GRAPH_ATTEMPTS": 3,
+    # Notifications (email, webhook): how often the outbox is looked at, tries per message
+    # (then it is marked failed), the first pause between tries (it doubles, at most an hour),
+    # and seconds per SMTP or webhook request.
+    "NOTIFY_POLL_SECONDS": 5,
+    "NOTIFY_ATTEMPTS": 5,
+    "NOTIFY_RETRY_SECONDS": 60,
+    "NOTIFY_TIMEOUT": 15,
     # How often the serving process refreshes idle accounts (refresh tokens age out unused).
     "UPKEEP_INTERVAL_SECONDS": 3600,
     # Hosts that OAuth clients' URLs (permission, token, device, revocation) and custom mail

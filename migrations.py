@@ -99,6 +99,13 @@ def _v7_graph_delivery() -> None:
     )
 
 
+def _v8_notifications() -> None:
+    """Notifications: per-person choices, the outbox (with its once-a-day key), and the
+    addresses each mail-client password was used from."""
+    _create(m.NotificationSettings, m.Notification)
+    _add_columns(m.MailPassword, "known_ips")
+
+
 MIGRATIONS: list[Callable[[], None]] = [
     _v1_foundation,
     _v2_oauth_clients,
@@ -107,6 +114,7 @@ MIGRATIONS: list[Callable[[], None]] = [
     _v5_renewal_state,
     _v6_client_certificates,
     _v7_graph_delivery,
+    _v8_notifications,
 ]
 LATEST = len(MIGRATIONS)
 MIGRATION_LOCK = 0x417574684D61696C  # any constant shared by every instance ("AuthMail")

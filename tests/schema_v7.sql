@@ -1,0 +1,35 @@
+-- The schema as migration 7 left it (before the notification tables and mail_password.known_ips),
+-- taken from a fresh database at that version: the v8 upgrade test starts from it.
+CREATE TABLE "user" ("id" INTEGER NOT NULL PRIMARY KEY, "email" VARCHAR(254) NOT NULL, "password_hash" VARCHAR(255) NOT NULL, "is_admin" INTEGER NOT NULL, "is_enabled" INTEGER NOT NULL, "can_custom_clients" INTEGER NOT NULL, "session_version" INTEGER NOT NULL, "created_at" DATETIME NOT NULL, "last_login_at" DATETIME);
+CREATE UNIQUE INDEX "user_email" ON "user" ("email");
+CREATE TABLE "audit_event" ("id" INTEGER NOT NULL PRIMARY KEY, "at" DATETIME NOT NULL, "actor_id" INTEGER, "actor_email" VARCHAR(254) NOT NULL, "ip" VARCHAR(64) NOT NULL, "action" VARCHAR(64) NOT NULL, "target" VARCHAR(255) NOT NULL, "detail" TEXT NOT NULL, FOREIGN KEY ("actor_id") REFERENCES "user" ("id") ON DELETE SET NULL);
+CREATE INDEX "audit_event_at" ON "audit_event" ("at");
+CREATE INDEX "audit_event_actor_id" ON "audit_event" ("actor_id");
+CREATE TABLE "invite" ("id" INTEGER NOT NULL PRIMARY KEY, "token_hash" VARCHAR(64) NOT NULL, "email" VARCHAR(254) NOT NULL, "can_custom_clients" INTEGER NOT NULL, "created_by_id" INTEGER NOT NULL, "created_at" DATETIME NOT NULL, "expires_at" DATETIME NOT NULL, "used_at" DATETIME, FOREIGN KEY ("created_by_id") REFERENCES "user" ("id") ON DELETE CASCADE);
+CREATE UNIQUE INDEX "invite_token_hash" ON "invite" ("token_hash");
+CREATE INDEX "invite_created_by_id" ON "invite" ("created_by_id");
+CREATE TABLE "meta" ("key" VARCHAR(64) NOT NULL PRIMARY KEY, "value" TEXT NOT NULL);
+CREATE TABLE "setting" ("key" VARCHAR(64) NOT NULL PRIMARY KEY, "value" TEXT NOT NULL);
+CREATE TABLE "throttle" ("key" VARCHAR(320) NOT NULL PRIMARY KEY, "failures" INTEGER NOT NULL, "last_failure_at" DATETIME NOT NULL, "blocked_until" DATETIME);
+CREATE TABLE "o_auth_client" ("id" INTEGER NOT NULL PRIMARY KEY, "uid" VARCHAR(32) NOT NULL, "owner_id" INTEGER NOT NULL, "name" VARCHAR(100) NOT NULL, "provider" VARCHAR(32) NOT NULL, "grant" VARCHAR(32) NOT NULL, "tenant" VARCHAR(255) NOT NULL, "authorize_url" VARCHAR(1000) NOT NULL, "token_url" VARCHAR(1000) NOT NULL, "device_url" VARCHAR(1000) NOT NULL, "revocation_url" VARCHAR(1000) NOT NULL, "scope" TEXT NOT NULL, "client_id" VARCHAR(255) NOT NULL, "client_secret" BLOB, "secret_set_at" DATETIME, "secret_expires_on" DATE, "credential" VARCHAR(16) NOT NULL, "private_key" BLOB, "certificate" TEXT NOT NULL, "shared" INTEGER NOT NULL, "imap_host" VARCHAR(255) NOT NULL, "imap_port" INTEGER, "imap_security" VARCHAR(10) NOT NULL, "pop3_host" VARCHAR(255) NOT NULL, "pop3_port" INTEGER, "pop3_security" VARCHAR(10) NOT NULL, "smtp_host" VARCHAR(255) NOT NULL, "smtp_port" INTEGER, "smtp_security" VARCHAR(10) NOT NULL, "sasl_mechanism" VARCHAR(16) NOT NULL, "smtp_delivery" VARCHAR(8) NOT NULL, "created_at" DATETIME NOT NULL, "updated_at" DATETIME NOT NULL, FOREIGN KEY ("owner_id") REFERENCES "user" ("id") ON DELETE CASCADE);
+CREATE UNIQUE INDEX "o_auth_client_uid" ON "o_auth_client" ("uid");
+CREATE INDEX "o_auth_client_owner_id" ON "o_auth_client" ("owner_id");
+CREATE UNIQUE INDEX "o_auth_client_owner_id_name" ON "o_auth_client" ("owner_id", "name");
+CREATE TABLE "account" ("id" INTEGER NOT NULL PRIMARY KEY, "uid" VARCHAR(32) NOT NULL, "owner_id" INTEGER NOT NULL, "address" VARCHAR(254) NOT NULL, "provider" VARCHAR(32) NOT NULL, "client_id" INTEGER, "status" VARCHAR(16) NOT NULL, "status_detail" TEXT NOT NULL, "signed_in_as" VARCHAR(254) NOT NULL, "access_token" BLOB, "refresh_token" BLOB, "token_expires_at" DATETIME, "token_version" INTEGER NOT NULL, "refresh_claimed_until" DATETIME, "last_refresh_at" DATETIME, "last_error" TEXT NOT NULL, "granted_scope" TEXT NOT NULL, "refresh_failures" INTEGER NOT NULL, "refresh_failing_since" DATETIME, "next_refresh_at" DATETIME, "refresh_error_kind" VARCHAR(16) NOT NULL, "protocol_state" TEXT NOT NULL, "last_used_at" DATETIME, "last_used_ip" VARCHAR(64) NOT NULL, "bytes_relayed" INTEGER NOT NULL, "created_at" DATETIME NOT NULL, "smtp_delivery" VARCHAR(8) NOT NULL, "graph_access_token" BLOB, "graph_token_expires_at" DATETIME, "smtp_auth_refused_at" DATETIME, "smtp_auth_refused_detail" TEXT NOT NULL, FOREIGN KEY ("owner_id") REFERENCES "user" ("id") ON DELETE CASCADE, FOREIGN KEY ("client_id") REFERENCES "o_auth_client" ("id") ON DELETE SET NULL);
+CREATE UNIQUE INDEX "account_uid" ON "account" ("uid");
+CREATE INDEX "account_owner_id" ON "account" ("owner_id");
+CREATE UNIQUE INDEX "account_address" ON "account" ("address");
+CREATE INDEX "account_client_id" ON "account" ("client_id");
+CREATE TABLE "mail_password" ("id" INTEGER NOT NULL PRIMARY KEY, "account_id" INTEGER NOT NULL, "label" VARCHAR(100) NOT NULL, "password_hash" VARCHAR(255) NOT NULL, "lookup" VARCHAR(64), "created_at" DATETIME NOT NULL, "last_used_at" DATETIME, "last_used_ip" VARCHAR(64) NOT NULL, FOREIGN KEY ("account_id") REFERENCES "account" ("id") ON DELETE CASCADE);
+CREATE INDEX "mail_password_account_id" ON "mail_password" ("account_id");
+CREATE INDEX "mail_password_lookup" ON "mail_password" ("lookup");
+CREATE TABLE "pending_authorization" ("id" INTEGER NOT NULL PRIMARY KEY, "uid" VARCHAR(32) NOT NULL, "state" VARCHAR(64) NOT NULL, "owner_id" INTEGER NOT NULL, "account_id" INTEGER NOT NULL, "client_id" INTEGER NOT NULL, "code_verifier" BLOB, "device_code" BLOB, "user_code" VARCHAR(64) NOT NULL, "verification_uri" VARCHAR(1000) NOT NULL, "interval" INTEGER NOT NULL, "created_at" DATETIME NOT NULL, "expires_at" DATETIME NOT NULL, "consumed_at" DATETIME, FOREIGN KEY ("owner_id") REFERENCES "user" ("id") ON DELETE CASCADE, FOREIGN KEY ("account_id") REFERENCES "account" ("id") ON DELETE CASCADE, FOREIGN KEY ("client_id") REFERENCES "o_auth_client" ("id") ON DELETE CASCADE);
+CREATE UNIQUE INDEX "pending_authorization_uid" ON "pending_authorization" ("uid");
+CREATE UNIQUE INDEX "pending_authorization_state" ON "pending_authorization" ("state");
+CREATE INDEX "pending_authorization_owner_id" ON "pending_authorization" ("owner_id");
+CREATE INDEX "pending_authorization_account_id" ON "pending_authorization" ("account_id");
+CREATE INDEX "pending_authorization_client_id" ON "pending_authorization" ("client_id");
+CREATE TABLE "instance_secret" ("id" INTEGER NOT NULL PRIMARY KEY, "uid" VARCHAR(32) NOT NULL, "name" VARCHAR(64) NOT NULL, "value" BLOB NOT NULL);
+CREATE UNIQUE INDEX "instance_secret_uid" ON "instance_secret" ("uid");
+CREATE UNIQUE INDEX "instance_secret_name" ON "instance_secret" ("name");
+INSERT INTO "meta" ("key", "value") VALUES ('schema_version', '7');
