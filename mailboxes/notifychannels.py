@@ -193,6 +193,8 @@ def _send(conn: smtplib.SMTP, where: str, mail: EmailMessage, login: Any = None)
             if login is not None:
                 login(conn)
             conn.send_message(mail)
+        except DeliveryError:
+            raise
         except smtplib.SMTPRecipientsRefused as exc:
             code, said = next(iter(exc.recipients.values()))
             text = said.decode(errors="replace") if isinstance(said, bytes) else str(said)
@@ -224,7 +226,17 @@ def _send_relay(relay: Relay, mail: EmailMessage, timeout: float) -> None:
 
         def login(conn: smtplib.SMTP) -> None:
             conn.ehlo_or_helo_if_needed()
-            conn.login(relay.username, password)
+            try:
+                conn.login(relay.username, password)
+            except smtplib.SMTPResponseException:
+                raise
+            except smtplib.SMTPException as exc:  # no AUTH, or no mechanism smtplib speaks
+                offered = conn.esmtp_features.get("auth", "").strip() or "none"
+                raise DeliveryError(
+                    f"The relay {relay.host}:{relay.port} cannot take the login: {exc} "
+                    f"(it offers: {offered}).",
+                    False,
+                ) from None
 
     _send(conn, f"The relay {relay.host}:{relay.port}", mail, login)
 
