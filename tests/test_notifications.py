@@ -419,6 +419,8 @@ def test_the_signing_secret_is_encrypted_and_shown_once(
     ).get_data(as_text=True)
     new = re.search(r'id="shown-secret"[^>]*>(whsec_[^<]+)<', replaced)
     assert new and new.group(1) != secret
+    # the page beside it shows the stored choices, not the empty button form
+    assert re.search(r'<input checked[^>]*name="webhook_enabled"', replaced), replaced
     assert str(NotificationSettings.of(owner.id).webhook_secret) == new.group(1)
 
 

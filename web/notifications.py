@@ -12,7 +12,15 @@ from flask_login import current_user, login_required
 from werkzeug.wrappers import Response
 
 from mailboxes import notifications, notifychannels
-from models import FAILING_MINUTES_KEY, Account, Notification, NotificationSettings, Setting, utcnow
+from models import (
+    FAILING_MINUTES_KEY,
+    Account,
+    Notification,
+    NotificationSettings,
+    Setting,
+    User,
+    utcnow,
+)
 from people import audit
 from web.forms import EmptyForm, _choices
 from web.notification_forms import NotificationSettingsForm, SenderForm, kind_fields
@@ -38,6 +46,7 @@ def _page(
     prefs = _prefs()
     if form is None:
         form = NotificationSettingsForm(
+            formdata=None,  # what is stored, also after a POST that carried only its token
             email_enabled=prefs.email_enabled,
             webhook_enabled=prefs.webhook_enabled,
             webhook_url=prefs.webhook_url,
@@ -155,6 +164,7 @@ def _admin_page(form: SenderForm | None = None, status: int = 200) -> tuple[str,
     failed = (
         Notification.select().where(Notification.status == "failed").order_by(_ID.desc()).limit(10)
     )
+    failed = failed.join(User).select(Notification, User)
     return render_template(
         "admin/notifications.html", form=form, sender=chosen, failed=list(failed)
     ), status
