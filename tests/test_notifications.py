@@ -537,3 +537,61 @@ def test_a_version_7_database_gains_the_notification_tables_with_nothing_lost(
     tables = {r[0] for r in sqlite3.connect(instance / "auth-email.db").execute(
         "select name from sqlite_master where type = 'table'")}  # fmt: skip
     assert {"notification", "notification_settings"} <= tables
+
+
+# ---------------------------------------------------------------------------------- service
+
+
+def test_the_notifier_thread_sends_in_the_background_and_stops(
+    app: Flask, web: FlaskClient, owner: User, receiver: Receiver
+) -> None:
+    import time
+
+    secret = webhook_on(web, receiver, [])
+    notifier = notifications.Notifier({**app.config, "NOTIFY_POLL_SECONDS": 30})
+    notifier.start()
+    try:
+        notifications.queue_test(owner, "webhook")
+        notifier.wake()  # what the test button does: no 30 s wait
+        deadline = time.monotonic() + 10
+        while not receiver.hooks() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        notifier.stop()
+    assert verified(secret, receiver.hooks()[0])["event"] == "test"
+    assert notifier._thread is None
+
+
+@pytest.mark.postgres
+def test_on_postgres_concurrent_events_and_drains_send_each_message_once(
+    instance: Path, pg_url: str, receiver: Receiver
+) -> None:
+    from store.db import database
+
+    app = make_app(instance, DATABASE_URL=pg_url)
+    with app.app_context():
+        owner = User.create(email="pg-owner@example.org", password_hash="x")
+        prefs = NotificationSettings.of(owner.id)
+        prefs.webhook_enabled, prefs.webhook_secret = True, "whsec_pg"
+        prefs.webhook_url = f"{receiver.url}/hook"
+        prefs.save()
+    queued: list[int] = []
+
+    def raise_it() -> None:
+        with database.connection_context():
+            queued.append(Notification.raise_event(owner.id, "reauth", "box@example.test", "t"))
+
+    def drain_it() -> None:
+        with database.connection_context():
+            notifications.drain(app.config)
+
+    for work in (raise_it, drain_it):
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(queued) == [0, 0, 0, 1]
+    assert len(receiver.hooks()) == 1
+    with app.app_context():
+        assert Notification.get().status == "sent"
