@@ -7,6 +7,7 @@ Every secret column is an ``EncryptedField``; a row that holds one is a ``Secret
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 from typing import Any
 
@@ -390,22 +391,30 @@ class Notification(BaseModel):
             channels.append("webhook")
         key = f"{kind}|{subject}|{period or utcnow().date().isoformat()}"[:400]
         queued = 0
-        for channel in channels:
-            queued += (
-                cls.insert(
-                    user=user_id,
-                    account=account_id,
-                    kind=kind,
-                    subject=subject[:254],
-                    dedup=key,
-                    channel=channel,
-                    title=title[:300],
-                    detail=detail[:4000],
-                )
-                .on_conflict_ignore()
-                .as_rowcount()
-                .execute()
+        try:
+            # a savepoint: the callers' own transaction (a recorded refusal) never fails for it
+            with cls._meta.database.atomic():
+                for channel in channels:
+                    queued += (
+                        cls.insert(
+                            user=user_id,
+                            account=account_id,
+                            kind=kind,
+                            subject=subject[:254],
+                            dedup=key,
+                            channel=channel,
+                            title=title[:300],
+                            detail=detail[:4000],
+                        )
+                        .on_conflict_ignore()
+                        .as_rowcount()
+                        .execute()
+                    )
+        except pw.PeeweeException as error:
+            logging.getLogger("auth_email.notifications").warning(
+                "notification %s about %s not queued: %s", kind, subject, error
             )
+            return 0
         return queued
 
     @classmethod

@@ -204,9 +204,17 @@ def _failed(
     )  # fmt: skip
 
 
+KEEP_DAYS = 90
+
+
 def sweep(today: dt.date | None = None) -> int:
-    """The checks nobody's action triggers: credentials entering their expiry windows."""
+    """The checks nobody's action triggers: credentials entering their expiry windows. Also
+    forgets sent and failed messages after ``KEEP_DAYS``."""
     with tokens.connected():
+        Notification.delete().where(
+            Notification.status != "pending",
+            Notification.created_at < utcnow() - dt.timedelta(days=KEEP_DAYS),
+        ).execute()
         return oauth_clients.notify_expiring(today)
 
 

@@ -595,3 +595,31 @@ def test_on_postgres_concurrent_events_and_drains_send_each_message_once(
     assert len(receiver.hooks()) == 1
     with app.app_context():
         assert Notification.get().status == "sent"
+
+
+def test_a_failing_queue_never_fails_the_place_that_decided_the_event(
+    app: Flask, web: FlaskClient, owner: User, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A recorded refusal still stands when its notification cannot be queued."""
+    from mailboxes import refusals
+    from store.db import database
+
+    webhook_on(web, receiver)
+    account = linked(owner, receiver)
+    database.execute_sql('ALTER TABLE "notification" RENAME TO "notification_gone"')
+    try:
+        refusals.record(account.id, refusals.explain("smtp", SMTP_POLICY, account.address))
+    finally:
+        database.execute_sql('ALTER TABLE "notification_gone" RENAME TO "notification"')
+    assert "smtp" in refusals.states(Account.get_by_id(account.id))
+    assert "notification policy_refusal about box@example.test not queued" in caplog.text
+
+
+def test_old_messages_are_forgotten_pending_ones_kept(app: Flask, owner: User) -> None:
+    old = utcnow() - dt.timedelta(days=notifications.KEEP_DAYS + 1)
+    for status in ("sent", "failed", "pending"):
+        Notification.create(user=owner, kind="test", dedup=status, channel="email",
+                            status=status, created_at=old)  # fmt: skip
+    Notification.create(user=owner, kind="test", dedup="new", channel="email", status="sent")
+    notifications.sweep()
+    assert sorted(n.dedup for n in Notification.select()) == ["new", "pending"]
