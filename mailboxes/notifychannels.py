@@ -265,11 +265,22 @@ def _send_mailbox(account: Account, mail: EmailMessage, timeout: float) -> None:
         raise DeliveryError(f"No token for {account.address}: {exc.message}") from None
     mechanism = providers.sasl_mechanism_for(account.client)
     login_as = account.signed_in_as or account.address
-    payload = verification.sasl_payload(mechanism, login_as, token).decode()
 
     def login(conn: smtplib.SMTP) -> None:
         conn.ehlo_or_helo_if_needed()
-        conn.auth(mechanism.upper(), lambda challenge=None: payload if challenge is None else "")
+        payload = verification.sasl_payload(mechanism, login_as, token).decode()
+        try:
+            conn.auth(mechanism.upper(), lambda c=None: payload if c is None else "")
+        except smtplib.SMTPAuthenticationError as exc:
+            if "5.7.139" in _smtp_said(exc):
+                raise  # refused by policy: a newer token cannot help
+            # the server refused the cached token: once more with a renewed one
+            try:
+                fresh = tokens.get_access_token(account.id, force_refresh=True)
+            except tokens.TokenError:
+                raise exc from None
+            payload = verification.sasl_payload(mechanism, login_as, fresh).decode()
+            conn.auth(mechanism.upper(), lambda c=None: payload if c is None else "")
 
     conn = _connect(endpoint.host, endpoint.port, endpoint.security, timeout)
     _send(conn, f"{endpoint.host}:{endpoint.port} (as {account.address})", mail, login)

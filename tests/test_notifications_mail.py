@@ -168,3 +168,42 @@ def test_a_microsoft_mailbox_set_to_graph_sends_the_notification_through_graph(
     assert sims.peers.wait_for_message(told, "[Auth-Email] Test notification from Auth-Email")
     graph_mailbox, graph_sender, recipients = sims.graph.sent[-1]
     assert (graph_mailbox, graph_sender, recipients) == (sender.email, sender.email, [told])
+
+
+@pytest.mark.parametrize(("security", "port_name"), [("starttls", "submission_port"),
+                                                     ("tls", "submissions_port")])  # fmt: skip
+def test_a_tls_relay_is_reached_and_its_refusal_recorded_word_for_word(
+    app: Flask, owner: User, peers: Any, security: str, port_name: str
+) -> None:
+    """Dovecot's submission service as the relay: TLS with the bed's CA works (over STARTTLS
+    and implicit TLS); it wants a login, and says so."""
+    port = getattr(peers, port_name)
+    notifychannels.save_sender(
+        "relay",
+        relay=notifychannels.Relay(host=peers.mail_host, port=port, security=security,
+                                   from_address="auth-email@example.test"),
+    )  # fmt: skip
+    notifications.queue_test(owner, "email")
+    notifications.drain(app.config)
+    note = Notification.get()
+    assert note.status == "failed", note.last_error
+    assert note.last_error.startswith(f"The relay {peers.mail_host}:{port} refused: 530")
+    assert "SSL" not in note.last_error and "certificate" not in note.last_error
+
+
+def test_a_sender_mailbox_whose_cached_token_was_revoked_renews_it_once_and_sends(
+    app: Flask, owner: User, peers: Any
+) -> None:
+    sender = link_with_client_credentials(owner, peers, "notify-revoked")
+    client = sender.client
+    peers.revoke_token(str(sender.access_token), client.client_id, str(client.client_secret))
+    before = sender.token_version
+    notifychannels.save_sender("mailbox", account_id=sender.id)
+    notifications.queue_test(owner, "email")
+    notifications.drain(app.config)
+    note = Notification.get()
+    assert note.status == "sent", note.last_error
+    assert peers.wait_for_message(owner.email, "[Auth-Email] Test notification from Auth-Email")
+    from models import Account
+
+    assert Account.get_by_id(sender.id).token_version > before  # renewed once
