@@ -142,7 +142,7 @@ def message(to: str, from_address: str, subject: str, body: str) -> EmailMessage
     mail = EmailMessage()
     mail["From"] = from_address
     mail["To"] = to
-    mail["Subject"] = subject
+    mail["Subject"] = " ".join(subject.split())  # names typed by people: no line breaks
     mail["Date"] = formatdate(usegmt=True)
     mail["Message-ID"] = make_msgid(domain=from_address.rpartition("@")[2] or None)
     mail["Auto-Submitted"] = "auto-generated"
@@ -335,14 +335,15 @@ def post_webhook(
     }
     timeout = float(config.get("NOTIFY_TIMEOUT", 15))
     host = urlsplit(url).netloc
+    session = requests.Session()
+    session.mount("https://", grants._VerifyingAdapter())  # system CAs + UPSTREAM_CA_FILE
     try:
-        answer = requests.post(
+        answer = session.post(
             url,
             data=body,
             headers=headers,
             timeout=(min(timeout, 10.0), timeout),
             allow_redirects=False,
-            verify=config.get("UPSTREAM_CA_FILE") or True,
         )
     except requests.Timeout:
         raise DeliveryError(f"The webhook at {host} did not answer within {timeout:g} s.") from None
@@ -350,6 +351,8 @@ def post_webhook(
         raise DeliveryError(
             f"Could not reach the webhook at {host} ({type(exc).__name__})."
         ) from None
+    finally:
+        session.close()
     if 200 <= answer.status_code < 300:
         return
     said = " ".join(answer.text[:200].split())

@@ -207,3 +207,38 @@ def test_a_sender_mailbox_whose_cached_token_was_revoked_renews_it_once_and_send
     from models import Account
 
     assert Account.get_by_id(sender.id).token_version > before  # renewed once
+
+
+def test_an_https_webhook_is_verified_with_the_system_and_the_extra_cas(
+    app: Flask, owner: User, peers: Any
+) -> None:
+    import ssl
+
+    from models import NotificationSettings
+    from tests.test_notifications import Receiver, verified
+
+    receiver = Receiver()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(peers.server_cert_file, peers.server_key_file)
+    receiver.server.socket = context.wrap_socket(receiver.server.socket, server_side=True)
+    try:
+        prefs = NotificationSettings.of(owner.id)
+        prefs.webhook_enabled, prefs.webhook_secret = True, "whsec_tls"
+        prefs.webhook_url = receiver.url.replace("http://", "https://") + "/hook"
+        prefs.save()
+        notifications.queue_test(owner, "webhook")
+        notifications.drain(app.config)  # UPSTREAM_CA_FILE is the bed's CA
+        assert Notification.get().status == "sent", Notification.get().last_error
+        assert verified("whsec_tls", receiver.hooks()[0])["event"] == "test"
+
+        app.config["UPSTREAM_CA_FILE"] = ""
+        from oauth import grants
+
+        grants.configure(app.config)  # only the system CAs now: the bed's CA is unknown
+        notifications.queue_test(owner, "webhook")
+        notifications.drain(app.config)
+        failed = Notification.get(Notification.status != "sent")
+        assert "Could not reach the webhook" in failed.last_error
+        assert "SSLError" in failed.last_error
+    finally:
+        receiver.close()
