@@ -87,7 +87,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     security.init_app(app)
 
-    from web import accounts, admin, auth, cli, clients, health, mailsetup, ops, settings
+    from web import (
+        accounts,
+        admin,
+        auth,
+        cli,
+        clients,
+        health,
+        mailsetup,
+        notifications,
+        ops,
+        settings,
+    )
     from web import delivery as delivery_pages
 
     auth.init_app(app)
@@ -99,6 +110,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(mailsetup.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(notifications.bp)
     cli.init_app(app)
     return app
 

@@ -71,6 +71,13 @@ DEFAULTS: dict[str, Any] = {
     # door, the test bed's simulators): a dict {"host[:port]": "host[:port]"} or, in the
     # environment, "host[:port]=host[:port]" pairs (see oauth/providers.py, parse_provider_hosts).
     "PROVIDER_HOSTS": "",
+    # Notifications (email, webhook): how often the outbox is looked at, tries per message
+    # (then it is marked failed), the first pause between tries (it doubles, at most an hour),
+    # and seconds per SMTP or webhook request.
+    "NOTIFY_POLL_SECONDS": 5.0,
+    "NOTIFY_ATTEMPTS": 5,
+    "NOTIFY_RETRY_SECONDS": 60,
+    "NOTIFY_TIMEOUT": 15,
     # How often the serving process refreshes idle accounts (refresh tokens age out unused).
     "UPKEEP_INTERVAL_SECONDS": 3600,
     # Hosts that OAuth clients' URLs (permission, token, device, revocation) and custom mail

@@ -111,6 +111,13 @@ def _v8_per_user_pending_links() -> None:
     m.Account.create_table(safe=True)  # the table exists: only its missing indexes are made
 
 
+def _v9_notifications() -> None:
+    """Notifications: per-person choices, the outbox (with its once-a-day key), and the
+    addresses each mail-client password was used from."""
+    _create(m.NotificationSettings, m.Notification)
+    _add_columns(m.MailPassword, "known_ips")
+
+
 MIGRATIONS: list[Callable[[], None]] = [
     _v1_foundation,
     _v2_oauth_clients,
@@ -120,6 +127,7 @@ MIGRATIONS: list[Callable[[], None]] = [
     _v6_client_certificates,
     _v7_graph_delivery,
     _v8_per_user_pending_links,
+    _v9_notifications,
 ]
 LATEST = len(MIGRATIONS)
 MIGRATION_LOCK = 0x417574684D61696C  # any constant shared by every instance ("AuthMail")

@@ -7,6 +7,7 @@ Every secret column is an ``EncryptedField``; a row that holds one is a ``Secret
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 from enum import StrEnum
 from typing import Any
@@ -354,6 +355,25 @@ class MailPassword(BaseModel):
     created_at = pw.DateTimeField(default=utcnow)
     last_used_at = pw.DateTimeField(null=True)
     last_used_ip = pw.CharField(max_length=64, default="")
+    # The addresses this password was used from (space separated, the latest 20): a login from
+    # one not among them is a "new address" notification.
+    known_ips = pw.TextField(default="")
+
+    @classmethod
+    def note_use(cls, password_id: int, ip: str) -> bool:
+        """Record a use from ``ip``; True when the password was used before, from elsewhere."""
+        row = cls.get_or_none(cls.id == password_id)
+        if row is None:
+            return False
+        known = row.known_ips.split() or ([row.last_used_ip] if row.last_used_ip else [])
+        ip = ip[:64]
+        new = bool(known) and ip not in known
+        if ip and ip not in known:
+            known = [*known, ip][-20:]
+        cls.update(last_used_at=utcnow(), last_used_ip=ip, known_ips=" ".join(known)).where(
+            cls.id == password_id
+        ).execute()
+        return new
 
 
 class PendingAuthorization(SecretModel):
@@ -394,8 +414,137 @@ class InstanceSecret(SecretModel):
 
 
 MAIL_LOOKUP_SECRET = "mail_password_lookup"
+NOTIFY_RELAY_PASSWORD = "notify_relay_password"
 
-SECRET_MODELS: list[Any] = [OAuthClient, Account, PendingAuthorization, InstanceSecret]
+
+# ---------------------------------------------------------------------------------- notifications
+#: Event kinds a person can be told about (mailboxes/notifications.py gives their words).
+NOTIFY_KINDS = ("reauth", "policy_refusal", "renewal_failing", "credential_expiring", "new_ip")
+NOTIFY_CHANNELS = ("email", "webhook")
+#: Minutes a token endpoint must keep refusing before "renewal_failing" is sent (admin setting).
+FAILING_MINUTES_KEY = "notify_failing_minutes"
+FAILING_MINUTES_DEFAULT = 60
+
+
+class NotificationSettings(SecretModel):
+    """One person's choice of events and channels; the webhook's signing secret is encrypted.
+
+    No row: every event, by email to the login address (when the instance has a sender).
+    """
+
+    user = pw.ForeignKeyField(User, unique=True, on_delete="CASCADE", backref="notify_settings")
+    kinds = pw.TextField(default=" ".join(NOTIFY_KINDS))
+    email_enabled = pw.BooleanField(default=True)
+    webhook_enabled = pw.BooleanField(default=False)
+    webhook_url = pw.CharField(max_length=2000, default="")
+    webhook_secret = EncryptedField(null=True)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    @classmethod
+    def of(cls, user_id: int) -> NotificationSettings:
+        """The stored row, or an unsaved one with the defaults."""
+        return cls.get_or_none(cls.user == user_id) or cls(user=user_id)
+
+    def wants(self, kind: str) -> bool:
+        return kind == "test" or kind in self.kinds.split()
+
+
+class Notification(BaseModel):
+    """The outbox: one message for one channel, sent in the background (notifications.py).
+
+    ``dedup`` (kind, subject and day) is unique per person and channel: the same event about the
+    same mailbox is told once a day, however many processes notice it. Never holds a secret.
+    """
+
+    user = pw.ForeignKeyField(User, on_delete="CASCADE", backref="notifications")
+    account = pw.ForeignKeyField(Account, null=True, on_delete="SET NULL")
+    user_id: int
+    account_id: int | None
+    kind = pw.CharField(max_length=32)
+    subject = pw.CharField(max_length=254, default="")  # the mailbox, or the client's name
+    dedup = pw.CharField(max_length=400)
+    channel = pw.CharField(max_length=16)
+    title = pw.CharField(max_length=300, default="")
+    detail = pw.TextField(default="")
+    status = pw.CharField(max_length=16, default="pending")  # pending, sent, failed
+    attempts = pw.IntegerField(default=0)
+    next_attempt_at = pw.DateTimeField(default=utcnow, index=True)
+    claimed_until = pw.DateTimeField(null=True)
+    last_error = pw.TextField(default="")
+    created_at = pw.DateTimeField(default=utcnow)
+    sent_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("user", "dedup", "channel"), True),)
+
+    @classmethod
+    def raise_event(
+        cls,
+        user_id: int,
+        kind: str,
+        subject: str,
+        title: str,
+        detail: str = "",
+        *,
+        account_id: int | None = None,
+        period: str | None = None,
+    ) -> int:
+        """Queue ``kind`` about ``subject`` on each channel the person chose; returns how many
+        messages were queued (0 when already told today, or nothing is chosen).
+
+        :param period: what "once" means (default: today's date, UTC).
+        """
+        prefs = NotificationSettings.of(user_id)
+        if not prefs.wants(kind):
+            return 0
+        channels = []
+        if prefs.email_enabled and Setting.read("notify_sender"):
+            channels.append("email")
+        if prefs.webhook_enabled and prefs.webhook_url and prefs.has_secret("webhook_secret"):
+            channels.append("webhook")
+        key = f"{kind}|{subject}|{period or utcnow().date().isoformat()}"[:400]
+        queued = 0
+        try:
+            # a savepoint: the callers' own transaction (a recorded refusal) never fails for it
+            with cls._meta.database.atomic():
+                for channel in channels:
+                    queued += (
+                        cls.insert(
+                            user=user_id,
+                            account=account_id,
+                            kind=kind,
+                            subject=subject[:254],
+                            dedup=key,
+                            channel=channel,
+                            title=title[:300],
+                            detail=detail[:4000],
+                        )
+                        .on_conflict_ignore()
+                        .as_rowcount()
+                        .execute()
+                    )
+        except pw.PeeweeException as error:
+            logging.getLogger("auth_email.notifications").warning(
+                "notification %s about %s not queued: %s", kind, subject, error
+            )
+            return 0
+        return queued
+
+    @classmethod
+    def failing_minutes(cls) -> int:
+        try:
+            return max(1, int(Setting.read(FAILING_MINUTES_KEY) or FAILING_MINUTES_DEFAULT))
+        except ValueError:
+            return FAILING_MINUTES_DEFAULT
+
+
+SECRET_MODELS: list[Any] = [
+    OAuthClient,
+    Account,
+    PendingAuthorization,
+    InstanceSecret,
+    NotificationSettings,
+]
 ALL_MODELS: list[Any] = [
     Meta,
     Setting,
@@ -408,4 +557,6 @@ ALL_MODELS: list[Any] = [
     MailPassword,
     PendingAuthorization,
     InstanceSecret,
+    NotificationSettings,
+    Notification,
 ]

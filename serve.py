@@ -20,6 +20,7 @@ from waitress import create_server
 from app import create_app
 from config import web_server_limits
 from mailboxes.mailbackend import MailProxyService
+from mailboxes.notifications import Notifier
 from mailboxes.upkeep import Upkeep
 from mailproxy.settings import parse_hostport
 from store.vault import KeyFileError, lock_instance
@@ -35,10 +36,11 @@ class Service(Protocol):
 
 
 def services(app: Flask) -> list[Service]:
-    """What runs beside the web UI, for ``app``: the mail proxy and upkeep."""
+    """What runs beside the web UI, for ``app``: the mail proxy, upkeep and notifications."""
     return [
         MailProxyService(app),
         Upkeep(interval=app.config["UPKEEP_INTERVAL_SECONDS"], app=app),
+        Notifier(app),
     ]
 
 

@@ -41,6 +41,7 @@ from models import (
     AccountStatus,
     InstanceSecret,
     MailPassword,
+    Notification,
     OAuthClient,
     User,
     utcnow,
@@ -286,11 +287,7 @@ class AppBackend:
         if last is not None and last[0] == client_ip and now - last[1] < 60:
             return
         self._last_use[password_id] = (client_ip, now)
-        self.later(
-            MailPassword.update(last_used_at=utcnow(), last_used_ip=client_ip[:64])
-            .where(MailPassword.id == password_id)
-            .execute
-        )
+        self.later(_note_use, password_id, client_ip)
 
     def _grant(self, account: Account, protocol: str, client_ip: str) -> Grant:
         page = f"{self.public_url}/accounts/{account.id}"
@@ -465,6 +462,32 @@ class AppBackend:
     def sessions_open(self, account_id: int) -> int:
         with self._open_lock:
             return self._open.get(account_id, 0)
+
+
+def _note_use(password_id: int, client_ip: str) -> None:
+    """Record the password's use; a password used from an address it never came from before
+    (and that was used elsewhere already) is a notification to its owner."""
+    if not MailPassword.note_use(password_id, client_ip):
+        return
+    row = (
+        MailPassword.select(MailPassword, Account)
+        .join(Account)
+        .where(MailPassword.id == password_id)
+        .first()
+    )
+    if row is None:
+        return
+    account = row.account
+    Notification.raise_event(
+        account.owner_id,
+        "new_ip",
+        account.address,
+        f"{account.address}: mail-client password used from a new address ({client_ip})",
+        f"The password “{row.label}” of {account.address} was used from {client_ip}, an address "
+        "it was never used from before. If that was not you or one of your devices, revoke the "
+        "password on the mailbox's page.",
+        account_id=account.id,
+    )
 
 
 def proxy_settings(app: Flask) -> ProxySettings:

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from models import Account, utcnow
+from models import Account, Notification, utcnow
 from store.db import database
 
 PROTOCOL_NAMES = {"imap": "IMAP", "pop3": "POP3", "smtp": "SMTP"}
@@ -36,6 +36,12 @@ class Refusal:
     since: str = ""  # ISO time of the first refusal in a row
     at: str = ""  # ISO time of the latest
     version: int = 0  # the token version the server refused
+    unreachable: bool = False  # no server answered: not a refusal by policy
+
+    @property
+    def by_policy(self) -> bool:
+        """The server answered and refuses this mailbox over this protocol."""
+        return not self.unreachable
 
     @property
     def name(self) -> str:
@@ -62,9 +68,11 @@ def explain(protocol: str, said: str, address: str, app_only: bool = False) -> R
     text = said.lower()
     name = PROTOCOL_NAMES.get(protocol, protocol)
 
-    def make(title: str, cause: str, fix: str, token_may_help: bool) -> Refusal:
+    def make(
+        title: str, cause: str, fix: str, token_may_help: bool, unreachable: bool = False
+    ) -> Refusal:
         return Refusal(protocol, said[:500], title, cause, fix.format(address=address),
-                       token_may_help)  # fmt: skip
+                       token_may_help, unreachable=unreachable)  # fmt: skip
 
     if re.search(r"could not connect|tls with .* failed|the connection to .* failed", text):
         return make(
@@ -74,6 +82,7 @@ def explain(protocol: str, said: str, address: str, app_only: bool = False) -> R
             "Check the server name, port and security in the client's settings (or whether "
             "the provider offers this protocol), then use Test sign-in.",
             False,
+            unreachable=True,
         )
     if protocol == "smtp" and "5.7.139" in text:
         if "disabled for the tenant" in text or "disabled for the mailbox" in text:
@@ -238,6 +247,15 @@ def record(account_id: int, refusal: Refusal) -> Refusal:
         )
         known[refusal.protocol] = stored
         _write(account_id, known)
+        if stored.by_policy:
+            Notification.raise_event(
+                account.owner_id,
+                "policy_refusal",
+                account.address,
+                f"{stored.name} refused for {account.address}: {stored.title}",
+                f"{stored.cause} {stored.fix} (The server said: {stored.said})",
+                account_id=account_id,
+            )
     return stored
 
 

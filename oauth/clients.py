@@ -12,7 +12,7 @@ from typing import Any
 import peewee as pw
 
 from errors import PersonError
-from models import Account, AccountStatus, OAuthClient, Setting, User, utcnow
+from models import Account, AccountStatus, Notification, OAuthClient, Setting, User, utcnow
 from oauth import providers
 from store.db import database, parse_id
 
@@ -264,6 +264,41 @@ def secret_expiry_warnings(user: User, today: dt.date | None = None) -> list[Exp
             accounts = accounts_using(client, user)
             warnings.append(ExpiryWarning(client, level[0], level[1], accounts))
     return sorted(warnings, key=lambda w: (w.days_left, w.client.name))
+
+
+def notify_expiring(today: dt.date | None = None) -> int:
+    """Tell each client's owner, and the people whose mailboxes use it, once when its secret or
+    certificate enters the 30-day and once when it enters the 7-day window; returns how many
+    messages were queued."""
+    today = today or dt.date.today()
+    queued = 0
+    soon = OAuthClient.select().where(
+        OAuthClient.secret_expires_on.is_null(False),
+        OAuthClient.secret_expires_on >= today,
+        OAuthClient.secret_expires_on <= today + dt.timedelta(days=max(WARN_DAYS)),
+    )
+    for client in soon:
+        expires_on = client.secret_expires_on
+        if expires_on is None:  # never: the query asks for a date
+            continue
+        level = expiry_level(expires_on, today)
+        if level is None or level[0] == "expired":
+            continue
+        warning = ExpiryWarning(client, level[0], level[1])
+        using = accounts_using(client)
+        for user_id in sorted({client.owner_id} | {a.owner_id for a in using}):
+            mailboxes = [a.address for a in using if a.owner_id == user_id]
+            queued += Notification.raise_event(
+                user_id,
+                "credential_expiring",
+                client.name,
+                warning.message,
+                "Mailboxes using it: " + (", ".join(mailboxes) or "none of yours") + ". Set a "
+                "new secret (or certificate) in Account settings → Custom OAuth clients before "
+                "then, or their token renewals stop.",
+                period=f"{client.id} {level[0]} {expires_on.isoformat()}",
+            )
+    return queued
 
 
 def overview(user: User) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from models import Account, AccountStatus, OAuthClient, utcnow
+from models import Account, AccountStatus, Notification, OAuthClient, utcnow
 from oauth import errors as oauth_errors
 from oauth import grants
 from oauth.errors import (
@@ -356,6 +356,14 @@ def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseExceptio
             token_version=claim + 1,
             refresh_claimed_until=None,
         )
+        Notification.raise_event(
+            account.owner_id,
+            "reauth",
+            account.address,
+            f"{account.address} needs re-authorization",
+            exc.message,
+            account_id=account.get_id(),
+        )
     elif isinstance(exc, TokenUnavailable):
         failures = account.refresh_failures + 1
         wait = backoff_seconds(failures, exc.retry_after)
@@ -372,6 +380,17 @@ def _end_failed_claim(account: Account, claim: int, mine: Any, exc: BaseExceptio
             "token refresh for account %s failed (%d in a row, next try in %d s): %s",
             account.get_id(), failures, wait, exc.message,
         )  # fmt: skip
+        minutes = Notification.failing_minutes()
+        if now - since >= dt.timedelta(minutes=minutes):
+            Notification.raise_event(
+                account.owner_id,
+                "renewal_failing",
+                account.address,
+                f"Renewing the token of {account.address} has failed for over {minutes} min",
+                f"Failing since {since:%Y-%m-%d %H:%M} UTC ({failures} tries in a row). "
+                f"{exc.message[:1000]}",
+                account_id=account.get_id(),
+            )
     else:
         Account.update(token_version=claim + 1, refresh_claimed_until=None).where(mine).execute()
 

@@ -20,8 +20,17 @@ import pytest
 from flask import Flask
 from selenium.webdriver.common.by import By
 
-from mailboxes import linking
-from models import Account, MailPassword, OAuthClient, PendingAuthorization, User, utcnow
+from mailboxes import linking, notifychannels
+from models import (
+    Account,
+    MailPassword,
+    Notification,
+    NotificationSettings,
+    OAuthClient,
+    PendingAuthorization,
+    User,
+    utcnow,
+)
 from oauth import clients as oauth_clients
 from oauth import tokens
 from people import audit, users
@@ -246,6 +255,49 @@ def test_every_page_fits_a_phone_and_a_desktop(app: Flask, live_server: Any, bro
     walk.page("admin-audit", "/admin/audit", shot=True)
     walk.page("admin-health", "/admin/health", shot=True)
     walk.page("admin-audit-page-2", "/admin/audit?page=2&kind=mail")
+
+    # Notifications: the admin's sender, a person's settings with what was sent and what failed.
+    walk.page("admin-notifications-empty", "/admin/notifications")
+    notifychannels.save_sender(
+        "relay",
+        relay=notifychannels.Relay(
+            host="smtp-relay.internal.contoso-corporation.example", port=587,
+            username="auth-email-notifications@contoso-corporation.example",
+            from_address="auth-email-notifications@contoso-corporation.example",
+        ),
+        password="relay-password",
+    )  # fmt: skip
+    prefs = NotificationSettings.of(admin.id)
+    prefs.webhook_enabled, prefs.webhook_secret = True, "whsec_layout"
+    prefs.webhook_url = "https://hooks.contoso-corporation.example/services/auth-email/" + "a" * 40
+    prefs.save()
+    for channel, status, error in [
+        ("email", "sent", ""),
+        ("webhook", "failed", "The webhook at hooks.contoso-corporation.example answered 500 "
+         "Internal Server Error: {\"error\":\"upstream-service-temporarily-unavailable\"}"),
+    ]:  # fmt: skip
+        Notification.create(
+            user=admin, account=mine, kind="reauth", subject=LONG_BOX, dedup=f"x|{channel}",
+            channel=channel, title=f"{LONG_BOX} needs re-authorization", status=status,
+            attempts=1 if status == "sent" else 5, last_error=error,
+        )  # fmt: skip
+    walk.page("admin-notifications", "/admin/notifications", shot=True)
+    walk.page("notifications", "/settings/notifications", shot=True)
+
+    def notification_errors(driver: Any) -> None:
+        driver.get(base + "/settings/notifications")
+        fill(driver, "webhook_url", "http://hooks.example.org/plain-http")
+        driver.find_element(By.CSS_SELECTOR, "#notification-settings button[type=submit]").click()
+        wait_for(driver, lambda d: d.find_elements(By.ID, "error-summary"))
+
+    walk.page("notifications-errors", notification_errors, shot=True)
+
+    def new_secret(driver: Any) -> None:
+        driver.get(base + "/settings/notifications")
+        driver.find_element(By.ID, "new-secret-button").click()
+        wait_for(driver, lambda d: d.find_elements(By.ID, "shown-secret"))
+
+    walk.page("notifications-secret-shown", new_secret, shot=True)
 
     def invite_link(driver: Any) -> None:
         driver.get(base + "/admin/users")

@@ -65,6 +65,9 @@ WORDING: dict[str, tuple[str, str]] = {
         "a mail program was refused: the mailbox needs re-authorization",
     ),
     "vault.key_rotated": ("settings", "rotated the encryption key"),
+    "notifications.saved": ("settings", "changed their notification settings"),
+    "notifications.webhook_secret_replaced": ("settings", "made a new webhook signing secret"),
+    "notifications.sender_saved": ("settings", "changed how notification emails are sent"),
 }
 
 KINDS = {
