@@ -324,10 +324,12 @@ class Bed:
         cert, key = p.server_cert_file, p.server_key_file
         parts = [
             "[emailproxy]\ndelete_account_token_on_password_error = False\n",
-            f"[IMAP-{ports['ep_imap']}]\nlocal_address = 127.0.0.1\nserver_address = 127.0.0.1\n"
+            f"[IMAP-{ports['ep_imap']}]\nlocal_address = 127.0.0.1\n"
+            f"server_address = {p.mail_host}\n"
             f"server_port = {p.imaps_port}\nlocal_certificate_path = {cert}\n"
             f"local_key_path = {key}\n",
-            f"[SMTP-{ports['ep_smtp']}]\nlocal_address = 127.0.0.1\nserver_address = 127.0.0.1\n"
+            f"[SMTP-{ports['ep_smtp']}]\nlocal_address = 127.0.0.1\n"
+            f"server_address = {p.mail_host}\n"
             f"server_port = {p.submissions_port}\nserver_starttls = False\n"
             f"local_certificate_path = {cert}\nlocal_key_path = {key}\n",
         ]
@@ -378,7 +380,7 @@ class Bed:
 
         b = self.boxes[box]
         port = self.peers.submissions_port if smtp else self.peers.imaps_port
-        return Target("direct", "127.0.0.1", port, b.address, token=b.token)
+        return Target("direct", self.peers.mail_host, port, b.address, token=b.token)
 
     def proxy(self, box: str, smtp: bool = False, password: str = MAIL_PASSWORD) -> Any:
         from bench.clients import Target

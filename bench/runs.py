@@ -144,14 +144,18 @@ def logins(bed: Bed, o: Options) -> Result:
     assert bed.serve is not None
     serve = psutil.Process(bed.serve.pid)
     cpu = 0.0  # serve.py's CPU seconds (user + system, all threads) during warm logins
+    per_thread: dict[int, float] = {}
     for r in range(o.rounds):
         for n in rotate(names, r):
             before = serve.cpu_times()
+            threads_before = thread_cpu(bed.serve.pid)
             for _ in range(o.logins):
                 samples[n].append(login_cycle(targets[n], bed.ctx))
             if n == "proxy warm":
                 after = serve.cpu_times()
                 cpu += after.user + after.system - before.user - before.system
+                for tid, t in thread_cpu(bed.serve.pid).items():
+                    per_thread[tid] = per_thread.get(tid, 0.0) + t - threads_before.get(tid, 0.0)
         for _ in range(o.cold_logins):  # a new password each time: the auth cache misses
             password = bed.new_password("small")
             samples["proxy cold"].append(
@@ -175,6 +179,20 @@ def logins(bed: Bed, o: Options) -> Result:
         "Login, serve.py CPU per warm login (user + system, all threads; psutil)",
         f"{cpu / warm_n * 1000:.1f} ms (n={warm_n})",
     )
+    named = thread_names(bed.serve.pid)
+    by_name: dict[str, float] = {}
+    for tid, t in per_thread.items():
+        name = named.get(tid, "other").rstrip("0123456789").rstrip("_")
+        by_name[name] = by_name.get(name, 0.0) + t
+    res.data["cpu_per_warm_login_by_thread"] = {k: v / warm_n for k, v in by_name.items()}
+    res.row(
+        "Login, serve.py CPU per warm login by thread (/proc task stats; names from py-spy dump)",
+        ", ".join(
+            f"{k} {v / warm_n * 1000:.1f} ms"
+            for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])
+            if v / warm_n >= 0.00005
+        ),
+    )
     res.row(
         "Login, proxy warm − direct (p50)",
         f"{extra * 1000:+.1f} ms ({ratio(p50['proxy warm'], p50['direct'])})",
@@ -186,6 +204,39 @@ def logins(bed: Bed, o: Options) -> Result:
         res.row("Login, emailproxy / proxy warm (p50)", ratio(p50["emailproxy"], p50["proxy warm"]))
     res.target("Warm login p50 ≤ direct + 3 ms", f"{extra * 1000:+.1f} ms", extra <= 0.003)
     return res
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process, from /proc."""
+    import os
+    from pathlib import Path
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by OS thread id (py-spy dump; empty when it cannot attach)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    try:
+        text = subprocess.run(
+            [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {int(t): name for t, name in re.findall(r'Thread (\d+) \([^)]*\): "([^"]+)"', text)}
 
 
 def restore_password(bed: Bed, box: str) -> None:
