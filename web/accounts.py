@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import peewee as pw
 from flask import (
     Blueprint,
     abort,
@@ -27,7 +26,7 @@ from werkzeug.wrappers import Response
 from mailboxes import linking, onboarding, verification
 from mailboxes import refusals as mailrefusals
 from mailboxes.account_health import Health, health
-from models import Account, OAuthClient, User, utcnow
+from models import Account, MailPassword, User, utcnow
 from oauth import authorize as oauth
 from oauth import clients as oauth_clients
 from oauth import providers
@@ -69,12 +68,7 @@ def _device_account(account_id: int, state: str) -> Account:
 
 def dashboard(user: User) -> dict[str, Any]:
     """What the home page shows: the accounts, and what needs the user's attention."""
-    accounts = list(
-        Account.owned_by(user)
-        .select(Account, OAuthClient)
-        .join(OAuthClient, pw.JOIN.LEFT_OUTER)
-        .order_by(Account.address)
-    )
+    accounts = Account.list_owned_with_clients(user)
     steps = onboarding.first_run_steps(user) if user.is_admin else []
     return {
         "accounts": accounts,
@@ -281,7 +275,7 @@ def _detail(
         "accounts/detail.html",
         account=account,
         password_form=password_form or MailPasswordForm(),
-        passwords=list(account.passwords.order_by(account.passwords.model.created_at)),
+        passwords=MailPassword.of_account(account.id),
         shown_password=shown,
         just_saved=request.args.get("saved") == "1",
         empty=EmptyForm(),
