@@ -272,11 +272,7 @@ class AppBackend:
         if last is not None and last[0] == client_ip and now - last[1] < 60:
             return
         self._last_use[password_id] = (client_ip, now)
-        self.later(
-            MailPassword.update(last_used_at=utcnow(), last_used_ip=client_ip[:64])
-            .where(MailPassword.id == password_id)
-            .execute
-        )
+        self.later(_password_used, password_id, client_ip[:64], utcnow())
 
     def _grant(self, account: Account, protocol: str, client_ip: str) -> Grant:
         page = f"{self.public_url}/accounts/{account.id}"
@@ -321,7 +317,9 @@ class AppBackend:
         )
         if protocol == "smtp" and smtpdelivery.through_graph(account):
             return self._graph_grant(grant)
-        return grant
+        # The row just read holds the token: when it needs no renewal, the proxy need not
+        # ask ``access_token`` for it (one thread hand-off and one query less per login).
+        return replace(grant, token=tokens.ready_token(account) or "")
 
     # -- SMTP through Microsoft Graph (smtpdelivery, graphsend) ---------------------------------
     @staticmethod
@@ -432,24 +430,35 @@ class AppBackend:
             self._refused.discard((account_id, protocol))
         if cleared:
             self.later(mailrefusals.clear, account_id, protocol)
-        self.later(
-            Account.update(last_used_at=utcnow(), last_used_ip=client_ip)
-            .where(Account.id == account_id)
-            .execute
-        )
+        self.later(_account_used, account_id, client_ip, utcnow())
 
     def session_closed(self, account_id: int, protocol: str, bytes_in: int, bytes_out: int) -> None:
         with self._open_lock:
             self._open[account_id] = max(0, self._open.get(account_id, 0) - 1)
-        self.later(
-            Account.update(bytes_relayed=Account.bytes_relayed + bytes_in + bytes_out)
-            .where(Account.id == account_id)
-            .execute
-        )
+        self.later(_account_relayed, account_id, bytes_in + bytes_out)
 
     def sessions_open(self, account_id: int) -> int:
         with self._open_lock:
             return self._open.get(account_id, 0)
+
+
+# Bookkeeping writes: built in the bookkeeping thread, not on the event loop or the login's thread.
+def _account_used(account_id: int, client_ip: str, at: Any) -> None:
+    Account.update(last_used_at=at, last_used_ip=client_ip).where(
+        Account.id == account_id
+    ).execute()
+
+
+def _account_relayed(account_id: int, count: int) -> None:
+    Account.update(bytes_relayed=Account.bytes_relayed + count).where(
+        Account.id == account_id
+    ).execute()
+
+
+def _password_used(password_id: int, client_ip: str, at: Any) -> None:
+    MailPassword.update(last_used_at=at, last_used_ip=client_ip).where(
+        MailPassword.id == password_id
+    ).execute()
 
 
 def proxy_settings(app: Flask) -> ProxySettings:
