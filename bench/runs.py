@@ -361,16 +361,28 @@ def vm_hwm(pid: int) -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
-async def hold_idle(bed: Bed, target: Target, n: int, box: str) -> dict[str, Any]:
+async def hold_idle(bed: Bed, target: Target, n: int, box: str, rss_of: int = 0) -> dict[str, Any]:
+    """``n`` sessions IDLE at once; with ``rss_of`` (a pid) that process's RSS is noted when
+    1,000, 5,000 and 9,000 sessions are up."""
     sessions = [IdleSession(target, bed.ctx) for _ in range(n)]
     gate = asyncio.Semaphore(64)  # TLS handshakes in flight at once from this client
+    checkpoints = {c for c in (1000, 5000, 9000) if c <= n}
+    rss_at: dict[int, int] = {}
+    up_count = 0
 
     async def open_one(s: IdleSession) -> None:
+        nonlocal up_count
         async with gate:
             try:
                 await asyncio.wait_for(s.open(), 120)
             except Exception as exc:  # noqa: BLE001 - counted
                 s.error = f"{type(exc).__name__}: {exc}"[:200]
+                return
+        up_count += 1
+        if rss_of and up_count in checkpoints:
+            import psutil
+
+            rss_at[up_count] = psutil.Process(rss_of).memory_info().rss
 
     t0 = time.perf_counter()
     await asyncio.gather(*(open_one(s) for s in sessions))
@@ -397,6 +409,7 @@ async def hold_idle(bed: Bed, target: Target, n: int, box: str) -> dict[str, Any
         "all_notified_s": max(seen) if len(seen) == len(up) and seen else float("nan"),
         "p50_notified_s": pct(seen, 50) if seen else float("nan"),
         "errors": errors[:5],
+        "rss_at": rss_at,
     }
 
 
@@ -436,7 +449,8 @@ def idle(bed: Bed, o: Options) -> Result:
             login_cycle(target, bed.ctx)  # warm auth cache, as a running instance would be
             before = RSSWatch(bed.serve.pid)
             base = before.start_rss
-        out[n] = asyncio.run(hold_idle(bed, target, o.idle, "idle"))
+        pid = bed.serve.pid if n == "proxy" else 0
+        out[n] = asyncio.run(hold_idle(bed, target, o.idle, "idle", rss_of=pid))
         if n == "proxy":
             peak = before.stop()
             out[n]["rss_base"] = base
@@ -460,6 +474,11 @@ def idle(bed: Bed, o: Options) -> Result:
         f"MiB with {p['up']} sessions (VmHWM since start {p['vmhwm'] / mib:.0f} MiB); "
         f"≈{(p['rss_peak'] - p['rss_base']) / max(p['up'], 1) / 1024:.0f} KiB per session",
     )
+    if p["rss_at"]:
+        res.row(
+            "IDLE, serve.py RSS with N sessions up",
+            ", ".join(f"{k:,}: {v / mib:.0f} MiB" for k, v in sorted(p["rss_at"].items())),
+        )
     res.row(
         "IDLE, establish proxy / direct", ratio(p["established_s"], out["direct"]["established_s"])
     )
