@@ -133,6 +133,8 @@ class AppBackend:
         # Writes nobody waits for (audit rows, last use, accounting) go to one thread, in order,
         # off the login's critical path; one writer also spares SQLite lock contention.
         self._bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mail-bookkeeping")
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+        self._pending_lock = threading.Lock()
         self._open: dict[int, int] = {}
         self._open_lock = threading.Lock()
         # (account, protocol) with a mail server refusal on record: a login that works clears it
@@ -244,16 +246,30 @@ class AppBackend:
         return account
 
     def later(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run a bookkeeping write in the bookkeeping thread."""
+        """Run a bookkeeping write in the bookkeeping thread, in order.
 
-        def run() -> None:
-            try:
-                with database.connection_context():
-                    write(*args, **kwargs)
-            except Exception:
-                log.exception("bookkeeping write failed")
+        Writes queued while the thread is busy go together, in one transaction (each in its own
+        savepoint: a failing write loses only itself): a login's audit row and last use, and a
+        burst's, cost one commit."""
+        with self._pending_lock:
+            self._pending.append((write, args, kwargs))
+            if len(self._pending) > 1:
+                return  # a drain is queued and has not taken the list yet: it takes this too
+        self._bookkeeping.submit(self._drain)
 
-        self._bookkeeping.submit(run)
+    def _drain(self) -> None:
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+        try:
+            with database.connection_context(), database.atomic():
+                for write, args, kwargs in batch:
+                    try:
+                        with database.atomic():
+                            write(*args, **kwargs)
+                    except Exception:
+                        log.exception("bookkeeping write failed")
+        except Exception:
+            log.exception("bookkeeping writes failed")
 
     def flush(self) -> None:
         """Wait for the bookkeeping writes submitted so far (at shutdown, and in tests)."""
