@@ -335,7 +335,11 @@ class AppBackend:
             return self._graph_grant(grant)
         # The row just read holds the token: when it needs no renewal, the proxy need not
         # ask ``access_token`` for it (one thread hand-off and one query less per login).
-        return replace(grant, token=tokens.ready_token(account) or "")
+        try:
+            token = tokens.ready_token(account) or ""
+        except Exception:  # an unreadable token: access_token refuses it in its own words
+            token = ""
+        return replace(grant, token=token)
 
     # -- SMTP through Microsoft Graph (smtpdelivery, graphsend) ---------------------------------
     @staticmethod

@@ -16,6 +16,7 @@ from flask import Flask
 
 from mailboxes.mailbackend import AppBackend
 from models import Account, Setting, User, utcnow
+from store.db import Ciphertext
 from tests.conftest import make_app
 from tests.test_mail_through_app import (
     PASSWORD,
@@ -59,6 +60,14 @@ def test_a_warm_login_carries_the_stored_token_only_when_it_needs_no_renewal(
         refresh_claimed_until=utcnow() + dt.timedelta(seconds=30),
     ).where(Account.id == account.id).execute()
     assert _grant(app, account.address).token == ""
+
+    # A token that cannot be read: the proxy asks, and access_token refuses it in its words.
+    good = Account.get_by_id(account.id).stored("access_token")
+    Account.update(
+        access_token=Ciphertext(b"\x01" + b"\x00" * 40), refresh_claimed_until=None
+    ).where(Account.id == account.id).execute()
+    assert _grant(app, account.address).token == ""
+    Account.update(access_token=good).where(Account.id == account.id).execute()
 
     # A token the proxy asks for instead still logs in.
     Account.update(token_expires_at=utcnow() + dt.timedelta(seconds=10)).where(
