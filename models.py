@@ -12,6 +12,7 @@ import secrets
 from enum import StrEnum
 from typing import Any
 
+import flask
 import peewee as pw
 from flask_login import UserMixin
 
@@ -38,6 +39,11 @@ class Setting(BaseModel):
 
     @classmethod
     def read(cls, key: str, default: str | None = None) -> str | None:
+        """A setting's value. In a web request every setting is read at once, on the first read,
+        and kept for the rest of that request (a dashboard reads a dozen)."""
+        known = _request_settings()
+        if known is not None:
+            return known.get(key, default)
         rows = _setting_by_key(key)
         return rows[0].value if rows else default
 
@@ -49,9 +55,38 @@ class Setting(BaseModel):
             cls.insert(key=key, value=value).on_conflict(
                 conflict_target=[cls.key], update={cls.value: value}
             ).execute()
+            known = _request_settings(load=False)
+            if known is not None:
+                known[key] = value
+
+    @classmethod
+    def delete(cls) -> pw.ModelDelete:
+        """Any delete makes the request's copy read again (its condition may be on the value)."""
+        if flask.has_request_context():
+            flask.g.pop("settings", None)
+        return super().delete()
 
 
 _setting_by_key = Prepared(lambda key: Setting.select().where(Setting.key == key))
+_all_settings = Prepared(lambda: Setting.select())
+
+
+def _request_settings(load: bool = True) -> dict[str, str] | None:
+    """The current web request's copy of every setting (None outside a request).
+
+    Kept on ``g`` together with the request it belongs to: a test's app context can outlive
+    several requests, and each request reads afresh."""
+    if not flask.has_request_context():
+        return None
+    request = flask.request._get_current_object()  # type: ignore[attr-defined]
+    held = flask.g.get("settings")
+    if held is not None and held[0] is request:
+        return held[1]  # type: ignore[no-any-return]
+    if not load:
+        return None
+    values = {row.key: row.value for row in _all_settings()}
+    flask.g.settings = (request, values)
+    return values
 
 
 class User(UserMixin, BaseModel):
@@ -165,6 +200,13 @@ class OAuthClient(SecretModel):
         if user.may_use_custom_clients:
             query = cls.select().where((cls.owner == user) | (cls.shared == True))  # noqa: E712
         return query.order_by(cls.name)
+
+    @classmethod
+    def list_usable_by(cls, user: User) -> list[OAuthClient]:
+        """``usable_by`` as a list, from a query built once (every account page shows it)."""
+        if user.may_use_custom_clients:
+            return _own_or_shared_clients(user.id, True)
+        return _shared_clients(True)
 
     @classmethod
     def editable_by(cls, user: User) -> pw.ModelSelect[OAuthClient]:
@@ -324,6 +366,17 @@ class Account(SecretModel):
         status = AccountStatus(status)
         return cls.update(status=status.value, status_detail=detail, **also).where(where).execute()
 
+    @classmethod
+    def owned_with_client(cls, user: User, account_id: int) -> Account | None:
+        """The user's account ``account_id`` with its client loaded in the same query."""
+        rows = _owned_account(user.id, account_id)
+        return rows[0] if rows else None
+
+    @classmethod
+    def list_owned_with_clients(cls, user: User) -> list[Account]:
+        """The user's accounts by address, each with its client (the home page)."""
+        return _owned_accounts(user.id)
+
     def has_tokens(self) -> bool:
         return self.has_secret("refresh_token") or self.has_secret("access_token")
 
@@ -374,6 +427,11 @@ class MailPassword(BaseModel):
             cls.id == password_id
         ).execute()
         return new
+
+    @classmethod
+    def of_account(cls, account_id: int) -> list[MailPassword]:
+        """An account's mail-client passwords, oldest first (the account page lists them)."""
+        return _passwords_of(account_id)
 
 
 class PendingAuthorization(SecretModel):
@@ -560,3 +618,41 @@ ALL_MODELS: list[Any] = [
     NotificationSettings,
     Notification,
 ]
+
+
+# Queries of every page view, built once (see store.db.Prepared). Constants are arguments too:
+# a prepared query's parameters are exactly its arguments, in order.
+_shared_clients = Prepared(
+    lambda shared: (
+        OAuthClient.select().where(OAuthClient.shared == shared).order_by(OAuthClient.name)
+    )
+)
+_own_or_shared_clients = Prepared(
+    lambda owner_id, shared: (
+        OAuthClient.select()
+        .where((OAuthClient.owner == owner_id) | (OAuthClient.shared == shared))
+        .order_by(OAuthClient.name)
+    )
+)
+_owned_account = Prepared(
+    lambda owner_id, account_id: (
+        Account.select(Account, OAuthClient)
+        .join(OAuthClient, pw.JOIN.LEFT_OUTER, on=Account.client == OAuthClient.id)
+        .where(Account.owner == owner_id, Account.id == account_id)
+    )
+)
+_owned_accounts = Prepared(
+    lambda owner_id: (
+        Account.select(Account, OAuthClient)
+        .join(OAuthClient, pw.JOIN.LEFT_OUTER, on=Account.client == OAuthClient.id)
+        .where(Account.owner == owner_id)
+        .order_by(Account.address)
+    )
+)
+_passwords_of = Prepared(
+    lambda account_id: (
+        MailPassword.select()
+        .where(MailPassword.account == account_id)
+        .order_by(MailPassword.created_at, MailPassword.id)
+    )
+)

@@ -42,6 +42,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--cold", type=int, help="cold-cache logins per round (default 5)")
     ap.add_argument("--no-emailproxy", action="store_true", help="leave emailproxy out")
     ap.add_argument(
+        "--bench-dovecot",
+        action="store_true",
+        help="IMAP from a Dovecot of the bench's own that serves many sessions per process "
+        "(bench/dovecot.py) instead of the test suite's",
+    )
+    ap.add_argument(
         "--raise-inotify",
         action="store_true",
         help="raise fs.inotify.max_user_instances for the IDLE run (restored after)",
@@ -203,6 +209,11 @@ def summarize_profile(raw: Path, name: str, top: int = 20) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # the IDLE run's client holds a socket per session
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ensure_deps()
     from bench.runs import BENCHES, Result
 
@@ -217,6 +228,11 @@ def main(argv: list[str]) -> int:
     with PeersSession() as peers:
         bed = new_bed(peers, args.keep)
         try:
+            if args.bench_dovecot:
+                from bench.dovecot import BenchDovecot
+
+                bed.dovecot = BenchDovecot(peers, bed.work)
+                bed.dovecot.start()
             boxes = {"bulk": o.bulk_messages, "small": 3, "idle": 3, "herd": 3, "sink": 0}
             bed.make_instance(boxes, o.bulk_size)
             bed.start_serve()

@@ -192,6 +192,14 @@ class Bed:
     serve: subprocess.Popen[bytes] | None = None
     emailproxy: subprocess.Popen[bytes] | None = None
     ep_config: Path | None = None
+    dovecot: Any = None  # bench.dovecot.BenchDovecot with --bench-dovecot: IMAP goes there
+
+    @property
+    def imap_server(self) -> tuple[str, int]:
+        """Where IMAP is served: the bench's own Dovecot, or the peers' one."""
+        if self.dovecot is not None:
+            return self.dovecot.host, self.dovecot.imaps_port
+        return self.peers.mail_host, self.peers.imaps_port
 
     # -------------------------------------------------------------- instance and accounts
     def make_instance(self, boxes: dict[str, int], bulk_size: int) -> None:
@@ -247,8 +255,8 @@ class Bed:
                     scope="mail",
                     client_id=cid,
                     client_secret=secret,
-                    imap_host=p.mail_host,
-                    imap_port=p.imaps_port,
+                    imap_host=self.imap_server[0],
+                    imap_port=self.imap_server[1],
                     imap_security="tls",
                     smtp_host=p.mail_host,
                     smtp_port=p.submissions_port,
@@ -291,8 +299,10 @@ class Bed:
             AUTH_EMAIL_SMTPS_LISTEN=f"127.0.0.1:{p['smtps']}",
             AUTH_EMAIL_UPSTREAM_CA_FILE=self.peers.ca_file,
             AUTH_EMAIL_CUSTOM_CLIENT_LOOPBACK="1",
-            # every benchmark client comes from 127.0.0.1: 1,000 IDLE sessions and more
-            AUTH_EMAIL_MAIL_MAX_CONNECTIONS_PER_IP="4000",
+            # every benchmark client comes from 127.0.0.1: up to 9,000 IDLE sessions (serve.py
+            # lowers the total to what its open-file limit holds: 2 files a session)
+            AUTH_EMAIL_MAIL_MAX_CONNECTIONS="10000",
+            AUTH_EMAIL_MAIL_MAX_CONNECTIONS_PER_IP="10000",
             PYTHONUNBUFFERED="1",
         )
         return env
@@ -324,10 +334,12 @@ class Bed:
         cert, key = p.server_cert_file, p.server_key_file
         parts = [
             "[emailproxy]\ndelete_account_token_on_password_error = False\n",
-            f"[IMAP-{ports['ep_imap']}]\nlocal_address = 127.0.0.1\nserver_address = 127.0.0.1\n"
-            f"server_port = {p.imaps_port}\nlocal_certificate_path = {cert}\n"
+            f"[IMAP-{ports['ep_imap']}]\nlocal_address = 127.0.0.1\n"
+            f"server_address = {self.imap_server[0]}\n"
+            f"server_port = {self.imap_server[1]}\nlocal_certificate_path = {cert}\n"
             f"local_key_path = {key}\n",
-            f"[SMTP-{ports['ep_smtp']}]\nlocal_address = 127.0.0.1\nserver_address = 127.0.0.1\n"
+            f"[SMTP-{ports['ep_smtp']}]\nlocal_address = 127.0.0.1\n"
+            f"server_address = {p.mail_host}\n"
             f"server_port = {p.submissions_port}\nserver_starttls = False\n"
             f"local_certificate_path = {cert}\nlocal_key_path = {key}\n",
         ]
@@ -377,8 +389,11 @@ class Bed:
         from bench.clients import Target
 
         b = self.boxes[box]
-        port = self.peers.submissions_port if smtp else self.peers.imaps_port
-        return Target("direct", "127.0.0.1", port, b.address, token=b.token)
+        if smtp:
+            host, port = self.peers.mail_host, self.peers.submissions_port
+        else:
+            host, port = self.imap_server
+        return Target("direct", host, port, b.address, token=b.token)
 
     def proxy(self, box: str, smtp: bool = False, password: str = MAIL_PASSWORD) -> Any:
         from bench.clients import Target
@@ -417,6 +432,8 @@ class Bed:
     def close(self) -> None:
         self.stop_emailproxy()
         self.stop_serve()
+        if self.dovecot is not None:
+            self.dovecot.stop()
 
 
 def stop(proc: subprocess.Popen[bytes] | None) -> None:

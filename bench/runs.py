@@ -144,14 +144,18 @@ def logins(bed: Bed, o: Options) -> Result:
     assert bed.serve is not None
     serve = psutil.Process(bed.serve.pid)
     cpu = 0.0  # serve.py's CPU seconds (user + system, all threads) during warm logins
+    per_thread: dict[int, float] = {}
     for r in range(o.rounds):
         for n in rotate(names, r):
             before = serve.cpu_times()
+            threads_before = thread_cpu(bed.serve.pid)
             for _ in range(o.logins):
                 samples[n].append(login_cycle(targets[n], bed.ctx))
             if n == "proxy warm":
                 after = serve.cpu_times()
                 cpu += after.user + after.system - before.user - before.system
+                for tid, t in thread_cpu(bed.serve.pid).items():
+                    per_thread[tid] = per_thread.get(tid, 0.0) + t - threads_before.get(tid, 0.0)
         for _ in range(o.cold_logins):  # a new password each time: the auth cache misses
             password = bed.new_password("small")
             samples["proxy cold"].append(
@@ -175,6 +179,20 @@ def logins(bed: Bed, o: Options) -> Result:
         "Login, serve.py CPU per warm login (user + system, all threads; psutil)",
         f"{cpu / warm_n * 1000:.1f} ms (n={warm_n})",
     )
+    named = thread_names(bed.serve.pid)
+    by_name: dict[str, float] = {}
+    for tid, t in per_thread.items():
+        name = named.get(tid, "other").rstrip("0123456789").rstrip("_")
+        by_name[name] = by_name.get(name, 0.0) + t
+    res.data["cpu_per_warm_login_by_thread"] = {k: v / warm_n for k, v in by_name.items()}
+    res.row(
+        "Login, serve.py CPU per warm login by thread (/proc task stats; names from py-spy dump)",
+        ", ".join(
+            f"{k} {v / warm_n * 1000:.1f} ms"
+            for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])
+            if v / warm_n >= 0.00005
+        ),
+    )
     res.row(
         "Login, proxy warm − direct (p50)",
         f"{extra * 1000:+.1f} ms ({ratio(p50['proxy warm'], p50['direct'])})",
@@ -186,6 +204,39 @@ def logins(bed: Bed, o: Options) -> Result:
         res.row("Login, emailproxy / proxy warm (p50)", ratio(p50["emailproxy"], p50["proxy warm"]))
     res.target("Warm login p50 ≤ direct + 3 ms", f"{extra * 1000:+.1f} ms", extra <= 0.003)
     return res
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process, from /proc."""
+    import os
+    from pathlib import Path
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by OS thread id (py-spy dump; empty when it cannot attach)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    try:
+        text = subprocess.run(
+            [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {int(t): name for t, name in re.findall(r'Thread (\d+) \([^)]*\): "([^"]+)"', text)}
 
 
 def restore_password(bed: Bed, box: str) -> None:
@@ -310,16 +361,28 @@ def vm_hwm(pid: int) -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
-async def hold_idle(bed: Bed, target: Target, n: int, box: str) -> dict[str, Any]:
+async def hold_idle(bed: Bed, target: Target, n: int, box: str, rss_of: int = 0) -> dict[str, Any]:
+    """``n`` sessions IDLE at once; with ``rss_of`` (a pid) that process's RSS is noted when
+    1,000, 5,000 and 9,000 sessions are up."""
     sessions = [IdleSession(target, bed.ctx) for _ in range(n)]
     gate = asyncio.Semaphore(64)  # TLS handshakes in flight at once from this client
+    checkpoints = {c for c in (1000, 5000, 9000) if c <= n}
+    rss_at: dict[int, int] = {}
+    up_count = 0
 
     async def open_one(s: IdleSession) -> None:
+        nonlocal up_count
         async with gate:
             try:
                 await asyncio.wait_for(s.open(), 120)
             except Exception as exc:  # noqa: BLE001 - counted
                 s.error = f"{type(exc).__name__}: {exc}"[:200]
+                return
+        up_count += 1
+        if rss_of and up_count in checkpoints:
+            import psutil
+
+            rss_at[up_count] = psutil.Process(rss_of).memory_info().rss
 
     t0 = time.perf_counter()
     await asyncio.gather(*(open_one(s) for s in sessions))
@@ -346,6 +409,7 @@ async def hold_idle(bed: Bed, target: Target, n: int, box: str) -> dict[str, Any
         "all_notified_s": max(seen) if len(seen) == len(up) and seen else float("nan"),
         "p50_notified_s": pct(seen, 50) if seen else float("nan"),
         "errors": errors[:5],
+        "rss_at": rss_at,
     }
 
 
@@ -385,7 +449,8 @@ def idle(bed: Bed, o: Options) -> Result:
             login_cycle(target, bed.ctx)  # warm auth cache, as a running instance would be
             before = RSSWatch(bed.serve.pid)
             base = before.start_rss
-        out[n] = asyncio.run(hold_idle(bed, target, o.idle, "idle"))
+        pid = bed.serve.pid if n == "proxy" else 0
+        out[n] = asyncio.run(hold_idle(bed, target, o.idle, "idle", rss_of=pid))
         if n == "proxy":
             peak = before.stop()
             out[n]["rss_base"] = base
@@ -409,6 +474,11 @@ def idle(bed: Bed, o: Options) -> Result:
         f"MiB with {p['up']} sessions (VmHWM since start {p['vmhwm'] / mib:.0f} MiB); "
         f"≈{(p['rss_peak'] - p['rss_base']) / max(p['up'], 1) / 1024:.0f} KiB per session",
     )
+    if p["rss_at"]:
+        res.row(
+            "IDLE, serve.py RSS with N sessions up",
+            ", ".join(f"{k:,}: {v / mib:.0f} MiB" for k, v in sorted(p["rss_at"].items())),
+        )
     res.row(
         "IDLE, establish proxy / direct", ratio(p["established_s"], out["direct"]["established_s"])
     )

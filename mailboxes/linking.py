@@ -49,7 +49,7 @@ class LinkError(PersonError):
 
 def owned_account(user: User, account_id: int) -> Account | None:
     """The user's account ``account_id``; None for someone else's (the caller answers 404)."""
-    return Account.owned_by(user).where(Account.id == account_id).first()
+    return Account.owned_with_client(user, account_id)
 
 
 def device_account(user: User, account_id: int, state: str) -> Account | None:

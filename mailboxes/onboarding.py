@@ -9,10 +9,14 @@ usable, the names of the people who can fix that.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+import peewee as pw
 
 from models import Account, AccountStatus, MailPassword, OAuthClient, User
 from oauth import clients as oauth_clients
 from oauth import providers
+from store.db import Prepared
 
 
 @dataclass
@@ -31,8 +35,16 @@ class AuthorizationOptions:
 
 def admin_emails() -> list[str]:
     """Who to ask for a client: the enabled administrators."""
-    query = User.select(User.email).where(User.is_admin == True, User.is_enabled == True)  # noqa: E712
-    return [u.email for u in query.order_by(User.email)]
+    return [u.email for u in _admins(True, True)]
+
+
+_admins = Prepared(
+    lambda admin, enabled: (
+        User.select(User.email)
+        .where(User.is_admin == admin, User.is_enabled == enabled)
+        .order_by(User.email)
+    )
+)
 
 
 def authorization_options(user: User, provider: str) -> AuthorizationOptions:
@@ -42,7 +54,7 @@ def authorization_options(user: User, provider: str) -> AuthorizationOptions:
     of every provider are offered too, so a guess that failed is no dead end; a single usable
     client then becomes the primary action.
     """
-    usable = list(OAuthClient.usable_by(user))
+    usable = OAuthClient.list_usable_by(user)
     default = oauth_clients.default_client(provider) if provider else None
     options = AuthorizationOptions(admins=admin_emails())
     if default is not None:
@@ -87,6 +99,37 @@ def missing_defaults() -> DefaultsWarning:
     )
 
 
+def _progress(owner_id: int) -> tuple[bool, bool, bool, bool]:
+    """The checklist's facts in one query: whether a shared client, a linked mailbox of the
+    admin's, a mail password of theirs, and one that a mail program used exist."""
+    row = _progress_query(True, owner_id, AccountStatus.ACTIVE.value, owner_id, owner_id)[0]
+    return bool(row["shared"]), bool(row["linked"]), bool(row["password"]), bool(row["used"])
+
+
+def _exists(query: Any) -> Any:
+    return pw.fn.EXISTS(query.select(pw.SQL("1")))
+
+
+_progress_query = Prepared(
+    lambda shared, owner_a, active, owner_b, owner_c: pw.Select(
+        columns=[
+            _exists(OAuthClient.select().where(OAuthClient.shared == shared)).alias("shared"),
+            _exists(
+                Account.select().where(Account.owner == owner_a, Account.status == active)
+            ).alias("linked"),
+            _exists(MailPassword.select().join(Account).where(Account.owner == owner_b)).alias(
+                "password"
+            ),
+            _exists(
+                MailPassword.select()
+                .join(Account)
+                .where(Account.owner == owner_c, MailPassword.last_used_at.is_null(False))
+            ).alias("used"),
+        ]
+    ).dicts()
+)
+
+
 @dataclass(frozen=True)
 class Step:
     key: str
@@ -97,13 +140,8 @@ class Step:
 
 def first_run_steps(user: User) -> list[Step]:
     """The admin's first-run checklist, each step ticked from the data (not from clicks)."""
-    shared = OAuthClient.select().where(OAuthClient.shared == True).exists()  # noqa: E712
+    shared, linked, has_password, used = _progress(user.id)
     has_default = any(oauth_clients.default_client(key) for key in providers.PRESETS)
-    accounts = Account.owned_by(user)
-    linked = accounts.where(Account.status == AccountStatus.ACTIVE.value).exists()
-    passwords = MailPassword.select().join(Account).where(Account.owner == user)
-    has_password = passwords.exists()
-    used = passwords.where(MailPassword.last_used_at.is_null(False)).exists()
     return [
         Step(
             "share",

@@ -1,11 +1,13 @@
 """The contract between the mail proxy and the app that owns accounts, passwords and tokens.
 
-The proxy calls these blocking methods through ``asyncio.to_thread``; the app implements them.
+The proxy calls the blocking methods through ``asyncio.to_thread``; the app implements them.
+``session_opened`` and ``session_closed`` are called on the event loop and must not block
+(queue their writes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 Security = Literal["tls", "starttls", "plain"]
@@ -34,6 +36,9 @@ class Grant:
     #: Microsoft Graph) instead of relaying to ``upstream``; messages of at most this many bytes.
     deliver: bool = False
     max_message: int = 0
+    #: An access token the backend already knows to be fresh (read with the password check);
+    #: empty: the proxy asks ``access_token``. Never in the repr.
+    token: str = field(default="", repr=False)
 
 
 class DeliveryRefused(Exception):
@@ -93,8 +98,10 @@ class Backend(Protocol):
         returns the confirmation text. Raises DeliveryRefused."""
         ...
 
-    def session_opened(self, account_id: int, protocol: str, client_ip: str) -> None: ...
+    def session_opened(self, account_id: int, protocol: str, client_ip: str) -> None:
+        """On the event loop, when the relay starts: must not block."""
+        ...
 
-    def session_closed(
-        self, account_id: int, protocol: str, bytes_in: int, bytes_out: int
-    ) -> None: ...
+    def session_closed(self, account_id: int, protocol: str, bytes_in: int, bytes_out: int) -> None:
+        """On the event loop, when the relay ends: must not block."""
+        ...

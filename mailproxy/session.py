@@ -301,16 +301,20 @@ class Session:
 
     async def _upstream_login(self, grant: Grant) -> Upstream:
         backend = self.hub.backend
-        # The token (often an HTTP call) is fetched while the upstream connection is made.
-        fetch = asyncio.ensure_future(asyncio.to_thread(backend.access_token, grant.account_id))
-        fetch.add_done_callback(_consume)
+        # The token (often an HTTP call) is fetched while the upstream connection is made,
+        # unless the password check found a fresh one.
+        fetch: asyncio.Future[str] | None = None
+        if not grant.token:
+            fetch = asyncio.ensure_future(asyncio.to_thread(backend.access_token, grant.account_id))
+            fetch.add_done_callback(_consume)
         try:
             self.upstream = up = await self.first_upstream(grant)
         except BaseException:
-            fetch.cancel()
+            if fetch is not None:
+                fetch.cancel()
             raise
         up.count(self.protocol)
-        token = await fetch
+        token = grant.token if fetch is None else await fetch
         try:
             ok, detail = await self.upstream_auth(up, grant, token)
         except UpstreamError as exc:
@@ -353,7 +357,7 @@ class Session:
         self.upstream = None  # the relay owns it now
         self.done = True
         try:
-            await asyncio.to_thread(backend.session_opened, grant.account_id, proto, self.peer_ip)
+            backend.session_opened(grant.account_id, proto, self.peer_ip)
         except Exception:
             self.log.exception("backend.session_opened failed")
         if "max_size" in vars(self.writer.transport):
@@ -374,7 +378,7 @@ class Session:
             into, out = relay.bytes
             self.log.info("session of %s ended: %d bytes in, %d out", grant.address, into, out)
             try:
-                await asyncio.to_thread(backend.session_closed, grant.account_id, proto, into, out)
+                backend.session_closed(grant.account_id, proto, into, out)
             except Exception:
                 self.log.exception("backend.session_closed failed")
 

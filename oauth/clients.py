@@ -14,7 +14,7 @@ import peewee as pw
 from errors import PersonError
 from models import Account, AccountStatus, Notification, OAuthClient, Setting, User, utcnow
 from oauth import providers
-from store.db import database, parse_id
+from store.db import Prepared, database, parse_id
 
 WARN_DAYS = (30, 7)
 DEFAULT_KEY = "default_client.{}"
@@ -242,21 +242,47 @@ def expiry_level(expires_on: dt.date | None, today: dt.date) -> tuple[str, int] 
     return None
 
 
+def _depended_on(owner_id: int) -> Any:
+    return OAuthClient.id.in_(
+        Account.select(Account.client).where(
+            Account.owner == owner_id, Account.client.is_null(False)
+        )
+    )
+
+
+def _expiring_by(until: dt.date, mine: Any) -> Any:
+    return OAuthClient.select().where(
+        OAuthClient.secret_expires_on.is_null(False), OAuthClient.secret_expires_on <= until, mine
+    )
+
+
+#: Clients whose secret expires by ``until`` that the user manages or depends on (the admin
+#: manages the shared ones too); arguments in the order of the SQL's parameters.
+_expiring = {
+    False: Prepared(
+        lambda until, owner, user: _expiring_by(
+            until, (OAuthClient.owner == owner) | _depended_on(user)
+        )
+    ),
+    True: Prepared(
+        lambda until, owner, shared, user: _expiring_by(
+            until,
+            (OAuthClient.owner == owner) | (OAuthClient.shared == shared) | _depended_on(user),
+        )
+    ),
+}
+
+
 def secret_expiry_warnings(user: User, today: dt.date | None = None) -> list[ExpiryWarning]:
     """Warnings for the clients the user manages or whose accounts depend on, soonest first."""
     today = today or dt.date.today()
-    mine = OAuthClient.owner == user
-    if user.is_admin:
-        mine = mine | (OAuthClient.shared == True)  # noqa: E712
-    depended_on = OAuthClient.id.in_(
-        Account.select(Account.client).where(Account.owner == user, Account.client.is_null(False))
-    )
     # One query, and only for secrets that expire within the warning window (or have expired).
-    soon = OAuthClient.select().where(
-        OAuthClient.secret_expires_on.is_null(False),
-        OAuthClient.secret_expires_on <= today + dt.timedelta(days=max(WARN_DAYS)),
-        mine | depended_on,
-    )
+    # An admin also sees the shared clients (shared = True; otherwise shared = NULL: none).
+    until = today + dt.timedelta(days=max(WARN_DAYS))
+    if user.is_admin:
+        soon = _expiring[True](until, user.id, True, user.id)
+    else:
+        soon = _expiring[False](until, user.id, user.id)
     warnings = []
     for client in soon:
         level = expiry_level(client.secret_expires_on, today)

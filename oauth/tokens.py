@@ -241,6 +241,18 @@ def get_access_token(account_id: int, force_refresh: bool = False) -> str:
         return _get_access_token(account_id, force_refresh)
 
 
+def ready_token(account: Account) -> str | None:
+    """The access token of a row just read, when ``get_access_token`` would return it as it is:
+    the account usable, no refresh in flight, the token outside its renewal margin. Else None
+    (the caller asks ``get_access_token``)."""
+    now = utcnow()
+    if account.status != "active":
+        return None
+    if account.refresh_claimed_until is not None and account.refresh_claimed_until > now:
+        return None
+    return str(account.access_token) if _fresh(account, now) else None
+
+
 def _get_access_token(account_id: int, force_refresh: bool) -> str:
     stale_version: int | None = None
     waited_for_other = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import peewee as pw
 from flask import (
     Blueprint,
     abort,
@@ -27,7 +26,7 @@ from werkzeug.wrappers import Response
 from mailboxes import linking, mailbackend, onboarding, verification
 from mailboxes import refusals as mailrefusals
 from mailboxes.account_health import Health, health
-from models import Account, AccountStatus, MailPassword, OAuthClient, User, utcnow
+from models import Account, AccountStatus, MailPassword, User, utcnow
 from oauth import authorize as oauth
 from oauth import clients as oauth_clients
 from oauth import errors as oauth_errors
@@ -76,12 +75,7 @@ def _device_account(account_id: int, state: str) -> Account:
 
 def dashboard(user: User) -> dict[str, Any]:
     """What the home page shows: the accounts, and what needs the user's attention."""
-    accounts = list(
-        Account.owned_by(user)
-        .select(Account, OAuthClient)
-        .join(OAuthClient, pw.JOIN.LEFT_OUTER)
-        .order_by(Account.address)
-    )
+    accounts = Account.list_owned_with_clients(user)
     steps = onboarding.first_run_steps(user) if user.is_admin else []
     return {
         "accounts": accounts,
@@ -298,7 +292,7 @@ def _detail(
         delegate_form=delegate_form,
         # Shared mailboxes with a delegate's SMTP login are Exchange's (and a custom server's)
         shows_delegate=preset is None or preset.is_custom or preset.is_microsoft,
-        passwords=list(account.passwords.order_by(MailPassword.created_at)),
+        passwords=MailPassword.of_account(account.id),
         shown_password=shown,
         just_saved=request.args.get("saved") == "1",
         empty=EmptyForm(),
