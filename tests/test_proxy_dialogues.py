@@ -26,6 +26,7 @@ from tests.test_proxy_relay import (  # noqa: F401  (fixtures)
     fake_pop3,
     fake_smtp,
     proxy,
+    sample,
 )
 
 PLAIN_OK = base64.b64encode(b"\0carol@example.test\0pw").decode()
@@ -210,12 +211,16 @@ def scripted() -> Iterator[list[Scripted]]:
 
 
 def pop3_through(
-    backend: RecordingBackend, scripted: list[Scripted], greeting: bytes, *answers: list[bytes]
+    backend: RecordingBackend,
+    scripted: list[Scripted],
+    greeting: bytes,
+    *answers: list[bytes],
+    security: str = "plain",
 ) -> tuple[bytes, Scripted]:
     up = Scripted(greeting, list(answers))
     scripted.append(up)
     backend.accounts["carol@example.test"].upstreams = {
-        "pop3": Endpoint("127.0.0.1", up.port, "plain")
+        "pop3": Endpoint("127.0.0.1", up.port, security)  # type: ignore[arg-type]
     }
     with (
         running_proxy(backend, listeners={"pop3": "127.0.0.1:0"}) as p,
@@ -226,12 +231,22 @@ def pop3_through(
 
 
 @pytest.mark.parametrize(
-    ("greeting", "answers", "shown"),
+    ("greeting", "answers", "shown", "reason"),
     [
-        (b"-ERR busy", [], b"mail server greeting: -ERR busy"),
-        (b"+OK hi", [[b"-ERR no XOAUTH2"]], b"mail server refused AUTH: -ERR no XOAUTH2"),
-        (b"+OK hi", [[b"+OK what?"]], b"mail server refused AUTH: +OK what?"),
-        (b"+OK hi", [[b"+ "], [b"+ x"], [b"+ x"], [b"+ x"]], b"did not finish authentication"),
+        (b"-ERR busy", [], b"mail server greeting: -ERR busy", "protocol"),
+        (
+            b"+OK hi",
+            [[b"-ERR no XOAUTH2"]],
+            b"mail server refused AUTH: -ERR no XOAUTH2",
+            "refused",
+        ),
+        (b"+OK hi", [[b"+OK what?"]], b"mail server refused AUTH: +OK what?", "refused"),
+        (
+            b"+OK hi",
+            [[b"+ "], [b"+ x"], [b"+ x"], [b"+ x"]],
+            b"mail server did not finish authentication",
+            "protocol",
+        ),
     ],
 )
 def test_a_pop3_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
@@ -240,10 +255,36 @@ def test_a_pop3_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
     greeting: bytes,
     answers: list[list[bytes]],
     shown: bytes,
+    reason: str,
 ) -> None:
+    before = sample("mailproxy_upstream_errors_total", protocol="pop3", reason=reason)
     reply, _ = pop3_through(backend, scripted, greeting, *answers)
-    assert reply.startswith(b"-ERR [SYS/TEMP] ") and shown in reply, reply
+    after = sample("mailproxy_upstream_errors_total", protocol="pop3", reason=reason)
+    assert after == before + 1
+    assert reply == b"-ERR [SYS/TEMP] " + shown
     assert not backend.named("token_rejected")
+
+
+@pytest.mark.parametrize(
+    "refusal", [b"-ERR [AUTH] Token expired", b"-ERR Authentication failed", b"-ERR auth failed"]
+)
+def test_a_pop3_refusal_naming_auth_counts_against_the_token(
+    backend: RecordingBackend, scripted: list[Scripted], refusal: bytes
+) -> None:
+    reply, _ = pop3_through(backend, scripted, b"+OK hi", [b"+ "], [refusal])
+    assert reply.startswith(b"-ERR [AUTH] ") and b"re-authorize" in reply
+    (call,) = backend.named("token_rejected")
+    assert call[2] == refusal.decode()
+
+
+def test_a_pop3_upstream_refusing_stls_is_never_sent_the_token(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    before = sample("mailproxy_upstream_errors_total", protocol="pop3", reason="tls")
+    reply, up = pop3_through(backend, scripted, b"+OK hi", [b"-ERR not today"], security="starttls")
+    assert reply == b"-ERR [SYS/TEMP] mail server refused STLS: -ERR not today"
+    assert set(up.received) == {b"STLS"}
+    assert sample("mailproxy_upstream_errors_total", protocol="pop3", reason="tls") == before + 1
 
 
 def test_pop3_upstream_auth_names_the_mechanism_and_sends_the_response_alone(
@@ -400,16 +441,16 @@ EHLO_OK = [b"250-up.example", b"250 AUTH XOAUTH2"]
 
 
 @pytest.mark.parametrize(
-    ("greeting", "answers", "shown"),
+    ("greeting", "answers", "shown", "reason"),
     [
-        (b"554 go away", [], b"mail server greeting: 554 go away"),
-        (b"hi", [], b"mail server: hi"),
-        (b"22", [], b"mail server: 22"),
-        (b"220 hi", [[b"502 no EHLO"]], b"mail server refused EHLO: 502 no EHLO"),
-        (b"220 hi", [[b"250-x"] * 100], b"mail server sent too many lines"),
-        (b"220 hi", [EHLO_OK, [b"454 4.7.0 later"]], b"mail server: 454 4.7.0 later"),
+        (b"554 go away", [], b"mail server greeting: 554 go away", "protocol"),
+        (b"hi", [], b"mail server: hi", "protocol"),
+        (b"22", [], b"mail server: 22", "protocol"),
+        (b"220 hi", [[b"502 no EHLO"]], b"mail server refused EHLO: 502 no EHLO", "protocol"),
+        (b"220 hi", [[b"250-x"] * 100], b"mail server sent too many lines", "protocol"),
+        (b"220 hi", [EHLO_OK, [b"454 4.7.0 later"]], b"mail server: 454 4.7.0 later", "refused"),
         (b"220 hi", [EHLO_OK, [b"334 x"], [b"334 x"], [b"334 x"]],
-         b"mail server did not finish authentication"),
+         b"mail server did not finish authentication", "protocol"),
     ],
 )  # fmt: skip
 def test_an_smtp_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
@@ -418,9 +459,13 @@ def test_an_smtp_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
     greeting: bytes,
     answers: list[list[bytes]],
     shown: bytes,
+    reason: str,
 ) -> None:
+    before = sample("mailproxy_upstream_errors_total", protocol="smtp", reason=reason)
     reply, _ = smtp_through(backend, scripted, greeting, *answers)
-    assert reply.startswith(b"454 4.7.0 ") and shown in reply, reply
+    after = sample("mailproxy_upstream_errors_total", protocol="smtp", reason=reason)
+    assert after == before + 1
+    assert reply == b"454 4.7.0 " + shown
     assert not backend.named("token_rejected")
 
 
@@ -430,7 +475,7 @@ def test_an_smtp_upstream_refusing_starttls_is_never_sent_the_token(
     reply, up = smtp_through(
         backend, scripted, b"220 hi", EHLO_OK, [b"454 4.7.0 no TLS today"], security="starttls"
     )
-    assert reply.startswith(b"454 4.7.0 ") and b"refused STARTTLS: 454 4.7.0 no TLS today" in reply
+    assert reply == b"454 4.7.0 mail server refused STARTTLS: 454 4.7.0 no TLS today"
     assert up.received == [b"EHLO proxy.example.test", b"STARTTLS"]
 
 
@@ -628,12 +673,17 @@ def imap_through(
 
 
 @pytest.mark.parametrize(
-    ("greeting", "answers", "shown"),
+    ("greeting", "answers", "shown", "reason"),
     [
-        (b"* NO go away", [], b"mail server greeting: * NO go away"),
-        (b"* ok hi", [[b"* BYE  shutting down"]], b"mail server: shutting down"),
-        (b"* OK hi", [[b"* NOTE x"] * 100], b"mail server did not finish authentication"),
-        (b"* OK hi", [[b"{tag} NO [LIMIT] busy"]], b"mail server: NO [LIMIT] busy"),
+        (b"* NO go away", [], b"mail server greeting: * NO go away", "protocol"),
+        (b"* ok hi", [[b"* BYE  shutting down"]], b"mail server: shutting down", "refused"),
+        (
+            b"* OK hi",
+            [[b"* NOTE x"] * 100],
+            b"mail server did not finish authentication",
+            "protocol",
+        ),
+        (b"* OK hi", [[b"{tag} NO [LIMIT] busy"]], b"mail server: NO [LIMIT] busy", "refused"),
     ],
 )
 def test_an_imap_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
@@ -642,25 +692,35 @@ def test_an_imap_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
     greeting: bytes,
     answers: list[list[bytes]],
     shown: bytes,
+    reason: str,
 ) -> None:
+    before = sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason)
     reply, _ = imap_through(backend, scripted, greeting, *answers)
-    assert reply.startswith(b"a NO [UNAVAILABLE] ") and shown in reply, reply
+    after = sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason)
+    assert after == before + 1
+    assert reply == b"a NO [UNAVAILABLE] " + shown
     assert not backend.named("token_rejected")
 
 
 @pytest.mark.parametrize(
-    ("answers", "shown"),
+    ("answers", "shown", "reason"),
     [
-        ([[b"{tag} NO not now"]], b"mail server refused STARTTLS: P1 NO not now"),
-        ([[b"* BYE  bye"]], b"mail server: bye"),
-        ([[b"* x"] * 1001], b"mail server sent too many lines"),
+        ([[b"{tag} NO not now"]], b"mail server refused STARTTLS: P1 NO not now", "tls"),
+        ([[b"* BYE  bye"]], b"mail server: bye", "protocol"),
+        ([[b"* x"] * 1001], b"mail server sent too many lines", "protocol"),
     ],
 )
 def test_an_imap_upstream_refusing_starttls_is_never_sent_the_token(
-    backend: RecordingBackend, scripted: list[Scripted], answers: list[list[bytes]], shown: bytes
+    backend: RecordingBackend,
+    scripted: list[Scripted],
+    answers: list[list[bytes]],
+    shown: bytes,
+    reason: str,
 ) -> None:
+    before = sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason)
     reply, up = imap_through(backend, scripted, b"* OK hi", *answers, security="starttls")
-    assert reply.startswith(b"a NO [UNAVAILABLE] ") and shown in reply, reply
+    assert sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason) > before
+    assert reply == b"a NO [UNAVAILABLE] " + shown
     assert set(up.received) == {b"P1 STARTTLS"}  # each attempt stops before the token
 
 
