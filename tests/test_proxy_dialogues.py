@@ -127,6 +127,22 @@ def test_pop3_commands_out_of_order_are_refused_and_the_session_goes_on(
         assert closed(s)
 
 
+def test_pop3_unknown_commands_use_up_the_budget_and_end_the_connection() -> None:
+    with (
+        running_proxy(
+            RecordingBackend(), listeners={"pop3": "127.0.0.1:0"}, unknown_command_budget=2
+        ) as p,
+        raw_connect(p, "pop3") as s,
+    ):
+        line(s)
+        assert ask(s, b"STAT") == [b"-ERR Unknown command or not valid before login"]
+        assert ask(s, b"LIST", 2) == [
+            b"-ERR Unknown command or not valid before login",
+            b"-ERR Too many invalid commands",
+        ]
+        assert closed(s)
+
+
 def test_pop3_user_name_is_trimmed_and_used_once(
     proxy: Controller, backend: RecordingBackend
 ) -> None:
@@ -138,6 +154,23 @@ def test_pop3_user_name_is_trimmed_and_used_once(
         assert ask(s, b"USER carol@example.test") == [b"+OK Send the password"]
         assert ask(s, b"PASS pw") == [b"+OK Logged in"]
     assert [c[2] for c in backend.named("authenticate")] == ["carol@example.test"] * 2
+
+
+def test_pop3_a_name_or_password_that_is_not_utf8_is_refused_as_wrong_not_a_crash(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    with raw_connect(proxy, "pop3") as s:
+        line(s)
+        assert ask(s, b"USER carol@example.test") == [b"+OK Send the password"]
+        assert ask(s, b"PASS p\xff\xfew")[0].startswith(b"-ERR [AUTH] ")
+        assert ask(s, b"USER caro\xffl@example.test") == [b"+OK Send the password"]
+        assert ask(s, b"PASS pw")[0].startswith(b"-ERR [AUTH] ")
+        assert ask(s, b"NOOP") == [b"-ERR Log in first"]
+    assert [c[2] for c in backend.named("authenticate")] == [
+        "carol@example.test",
+        "caro\ufffdl@example.test",
+    ]
+    assert proxy.errors == 0
 
 
 def test_pop3_auth_plain_in_lower_case_with_the_response_on_the_line_logs_in(
@@ -246,6 +279,12 @@ def pop3_through(
             [[b"+ "], [b"+ x"], [b"+ x"], [b"+ x"]],
             b"mail server did not finish authentication",
             "protocol",
+        ),
+        (
+            b"+OK hi",
+            [[b"+ "], [b"-ERR [IN-USE] busy"]],
+            b"mail server: -ERR [IN-USE] busy",
+            "refused",
         ),
     ],
 )
