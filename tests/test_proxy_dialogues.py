@@ -9,6 +9,7 @@ each reply a client acts on is checked as the client sees it."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -218,7 +219,7 @@ class Scripted:
             threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
 
     def _talk(self, conn: socket.socket) -> None:
-        with conn:
+        with contextlib.suppress(OSError), conn:  # the proxy may reset it when done
             conn.sendall(self.greeting + b"\r\n")
             f = conn.makefile("rb")
             for answer in self.answers:
