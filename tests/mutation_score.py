@@ -1,6 +1,8 @@
 """Per-module mutation scores from ``mutmut results --all true`` output (see tests/MUTATION.md).
 
 Usage: ``.venv/bin/python -m tests.mutation_score mutants/results.txt [equivalent.txt]``.
+Survivors that tests/mutation_recheck.py later killed ("killed NAME" lines in
+``<results>.recheck.txt`` next to the results file) count as killed, in a column of their own.
 A mutant counts as killed when a test failed (or timed out: the mutant hung the code) or the
 type check caught it; "no tests" counts as survived (nothing would notice it). Mutants listed
 in the optional file of equivalent mutants (one name per line, ``#`` comments) are left out.
@@ -25,7 +27,9 @@ def module_of(name: str) -> str:
     return "/".join(parts[:-1]) + ".py"
 
 
-def scores(lines: list[str], equivalent: set[str]) -> dict[str, Counter[str]]:
+def scores(
+    lines: list[str], equivalent: set[str], later: set[str] | None = None
+) -> dict[str, Counter[str]]:
     by_module: dict[str, Counter[str]] = defaultdict(Counter)
     for line in lines:
         name, sep, status = line.strip().rpartition(": ")
@@ -36,6 +40,9 @@ def scores(lines: list[str], equivalent: set[str]) -> dict[str, Counter[str]]:
             counts["equivalent"] += 1
         elif status in KILLED:
             counts["killed"] += 1
+        elif name in (later or set()):
+            counts["killed"] += 1
+            counts["killed later"] += 1
         elif status in UNCHECKED:
             counts["unchecked"] += 1
         else:
@@ -51,15 +58,24 @@ def main(argv: list[str]) -> int:
             name = raw.split("#", 1)[0].strip()
             if name:
                 equivalent.add(name)
+    later: set[str] = set()
+    recheck = Path(argv[0]).with_suffix(".recheck.txt")
+    if recheck.exists():
+        for raw in recheck.read_text().splitlines():
+            verdict, _, name = raw.partition(" ")
+            if verdict == "killed":
+                later.add(name.strip())
     print(
-        f"{'module':24} {'killed':>7} {'survived':>8} {'equiv.':>6} {'unchecked':>9} {'score':>6}"
+        f"{'module':24} {'mutants':>7} {'killed':>7} {'(later)':>7} {'survived':>8} "
+        f"{'equiv.':>6} {'unchecked':>9} {'score':>6}"
     )
-    for module, c in sorted(scores(lines, equivalent).items()):
+    for module, c in sorted(scores(lines, equivalent, later).items()):
         judged = c["killed"] + c["survived"]
-        score = f"{100 * c['killed'] / judged:.0f} %" if judged else "-"
+        total = judged + c["equivalent"] + c["unchecked"]
+        score = f"{100 * c['killed'] / judged:.1f} %" if judged else "-"
         print(
-            f"{module:24} {c['killed']:7} {c['survived']:8} {c['equivalent']:6} "
-            f"{c['unchecked']:9} {score:>6}"
+            f"{module:24} {total:7} {c['killed']:7} {c['killed later']:7} {c['survived']:8} "
+            f"{c['equivalent']:6} {c['unchecked']:9} {score:>6}"
         )
     return 0
 

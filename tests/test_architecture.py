@@ -30,7 +30,8 @@ LAYERS: dict[str, int] = {
 }
 #: Imports nothing of the app; any layer may import it.
 LIBRARIES = {"mailproxy"}
-NOT_PRODUCT = {"deploy", "tests", "bench", "instance", "docs", "static", "templates"}
+# mutants: the copy of the code `make mutation` leaves behind (git-ignored)
+NOT_PRODUCT = {"deploy", "tests", "bench", "instance", "docs", "static", "templates", "mutants"}
 
 
 def product_modules(root: Path = ROOT) -> dict[str, Path]:

@@ -1,0 +1,102 @@
+"""Run mutmut over one module against the test files that cover it (see tests/MUTATION.md).
+
+Usage: ``.venv/bin/python -m tests.mutation_run mailproxy/pop3.py [max_children]``.
+
+``[tool.mutmut]`` in pyproject.toml names every module and every test file; mutmut's stats run
+over all of them takes long and reaches the real peers for every mutant. This runs one module
+at a time: the same configuration with ``only_mutate`` narrowed to the module and the test
+selection narrowed to the files listed for it below. mutmut resets its cached results when the
+test selection changes, so each module's results are copied to ``mutants/<module>.txt``
+(``mutmut results --all true``) at the end of its run; ``tests/mutation_score.py`` reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+PROXY_IN_PROCESS = [
+    "tests/test_proxy_relay.py",
+    "tests/test_proxy_prelogin.py",
+    "tests/test_proxy_fuzz.py",
+    "tests/test_proxy_protocol.py",
+    "tests/test_proxy_limits.py",
+    "tests/test_proxy_pool.py",
+]
+PROXY_NEW = ["tests/test_proxy_dialogues.py"]
+PROXY_WITH_PEERS = [
+    "tests/test_proxy_e2e.py",
+    "tests/test_upstream_refusals.py",
+    "tests/test_mail_backend_guards.py",
+]
+TOKENS = [
+    "tests/test_tokens.py",
+    "tests/test_token_guards.py",
+    "tests/test_token_renewal.py",
+    "tests/test_device_flow.py",
+    "tests/test_public_clients.py",
+]
+
+SELECTION: dict[str, list[str]] = {
+    "store/vault.py": [
+        "tests/test_vault.py",
+        "tests/test_rotation_and_migrations.py",
+        "tests/test_mutation_kills.py",
+    ],
+    "mailproxy/pop3.py": PROXY_IN_PROCESS + PROXY_NEW + PROXY_WITH_PEERS,
+    "mailproxy/smtp.py": PROXY_IN_PROCESS
+    + PROXY_NEW
+    + PROXY_WITH_PEERS
+    + ["tests/test_graph_delivery.py"],
+    "mailproxy/imap.py": PROXY_IN_PROCESS + PROXY_NEW + PROXY_WITH_PEERS,
+    "mailproxy/session.py": PROXY_IN_PROCESS + PROXY_NEW + PROXY_WITH_PEERS,
+    "oauth/tokens.py": TOKENS,
+    "oauth/grants.py": TOKENS + ["tests/test_linking.py", "tests/test_provider_fidelity.py"],
+    "mailboxes/mailbackend.py": [
+        "tests/test_mailbackend.py",
+        "tests/test_mail_backend_guards.py",
+        "tests/test_mail_through_app.py",
+        "tests/test_upstream_refusals.py",
+    ],
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in SELECTION:
+        modules = ", ".join(SELECTION)
+        print(f"usage: python -m tests.mutation_run MODULE [max_children]; MODULE one of {modules}")
+        return 2
+    module = argv[0]
+    children = argv[1] if len(argv) > 1 else "1"
+
+    from mutmut import configuration
+    from mutmut.__main__ import cli
+
+    read = configuration._config_reader
+    override = {
+        "only_mutate": [module],
+        "pytest_add_cli_args_test_selection": SELECTION[module],
+    }
+
+    def narrowed() -> Any:
+        plain = read()
+        return lambda key, default: override[key] if key in override else plain(key, default)
+
+    configuration._config_reader = narrowed
+    configuration.reset_config()
+    with contextlib.suppress(SystemExit):
+        cli(["run", "--max-children", children])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        cli(["results", "--all", "true"])
+    target = Path("mutants") / (module.replace("/", ".") + ".txt")
+    target.write_text(out.getvalue())
+    print(f"results: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
