@@ -65,6 +65,10 @@ class Slot(Generic[T]):
         if self._keeps_fallback:
             self._fallback = value
 
+    def is_fallback(self, value: T) -> bool:
+        """Whether code outside any app uses ``value`` (so it must outlive its app)."""
+        return self._fallback is value
+
     def of(self, app: Flask) -> T | None:
         found: T | None = app.extensions.get(self.key)
         return found

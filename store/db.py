@@ -91,12 +91,19 @@ def use_database(db: pw.Database, app: Flask | None = None) -> None:
     if app is not None:
         _DATABASE.set(app, db)
         if hasattr(db, "close_all"):
-            weakref.finalize(app, db.close_all)
+            weakref.finalize(app, _release, db)
         return
     previous = _DATABASE.get_or_none()
     if previous is not None and previous is not db and hasattr(previous, "close_all"):
         previous.close_all()
     database.initialize(db)
+
+
+def _release(db: Any) -> None:
+    """An app's pool goes with the app, unless code outside any app still uses it (a test's
+    fixture may make an app, drop it, and go on with its database)."""
+    if not _DATABASE.is_fallback(db):
+        db.close_all()
 
 
 def use_keyring(keyring: Keyring, app: Flask) -> None:

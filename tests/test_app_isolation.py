@@ -81,3 +81,26 @@ def test_the_serving_threads_work_for_their_own_app(tmp_path: Path) -> None:
         expected = (5.0, database.obj)
     assert seen(backend.app) == expected
     backend.close()
+
+
+def test_a_dropped_apps_database_stays_open_while_code_outside_any_app_uses_it(
+    tmp_path: Path,
+) -> None:
+    """A fixture may make an app, use it, drop it and go on outside any app: the pool that code
+    uses is not closed when the dropped app is collected (only a replaced one is)."""
+    import gc
+    import threading
+
+    app = make_app(tmp_path / "dropped")
+    with app.app_context():
+        User.create(email="kept@example.org", password_hash="x")
+    assert User.select().count() == 1  # outside any app: this thread's connection stays open
+    del app
+    collector = threading.Thread(target=gc.collect)  # collection runs in any thread
+    collector.start()
+    collector.join()
+    assert [u.email for u in User.select()] == ["kept@example.org"]
+
+    make_app(tmp_path / "next")  # a newer app: code outside any app now uses its database
+    gc.collect()
+    assert list(User.select()) == []
