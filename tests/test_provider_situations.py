@@ -43,7 +43,15 @@ from tests.conftest import (
     make_app,
     post_form,
 )
-from tests.dashboardkit import WIDTHS, fill, layout_problems, set_width, sign_in, wait_for
+from tests.dashboardkit import (
+    WIDTHS,
+    fill,
+    layout_problems,
+    screenshot,
+    set_width,
+    sign_in,
+    wait_for,
+)
 from tests.providers.plugin import ProviderSims
 from tests.test_linking import path_and_query
 from tests.test_mail_through_app import EVERY_LISTENER_ON_A_FREE_PORT, MailClients
@@ -634,12 +642,14 @@ def test_the_dashboard_shows_what_each_provider_refused_at_every_width(
         for address, label in expected.items():
             assert badge_of(browser, address) == label, (width, address)
         assert layout_problems(browser, width) == []
+        screenshot(browser, f"sims-accounts-{width}")
 
         browser.get(f"{base}/accounts/{revoked.id}")
         status = browser.find_element(By.ID, "account-status").text
         assert "authorize it again" in status and "65001" in status
         assert browser.find_element(By.ID, "reauthorize").is_displayed()
         assert layout_problems(browser, width) == []
+        screenshot(browser, f"sims-revoked-{width}")
 
         browser.get(f"{base}/accounts/{no_imap.id}")
         imap_row = browser.find_element(By.CSS_SELECTOR, "tr[data-protocol='IMAP']").text
@@ -654,6 +664,7 @@ def test_the_dashboard_shows_what_each_provider_refused_at_every_width(
         renewal = browser.find_element(By.ID, "renewal").text
         assert "cannot be renewed" in renewal and "next try" in renewal
         assert layout_problems(browser, width) == []
+        screenshot(browser, f"sims-renewal-failing-{width}")
 
 
 @pytest.mark.browser
@@ -681,6 +692,7 @@ def test_the_shared_mailbox_field_refuses_bad_input_beside_it_on_a_phone(
     error = browser.find_element(By.CSS_SELECTOR, "#shared-mailbox .error").text
     assert "this mailbox's own address" in error
     assert layout_problems(browser, 390) == []
+    screenshot(browser, "account-delegate-error-390")
 
     delegate = sims.entra_user("boss", seed=0).email
     fill(browser, "delegate", delegate)
@@ -688,3 +700,8 @@ def test_the_shared_mailbox_field_refuses_bad_input_beside_it_on_a_phone(
     wait_for(browser, lambda d: "mail is sent logged in as" in d.page_source)
     assert browser.find_element(By.ID, "delegate").get_attribute("value") == delegate
     assert linked.account().signed_in_as == delegate
+    for width in WIDTHS:
+        set_width(browser, width)
+        browser.get(f"{base}/accounts/{linked.id}")
+        assert layout_problems(browser, width) == []
+        screenshot(browser, f"account-delegate-saved-{width}")
