@@ -22,6 +22,9 @@ class Health:
     since: dt.datetime | None = None
     next_try: dt.datetime | None = None
     refusals: list[mailrefusals.Refusal] = field(default_factory=list)
+    # Whether a new authorization can fix it: not for a server's policy refusal (fixed at the
+    # server) nor for a token endpoint that is down or throttling (retried by itself).
+    reauthorize_helps: bool = False
 
     @property
     def ok(self) -> bool:
@@ -51,4 +54,5 @@ def health(account: Account) -> Health:
         account.status_detail if not account.state.works else "",
         since,
         refusals=refusals,
+        reauthorize_helps=account.state.needs_attention or account.state.needs_authorization,
     )

@@ -89,3 +89,31 @@ def test_a_refused_protocol_is_named_with_the_servers_words_and_the_fix(
     )
     imap = re.search(r'<tr data-protocol="IMAP">.*?</tr>', detail, re.S)
     assert imap is not None and "No refusal recorded" in imap.group(0)
+
+
+def attention_item(page: str, account: Account) -> str:
+    found = re.search(rf'<li>\s*<a href="/accounts/{account.id}">.*?</li>', page, re.S)
+    assert found, page
+    return found.group(0)
+
+
+def test_re_authorize_is_offered_only_where_a_new_authorization_can_fix_it(
+    client: FlaskClient,
+    alice: User,  # noqa: F811
+) -> None:
+    """A policy refusal is fixed at the mail server and a throttling token endpoint is retried
+    by itself: for those the list points to the mailbox's page, not to a pointless sign-in."""
+    team = make_client(alice, provider="microsoft365", grant="authorization_code")
+    refused = make_account(alice, "refused@example.com", team, status="active")
+    said = "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled."
+    mailrefusals.record(refused.id, mailrefusals.explain("smtp", said, refused.address))
+    throttled = make_account(alice, "throttled@example.com", team, status="active")
+    failing(throttled, "the token endpoint answered HTTP 429")
+    revoked = make_account(alice, "revoked@example.com", team, status="needs_reauth")
+
+    home = client.get("/").get_data(as_text=True)
+
+    for account in (refused, throttled):
+        item = attention_item(home, account)
+        assert "Re-authorize" not in item and "What to do" in item, item
+    assert "Re-authorize" in attention_item(home, revoked)
