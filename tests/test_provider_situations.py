@@ -705,3 +705,25 @@ def test_the_shared_mailbox_field_refuses_bad_input_beside_it_on_a_phone(
         browser.get(f"{base}/accounts/{linked.id}")
         assert layout_problems(browser, width) == []
         screenshot(browser, f"account-delegate-saved-{width}")
+
+
+def test_a_fourth_smtp_session_of_a_mailbox_is_told_to_come_back_and_nothing_is_marked(
+    app: Flask, web: FlaskClient, sims: ProviderSims, mail: MailClients
+) -> None:
+    """Exchange allows 3 SMTP sessions per mailbox at once (432 4.3.2 for the next): a scanner
+    that opens a fourth is told to try again later, the mailbox stays Active, and once one of
+    the three is closed the next login works."""
+    linked = microsoft(app, web, sims)
+    open_sessions = [mail.smtp(linked.address, PASSWORD) for _ in range(3)]
+    try:
+        with pytest.raises(smtplib.SMTPResponseException) as fourth:
+            mail.smtp(linked.address, PASSWORD)
+        assert 400 <= fourth.value.smtp_code < 500, fourth.value  # temporary: retry later
+        assert b"4.3.2" in fourth.value.smtp_error, fourth.value
+        assert badge(web, linked) == "Active"
+        assert "SMTP Refused" not in account_page(web, linked)
+    finally:
+        open_sessions.pop().quit()
+    works(mail, linked, "smtp")
+    for smtp in open_sessions:
+        smtp.quit()
