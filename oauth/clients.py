@@ -151,6 +151,16 @@ def delete_client(client: OAuthClient, *, reauth_accounts: bool = False) -> list
         Account.set_status(
             Account.client == client, AccountStatus.NEEDS_REAUTH, detail, client=None
         )
+        for account in accounts:
+            if account.owner_id != client.owner_id:  # the one deleting it knows already
+                Notification.raise_event(
+                    account.owner_id,
+                    "reauth",
+                    account.address,
+                    f"{account.address} needs re-authorization",
+                    detail,
+                    account_id=account.id,
+                )
         Setting.delete().where(
             (Setting.key == DEFAULT_KEY.format(client.provider)) & (Setting.value == str(client.id))
         ).execute()

@@ -34,8 +34,10 @@ from models import (
     User,
     utcnow,
 )
+from oauth import clients as oauth_clients
 from oauth import errors as oauth_errors
 from oauth import tokens
+from people import users
 from people.passwords import hash_password
 from tests.conftest import ADMIN_EMAIL, AuthActions, make_app, post_form
 
@@ -184,6 +186,36 @@ def test_reauth_reaches_the_webhook_signed_and_only_once_a_day(
     assert Notification.raise_event(owner.id, "reauth", "box@example.test", "t") == 0
     tomorrow = (utcnow().date() + dt.timedelta(days=1)).isoformat()
     assert Notification.raise_event(owner.id, "reauth", "box@example.test", "t", period=tomorrow)
+
+
+def test_a_deleted_shared_client_tells_the_people_whose_mailboxes_used_it(
+    app: Flask, web: FlaskClient, owner: User, receiver: Receiver
+) -> None:
+    """The admin deletes a shared client: each other person's mailbox needs re-authorization,
+    and they are told (the admin, who deleted it, is not)."""
+    webhook_on(web, receiver)  # the admin would hear about their own mailbox too
+    team = linked(owner, receiver).client
+    OAuthClient.update(shared=True).where(OAuthClient.id == team.id).execute()
+    member = users.create_user("member@example.org", "member-password-1", False)
+    prefs = NotificationSettings.of(member.id)
+    prefs.webhook_enabled, prefs.webhook_secret = True, "whsec_member"
+    prefs.webhook_url = f"{receiver.url}/member"
+    prefs.save()
+    receiver.answers["/member"] = (200, {"ok": True})
+    theirs = Account.create(
+        owner=member, address="member@example.test", provider="other", client=team,
+        status="active", refresh_token="r-token",
+    )  # fmt: skip
+
+    oauth_clients.delete_client(OAuthClient.get_by_id(team.id), reauth_accounts=True)
+    drain(app)
+
+    assert Account.get_by_id(theirs.id).status == "needs_reauth"
+    [hook] = [r for r in receiver.requests if r["path"] == "/member"]
+    assert receiver.hooks() == []  # the admin, who deleted it, is not told
+    body = verified("whsec_member", hook)
+    assert (body["event"], body["mailbox"]) == ("reauth", "member@example.test")
+    assert "was deleted" in body["detail"]
 
 
 def test_renewal_failing_is_told_only_after_the_instance_threshold(
