@@ -22,7 +22,6 @@ from mailboxes import linking
 from models import Account, MailPassword, OAuthClient, User
 from people import users
 from people.passwords import verify_password
-from tests.conftest import make_app
 from tests.dashboardkit import (
     PHONE,
     choose,
@@ -33,6 +32,7 @@ from tests.dashboardkit import (
     sign_out,
     wait_for,
 )
+from tests.helpers.app import make_app
 from tests.peerbed import op_password
 
 ADMIN = "admin@example.test"
@@ -57,7 +57,7 @@ def checklist(driver: Any) -> dict[str, bool]:
 def test_invited_user_reaches_a_linked_mailbox_once_the_admin_shared_a_default(
     instance: Path, peers: Any, browser: Any
 ) -> None:
-    from tests.conftest import LiveServer
+    from tests.helpers.web import LiveServer
 
     app = make_app(instance, UPSTREAM_CA_FILE=peers.ca_file)
     server = LiveServer(app)

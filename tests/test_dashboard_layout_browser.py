@@ -34,7 +34,6 @@ from models import (
 from oauth import clients as oauth_clients
 from oauth import tokens
 from people import audit, users
-from tests.conftest import make_app
 from tests.dashboardkit import (
     WIDTHS,
     choose,
@@ -45,6 +44,7 @@ from tests.dashboardkit import (
     sign_out,
     wait_for,
 )
+from tests.helpers.app import make_app
 
 pytestmark = [pytest.mark.browser]
 

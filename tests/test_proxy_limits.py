@@ -17,8 +17,17 @@ from pathlib import Path
 import pytest
 
 from mailproxy import Controller, ProxySettings
-from tests.proxykit import CERT, KEY, RecordingBackend, client_tls, port, raw_connect, running_proxy
-from tests.test_proxy_prelogin import read_line, read_until_closed
+from tests.proxykit import (
+    CERT,
+    KEY,
+    RecordingBackend,
+    client_tls,
+    port,
+    raw_connect,
+    read_line,
+    read_until_closed,
+    running_proxy,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
