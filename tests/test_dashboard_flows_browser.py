@@ -22,7 +22,8 @@ from mailboxes import linking
 from models import Account, MailPassword, OAuthClient, User
 from people import users
 from people.passwords import verify_password
-from tests.dashboardkit import (
+from tests.helpers.app import make_app
+from tests.helpers.dashboard import (
     PHONE,
     choose,
     fill,
@@ -32,7 +33,6 @@ from tests.dashboardkit import (
     sign_out,
     wait_for,
 )
-from tests.helpers.app import make_app
 from tests.peerbed import op_password
 
 ADMIN = "admin@example.test"

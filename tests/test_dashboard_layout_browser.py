@@ -34,7 +34,8 @@ from models import (
 from oauth import clients as oauth_clients
 from oauth import tokens
 from people import audit, users
-from tests.dashboardkit import (
+from tests.helpers.app import make_app
+from tests.helpers.dashboard import (
     WIDTHS,
     choose,
     fill,
@@ -44,7 +45,6 @@ from tests.dashboardkit import (
     sign_out,
     wait_for,
 )
-from tests.helpers.app import make_app
 
 pytestmark = [pytest.mark.browser]
 

@@ -118,7 +118,7 @@ def test_parallel_wrong_imap_passwords_are_verified_at_most_the_limit(
     import imaplib
 
     from mailboxes import mailbackend
-    from tests.proxykit import port, running_proxy
+    from tests.helpers.proxy import port, running_proxy
 
     counting = CountingVerify(mailbackend.verify_password)
     monkeypatch.setattr(mailbackend, "verify_password", counting)

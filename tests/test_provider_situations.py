@@ -35,8 +35,8 @@ from models import Account, User, utcnow
 from oauth import clients as oauth_clients
 from oauth import providers
 from people import users
-from tests.dashboardkit import WIDTHS, fill, layout_problems, set_width, sign_in, wait_for
 from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
+from tests.helpers.dashboard import WIDTHS, fill, layout_problems, set_width, sign_in, wait_for
 from tests.helpers.linking import path_and_query
 from tests.helpers.mail import EVERY_LISTENER_ON_A_FREE_PORT, MailClients
 from tests.helpers.web import AuthActions, LiveServer, post_form

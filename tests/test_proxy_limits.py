@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mailproxy import Controller, ProxySettings
-from tests.proxykit import (
+from tests.helpers.proxy import (
     CERT,
     KEY,
     RecordingBackend,
@@ -227,7 +227,7 @@ import logging, os, resource, sys, time
 sys.path.insert(0, {root!r})
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
 from mailproxy import Controller, ProxySettings
-from tests.proxykit import RecordingBackend
+from tests.helpers.proxy import RecordingBackend
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 settings = ProxySettings(listeners={{"imap": "127.0.0.1:0"}}, max_connections_per_ip=4096)
 controller = Controller(RecordingBackend(), settings)

@@ -20,7 +20,7 @@ import pytest
 
 from mailproxy import Controller, ProxySettings, fingerprint_sha256
 from mailproxy.tls import ensure_self_signed
-from tests.proxykit import (
+from tests.helpers.proxy import (
     CERT,
     KEY,
     RecordingBackend,

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from mailproxy import proxyproto
+from tests.helpers.proxy import ALL_LISTENERS, RecordingBackend, client_tls, port, running_proxy
 from tests.helpers.serving import free_port
 from tests.peerbed import unavailable
-from tests.proxykit import ALL_LISTENERS, RecordingBackend, client_tls, port, running_proxy
 
 V2 = proxyproto.V2_SIGNATURE
 TLS_LISTENERS = {"imaps", "pop3s", "smtps"}

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from mailproxy import Controller, Endpoint
-from tests.proxykit import Account, RecordingBackend, port, raw_connect, running_proxy
+from tests.helpers.proxy import Account, RecordingBackend, port, raw_connect, running_proxy
 
 CHALLENGE = b"+ eyJzdGF0dXMiOiI0MDAifQ==\r\n"  # {"status":"400"}, as Google sends it
 
