@@ -19,22 +19,22 @@ from pathlib import Path
 from typing import Any
 
 PROXY_IN_PROCESS = [
-    "tests/test_proxy_relay.py",
+    "tests/relay/test_proxy_relay.py",
     "tests/test_proxy_prelogin.py",
     "tests/test_proxy_fuzz.py",
     "tests/test_proxy_protocol.py",
     "tests/test_proxy_limits.py",
     "tests/test_proxy_pool.py",
 ]
-PROXY_NEW = ["tests/test_proxy_dialogues.py"]
+PROXY_NEW = ["tests/relay/test_proxy_dialogues.py"]
 PROXY_WITH_PEERS = [
     "tests/test_proxy_e2e.py",
-    "tests/test_upstream_refusals.py",
-    "tests/test_mail_backend_guards.py",
+    "tests/mail/test_upstream_refusals.py",
+    "tests/mail/test_mail_backend_guards.py",
 ]
 TOKENS = [
-    "tests/test_tokens.py",
-    "tests/test_token_guards.py",
+    "tests/tokens/test_tokens.py",
+    "tests/tokens/test_token_guards.py",
     "tests/test_token_renewal.py",
     "tests/test_device_flow.py",
     "tests/test_public_clients.py",
@@ -57,9 +57,9 @@ SELECTION: dict[str, list[str]] = {
     "oauth/grants.py": TOKENS + ["tests/test_linking.py", "tests/test_provider_fidelity.py"],
     "mailboxes/mailbackend.py": [
         "tests/test_mailbackend.py",
-        "tests/test_mail_backend_guards.py",
-        "tests/test_mail_through_app.py",
-        "tests/test_upstream_refusals.py",
+        "tests/mail/test_mail_backend_guards.py",
+        "tests/mail/test_mail_through_app.py",
+        "tests/mail/test_upstream_refusals.py",
     ],
 }
 

@@ -33,7 +33,7 @@ CHANGES = [
         'if not account.owner.is_enabled or account.status == "disabled":',
         'if account.status == "disabled":',
         (
-            "tests/test_mail_backend_guards.py::"
+            "tests/mail/test_mail_backend_guards.py::"
             "test_a_disabled_users_mailboxes_are_refused_over_imap_pop3_and_smtp",
         ),
     ),
@@ -43,7 +43,9 @@ CHANGES = [
         '        Key(f"{kind}:ip:{ip[:64]}", Policy(config["LOGIN_FAILURE_LIMIT_PER_IP"], block)),'
         "\n",
         "",
-        ("tests/test_mail_backend_guards.py::test_failures_from_one_ip_block_it_across_addresses",),
+        (
+            "tests/mail/test_mail_backend_guards.py::test_failures_from_one_ip_block_it_across_addresses",
+        ),
     ),
     Change(
         "token-rejected",
@@ -52,7 +54,7 @@ CHANGES = [
         "account_id, self._explain(account, protocol, detail))",
         "            stored = self._explain(account, protocol, detail)",
         (
-            "tests/test_mail_backend_guards.py::"
+            "tests/mail/test_mail_backend_guards.py::"
             "test_a_fresh_token_the_mail_server_refuses_is_recorded_for_that_protocol",
         ),
     ),
@@ -82,7 +84,9 @@ CHANGES = [
         "mailproxy/imap.py",
         'if ep.security == "starttls":',
         "if False:",
-        ("tests/test_mail_backend_guards.py::test_the_upstream_starttls_comes_before_the_token",),
+        (
+            "tests/mail/test_mail_backend_guards.py::test_the_upstream_starttls_comes_before_the_token",
+        ),
     ),
     Change(
         "refresh-claim-cas",
@@ -90,7 +94,7 @@ CHANGES = [
         ".where(_ID == account_id, Account.token_version == version)",
         ".where(_ID == account_id)",
         (
-            "tests/test_token_guards.py::"
+            "tests/tokens/test_token_guards.py::"
             "test_callers_that_load_the_same_version_at_once_make_one_refresh[sqlite]",
         ),
     ),
@@ -100,7 +104,7 @@ CHANGES = [
         "and account.token_expires_at > now + _margin(account)",
         "and account.token_expires_at > now",
         (
-            "tests/test_token_guards.py::"
+            "tests/tokens/test_token_guards.py::"
             "test_a_token_about_to_expire_is_renewed_before_it_is_handed_out[sqlite]",
         ),
     ),

@@ -10,7 +10,7 @@ from flask.testing import FlaskClient
 
 from mailboxes import refusals as mailrefusals
 from models import Account, User, utcnow
-from tests.test_accounts_pages import alice, make_account, make_client  # noqa: F401  (fixture)
+from tests.helpers.accounts import make_account, make_client
 
 
 def row(page: str, account: Account) -> str:
@@ -34,7 +34,7 @@ def failing(account: Account, words: str) -> tuple[dt.datetime, dt.datetime]:
 
 def test_an_account_whose_token_cannot_be_renewed_is_not_shown_active(
     client: FlaskClient,
-    alice: User,  # noqa: F811
+    alice: User,
 ) -> None:
     account = make_account(alice, "box@example.com", make_client(alice), status="active")
     since, next_try = failing(account, "the token endpoint answered HTTP 503")
@@ -54,7 +54,7 @@ def test_an_account_whose_token_cannot_be_renewed_is_not_shown_active(
 
 def test_a_working_account_is_active_without_warnings(
     client: FlaskClient,
-    alice: User,  # noqa: F811
+    alice: User,
 ) -> None:
     account = make_account(alice, "fine@example.com", make_client(alice), status="active")
 
@@ -65,7 +65,7 @@ def test_a_working_account_is_active_without_warnings(
 
 def test_a_refused_protocol_is_named_with_the_servers_words_and_the_fix(
     client: FlaskClient,
-    alice: User,  # noqa: F811
+    alice: User,
 ) -> None:
     team = make_client(alice, provider="microsoft365", grant="authorization_code")
     account = make_account(alice, "shared@example.com", team, status="active")
@@ -99,7 +99,7 @@ def attention_item(page: str, account: Account) -> str:
 
 def test_re_authorize_is_offered_only_where_a_new_authorization_can_fix_it(
     client: FlaskClient,
-    alice: User,  # noqa: F811
+    alice: User,
 ) -> None:
     """A policy refusal is fixed at the mail server and a throttling token endpoint is retried
     by itself: for those the list points to the mailbox's page, not to a pointless sign-in."""

@@ -11,52 +11,16 @@ from flask.testing import FlaskClient
 from playhouse.shortcuts import model_to_dict
 
 from mailboxes import linking, upkeep, verification
-from models import Account, AuditEvent, MailPassword, OAuthClient, PendingAuthorization, User
+from models import Account, AuditEvent, MailPassword, PendingAuthorization, User
 from oauth import clients as oauth_clients
 from oauth import errors as oauth_errors
-from oauth import tokens
 from people import users
 from people.passwords import verify_password
-from tests.conftest import USER_PASSWORD, AuthActions, post_form
+from tests.helpers.accounts import make_account, make_client
+from tests.helpers.app import USER_PASSWORD
+from tests.helpers.web import AuthActions, post_form
 
 REDIRECT = "http://127.0.0.1:8080/authorize"
-
-
-def make_client(owner: User, **over: object) -> OAuthClient:
-    values: dict[str, object] = {
-        "owner": owner,
-        "name": "Team app",
-        "provider": "other",
-        "grant": "authorization_code",
-        "authorize_url": "https://login.example.com/authorize",
-        "token_url": "https://login.example.com/token",
-        "scope": "mail offline_access",
-        "client_id": "cid",
-        "client_secret": "client-secret-value",
-        "imap_host": "imap.example.com",
-        "imap_port": 993,
-        **over,
-    }
-    return OAuthClient.create(**values)
-
-
-def make_account(owner: User, address: str, client: OAuthClient, **over: object) -> Account:
-    account = Account.create(
-        owner=owner, address=address, provider=client.provider, client=client, **over
-    )
-    tokens.store_tokens(
-        account, {"access_token": "access-secret", "refresh_token": "refresh-secret"}
-    )
-    return Account.get_by_id(account.id)
-
-
-@pytest.fixture
-def alice(app: Flask, auth: AuthActions) -> User:
-    auth.setup_admin()
-    user = auth.create_user("alice@example.org", can_custom_clients=True)
-    auth.logout()
-    auth.login("alice@example.org", USER_PASSWORD)
-    return user
 
 
 def test_home_lists_accounts_with_status_and_attention(client: FlaskClient, alice: User) -> None:

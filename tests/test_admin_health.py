@@ -7,7 +7,7 @@ import datetime as dt
 from models import Account, OAuthClient, User, utcnow
 from people import audit
 from store.db import database
-from tests.conftest import USER_PASSWORD
+from tests.helpers.app import USER_PASSWORD
 
 SECRET = "client-secret-never-shown-1"
 TOKEN = "access-token-never-shown-1"

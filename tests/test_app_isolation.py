@@ -15,7 +15,7 @@ from oauth import grants
 from people import passwords
 from store import appstate
 from store.db import database, vault
-from tests.conftest import make_app, stored_client
+from tests.helpers.app import make_app, stored_client
 
 
 def what_it_sees() -> dict[str, object]:

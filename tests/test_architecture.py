@@ -4,11 +4,16 @@ web → mailboxes → oauth | people → models → store → config; ``mailprox
 app (the app may use it from any layer). Screens in ``web/`` (modules with a blueprint) do not
 import each other; the rest of ``web/`` (forms, helpers) is theirs to share. Read from
 the source with ``ast`` (imports inside functions count too), so nothing is imported to check.
+
+The tests have a shape too: fixtures in a ``conftest.py``, helpers in ``tests/helpers/``, and no
+test module imports another (nor a conftest, nor a fixture shadowed with ``noqa: F811``).
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from collections.abc import Set
 from pathlib import Path
 
@@ -203,3 +208,71 @@ def test_per_app_state_lives_on_the_app() -> None:
         if "extensions" in source and module != "store.appstate":
             wrong.append(f"{module}: uses app.extensions (declare an appstate.Slot)")
     assert wrong == []
+
+
+def suite_sources(root: Path = ROOT) -> dict[str, str]:
+    """Every module under ``tests/``, by dotted name (``tests.mail.conftest``)."""
+    return {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): (
+            path.read_text()
+        )
+        for path in sorted((root / "tests").rglob("*.py"))
+    }
+
+
+def suite_violations(sources: dict[str, str]) -> list[str]:
+    """A test module (``test_*``) imports no other test module and no conftest: fixtures reach it
+    through pytest, helpers through ``tests.helpers``. No comment anywhere says ``noqa: F811``
+    (the mark of a fixture imported from elsewhere and shadowed by the parameter that uses it)."""
+    found = []
+    for module, source in sorted(sources.items()):
+        comments = tokenize.generate_tokens(io.StringIO(source).readline)
+        if any(t.type == tokenize.COMMENT and "noqa: F811" in t.string for t in comments):
+            found.append(f"{module}: noqa: F811 (put the fixture in a conftest.py)")
+        if not module.rpartition(".")[2].startswith("test_"):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = module.rsplit(".", node.level)[0]
+                    base = f"{parent}.{base}" if base else parent
+                names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+                names = [n for n in names if n == base or n in sources]
+            else:
+                continue
+            for name in names:
+                last = name.rpartition(".")[2]
+                if name != module and (last.startswith("test_") or last == "conftest"):
+                    found.append(f"{module} imports {name}: share it from tests/helpers/")
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    assert suite_violations(suite_sources()) == []
+
+
+def test_the_tests_check_catches_an_imported_test_module_and_a_shadowed_fixture() -> None:
+    sources = {
+        "tests": "",
+        "tests.conftest": "",
+        "tests.helpers": "",
+        "tests.helpers.linking": "def register(): ...\n",
+        "tests.test_a": "from tests.helpers.linking import register\n",
+        "tests.test_b": "from tests.test_a import peer  # noqa: F401\n",
+        "tests.test_c": "def f():\n    from tests import test_a\n",
+        "tests.test_d": "from tests.conftest import make_app\n",
+        "tests.mail": "",
+        "tests.mail.test_e": "from .test_f import x\n\ndef t(peer):  # noqa: F811\n    pass\n",
+        "tests.mail.test_f": "import tests.test_a\nx = 'noqa: F811 in a string is no comment'\n",
+    }
+    assert suite_violations(sources) == [
+        "tests.mail.test_e: noqa: F811 (put the fixture in a conftest.py)",
+        "tests.mail.test_e imports tests.mail.test_f: share it from tests/helpers/",
+        "tests.mail.test_f imports tests.test_a: share it from tests/helpers/",
+        "tests.test_b imports tests.test_a: share it from tests/helpers/",
+        "tests.test_c imports tests.test_a: share it from tests/helpers/",
+        "tests.test_d imports tests.conftest: share it from tests/helpers/",
+    ]

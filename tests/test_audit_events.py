@@ -12,18 +12,17 @@ from flask.testing import FlaskClient
 from mailboxes import linking, verification
 from models import Account, AuditEvent, Setting, User
 from people import users
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, AuthActions, post_form
-from tests.test_linking import (
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD
+from tests.helpers.linking import (
     REDIRECT,
     PeerInfo,
     mailbox,
     op_sign_in,
-    peer,  # noqa: F401  (fixture)
-    peer_app,  # noqa: F401  (fixture)
     peer_client,
     query_of,
     register,
 )
+from tests.helpers.web import AuthActions, post_form
 
 IP = "127.0.0.1"  # the test client's address
 
@@ -130,8 +129,8 @@ def test_an_invite_is_audited_when_sent_and_when_accepted(
 
 @pytest.mark.peers
 def test_linking_steps_are_audited(
-    peer_app: Flask,  # noqa: F811
-    peer: PeerInfo,  # noqa: F811
+    peer_app: Flask,
+    peer: PeerInfo,
 ) -> None:
     """Started, failed (the user declines at the provider), password added, tested."""
     user = users.create_user("linker@example.org", USER_PASSWORD, True)

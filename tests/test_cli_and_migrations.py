@@ -7,7 +7,7 @@ import sqlite3
 import migrations
 from models import OAuthClient, User
 from store.db import database, open_database, use_database
-from tests.conftest import make_app, stored_client
+from tests.helpers.app import make_app, stored_client
 
 
 def test_database_at_first_version_is_upgraded(instance):

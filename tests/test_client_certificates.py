@@ -24,16 +24,9 @@ from models import Account, OAuthClient, User
 from oauth import certificates as client_certificates
 from oauth import clients as oauth_clients
 from store.db import database, open_database, use_database
-from tests.conftest import make_app, post_form
-from tests.test_linking import (
-    REDIRECT,
-    PeerInfo,
-    mailbox,
-    peer,  # noqa: F401  (fixture)
-    peer_app,  # noqa: F401  (fixture)
-    peer_client,
-    token_requests,
-)
+from tests.helpers.app import make_app
+from tests.helpers.linking import REDIRECT, PeerInfo, mailbox, peer_client, token_requests
+from tests.helpers.web import post_form
 
 
 def public_jwk(client: OAuthClient) -> dict[str, Any]:
@@ -48,7 +41,7 @@ def public_jwk(client: OAuthClient) -> dict[str, Any]:
     return {"kty": "RSA", "n": b64(numbers.n), "e": b64(numbers.e), "use": "sig", "alg": "RS256"}
 
 
-def register_with_key(peer: PeerInfo, client: OAuthClient, address: str) -> str:  # noqa: F811
+def register_with_key(peer: PeerInfo, client: OAuthClient, address: str) -> str:
     body = {
         "redirect_uris": [],
         "grant_types": ["client_credentials"],
@@ -70,7 +63,7 @@ def register_with_key(peer: PeerInfo, client: OAuthClient, address: str) -> str:
 
 
 @pytest.mark.peers
-def test_certificate_client_gets_tokens_and_a_replaced_one_is_refused(peer_app, peer):  # noqa: F811
+def test_certificate_client_gets_tokens_and_a_replaced_one_is_refused(peer_app, peer):
     from people import users
 
     with peer_app.app_context():

@@ -6,7 +6,7 @@ import pytest
 
 from models import OAuthClient
 from oauth import providers
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD
 
 pytestmark = pytest.mark.browser
 

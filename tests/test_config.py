@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import config
-from tests.conftest import make_app
+from tests.helpers.app import make_app
 
 
 def test_environment_values_are_typed_like_their_defaults() -> None:

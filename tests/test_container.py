@@ -19,8 +19,8 @@ import requests
 
 from mailproxy.settings import LISTENER_NAMES
 from tests import containerbed
+from tests.helpers.serving import free_port
 from tests.peerbed import unavailable
-from tests.test_serve import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1500)]
 

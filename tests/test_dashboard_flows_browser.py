@@ -22,8 +22,8 @@ from mailboxes import linking
 from models import Account, MailPassword, OAuthClient, User
 from people import users
 from people.passwords import verify_password
-from tests.conftest import make_app
-from tests.dashboardkit import (
+from tests.helpers.app import make_app
+from tests.helpers.dashboard import (
     PHONE,
     choose,
     fill,
@@ -57,7 +57,7 @@ def checklist(driver: Any) -> dict[str, bool]:
 def test_invited_user_reaches_a_linked_mailbox_once_the_admin_shared_a_default(
     instance: Path, peers: Any, browser: Any
 ) -> None:
-    from tests.conftest import LiveServer
+    from tests.helpers.web import LiveServer
 
     app = make_app(instance, UPSTREAM_CA_FILE=peers.ca_file)
     server = LiveServer(app)

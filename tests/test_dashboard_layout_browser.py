@@ -34,8 +34,8 @@ from models import (
 from oauth import clients as oauth_clients
 from oauth import tokens
 from people import audit, users
-from tests.conftest import make_app
-from tests.dashboardkit import (
+from tests.helpers.app import make_app
+from tests.helpers.dashboard import (
     WIDTHS,
     choose,
     fill,

@@ -18,7 +18,8 @@ from models import Account, AuditEvent, Invite, MailPassword, OAuthClient, User,
 from oauth import clients as oauth_clients
 from oauth import providers
 from people import addresses, audit, users
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, AuthActions, post_form
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD
+from tests.helpers.web import AuthActions, post_form
 from web import audit_view, timefmt
 
 ROOT = Path(__file__).resolve().parent.parent

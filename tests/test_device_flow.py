@@ -15,27 +15,18 @@ from mailboxes import linking
 from models import Account, AuditEvent, OAuthClient, PendingAuthorization, User, utcnow
 from oauth.errors import AuthorizationProblem
 from people import users
-from tests.test_linking import (
-    REDIRECT,
-    PeerInfo,
-    mailbox,
-    peer,  # noqa: F401  (fixture)
-    peer_app,  # noqa: F401  (fixture)
-    peer_client,
-    register,
-    token_requests,
-)
-from tests.test_tokens import FlakyTokenEndpoint
+from tests.helpers.linking import REDIRECT, PeerInfo, mailbox, peer_client, register, token_requests
+from tests.helpers.tokens import FlakyTokenEndpoint
 
 pytestmark = pytest.mark.peers
 
 
 @pytest.fixture
-def user(peer_app: Flask) -> User:  # noqa: F811
+def user(peer_app: Flask) -> User:
     return users.create_user("device-owner@example.org", "device-owner-pw-1", True)
 
 
-def start_device(user: User, peer: PeerInfo, **meta: Any) -> tuple[Account, Any, dict]:  # noqa: F811
+def start_device(user: User, peer: PeerInfo, **meta: Any) -> tuple[Account, Any, dict]:
     reg = register(peer, **meta)
     client = peer_client(user, peer, reg, grant="device_code")
     started = linking.start(user, mailbox("dev"), client, REDIRECT, ip="192.0.2.7")
@@ -49,7 +40,7 @@ def poll(user: User, account: Account, pending: Any) -> Any:
 
 def test_an_expired_device_code_is_refused_without_asking_the_provider(
     user: User,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
 ) -> None:
     account, pending, reg = start_device(user, peer)
     assert poll(user, account, pending) is None  # waiting for the user
@@ -67,7 +58,7 @@ def test_an_expired_device_code_is_refused_without_asking_the_provider(
 
 def test_a_declined_device_authorization_says_so_and_links_nothing(
     user: User,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
 ) -> None:
     account, pending, reg = start_device(user, peer)
     started = AuditEvent.get(AuditEvent.action == "account.authorize_started")
@@ -90,7 +81,7 @@ def test_a_declined_device_authorization_says_so_and_links_nothing(
 
 def test_a_device_code_expired_at_the_provider_is_explained(
     user: User,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
 ) -> None:
     """Our clock says there is time left, the provider's code has expired (``expired_token``)."""
     account, pending, reg = start_device(user, peer, device_code_ttl=1)
@@ -118,7 +109,7 @@ def slow_down() -> Iterator[FlakyTokenEndpoint]:
 
 def test_slow_down_keeps_the_flow_waiting_and_it_completes_later(
     user: User,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
     slow_down: FlakyTokenEndpoint,
 ) -> None:
     """The test OAuth server never says ``slow_down``; a local endpoint says it for the first

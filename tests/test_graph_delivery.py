@@ -21,16 +21,16 @@ from flask import Flask
 
 from mailboxes import linking
 from mailboxes.mailbackend import MailProxyService
-from models import Account, OAuthClient, User
+from models import Account, User
 from people import users
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
+from tests.helpers.graph import PASSWORD, mailbox
+from tests.helpers.mail import EVERY_LISTENER_ON_A_FREE_PORT, MailClients
+from tests.helpers.sims import PUBLIC
+from tests.helpers.web import AuthActions, post_form
 from tests.providers.plugin import ProviderSims
-from tests.test_mail_through_app import EVERY_LISTENER_ON_A_FREE_PORT, MailClients
-from tests.test_provider_sims_e2e import PUBLIC, link_through_the_web, preset_client
 
 pytestmark = pytest.mark.peers
-
-PASSWORD = "scanner-" + secrets.token_hex(6)
 
 
 @pytest.fixture
@@ -57,27 +57,6 @@ def mail(app: Flask) -> Iterator[MailClients]:
     yield MailClients(app, proxy)
     proxy.stop()
     assert proxy.controller.errors == 0, "an unexpected exception reached the proxy"
-
-
-def mailbox(
-    app: Flask, sims: ProviderSims, mode: str, situation: str = "", **app_options: Any
-) -> Any:
-    """A Microsoft 365 mailbox linked with Authorization Code, its client set to ``mode``."""
-    entra_app = sims.entra.add_app(redirect_uris=[PUBLIC + "/authorize"], **app_options)
-    user = sims.entra_user("scan", seed=1)
-    if situation:
-        sims.entra.situation(user.email, situation)
-    with app.app_context():
-        owner = User.get(User.email == ADMIN_EMAIL)
-        client = preset_client(
-            owner, "microsoft365", entra_app.client_id, str(entra_app.secret), sims.entra.tenant.id
-        )
-        OAuthClient.update(smtp_delivery=mode).where(OAuthClient.id == client.id).execute()
-        account = link_through_the_web(
-            app, "microsoft365", client, user.email, lambda url: sims.entra_sign_in(url, user.email)
-        )
-        linking.add_password(owner, account, "Scanner", PASSWORD)
-    return user
 
 
 def message(sender: str, to: str, subject: str, body: str = "Scanned page attached.\n") -> Any:

@@ -18,13 +18,9 @@ import config
 from mailproxy import ProxyAuthError
 from models import User
 from oauth import errors as oauth_errors
-from tests.conftest import (
-    ADMIN_EMAIL,
-    AuthActions,
-    make_app,
-    post_form,
-)
-from tests.test_hardening_login import MAIL_PASSWORD
+from tests.helpers.accounts import MAIL_PASSWORD
+from tests.helpers.app import ADMIN_EMAIL, make_app
+from tests.helpers.web import AuthActions, post_form
 
 # ---- a wrong vault.key is refused at start -----------------------------------------------------
 
@@ -56,7 +52,7 @@ def test_an_instance_from_before_check_values_gets_one_only_with_the_right_key(
 ) -> None:
     from models import Meta, OAuthClient
     from store.vault import KeyFileError
-    from tests.conftest import stored_client
+    from tests.helpers.app import stored_client
 
     app = make_app(instance)
     with app.app_context():
@@ -215,7 +211,7 @@ def test_hosts_are_checked_again_at_use(strict_app: Flask) -> None:
     """A client saved under a wider setting: tokens and mail logins refuse its hosts."""
     from mailboxes import linking, mailbackend
     from oauth import grants
-    from tests.test_accounts_pages import make_account, make_client
+    from tests.helpers.accounts import make_account, make_client
 
     AuthActions(strict_app, strict_app.test_client()).setup_admin()
     with strict_app.app_context():

@@ -13,12 +13,9 @@ from flask import Flask
 
 from mailproxy import ProxyAuthError
 from models import User
-from tests.conftest import (
-    ADMIN_EMAIL,
-    ADMIN_PASSWORD,
-    AuthActions,
-    make_app,
-)
+from tests.helpers.accounts import MAIL_PASSWORD
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
+from tests.helpers.web import AuthActions
 
 # ---- parallel guesses and the throttle ---------------------------------------------------------
 
@@ -104,7 +101,7 @@ def test_the_per_address_ceiling_stops_guesses_spread_over_many_ips(tmp_path: Pa
 def mailbox(app: Flask, auth: AuthActions) -> Any:
     """An active account box@example.test with the mail password ``MAIL_PASSWORD``."""
     from mailboxes import linking
-    from tests.test_accounts_pages import make_account, make_client
+    from tests.helpers.accounts import make_account, make_client
 
     auth.setup_admin()
     with app.app_context():
@@ -115,16 +112,13 @@ def mailbox(app: Flask, auth: AuthActions) -> Any:
         return account
 
 
-MAIL_PASSWORD = "mail-password-123"
-
-
 def test_parallel_wrong_imap_passwords_are_verified_at_most_the_limit(
     app: Flask, mailbox: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import imaplib
 
     from mailboxes import mailbackend
-    from tests.proxykit import port, running_proxy
+    from tests.helpers.proxy import port, running_proxy
 
     counting = CountingVerify(mailbackend.verify_password)
     monkeypatch.setattr(mailbackend, "verify_password", counting)
@@ -177,7 +171,7 @@ def test_a_failed_mail_login_hashes_once_whatever_the_address_has(
     app: Flask, auth: AuthActions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mailboxes import linking, mailbackend
-    from tests.test_accounts_pages import make_account, make_client
+    from tests.helpers.accounts import make_account, make_client
 
     auth.setup_admin()
     with app.app_context():

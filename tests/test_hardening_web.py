@@ -20,13 +20,8 @@ from models import User
 from oauth import errors as oauth_errors
 from people import users
 from store.db import parse_id
-from tests.conftest import (
-    USER_PASSWORD,
-    AuthActions,
-    csrf_token,
-    make_app,
-    post_form,
-)
+from tests.helpers.app import USER_PASSWORD, make_app
+from tests.helpers.web import AuthActions, csrf_token, post_form
 
 # ---- one strict loopback check -----------------------------------------------------------------
 
@@ -233,7 +228,7 @@ def test_ids_beyond_64_bits_in_urls_are_404(client: FlaskClient, alice: User, pa
 def test_a_huge_password_id_in_the_revoke_url_is_404(
     client: FlaskClient, alice: User, password_id: str
 ) -> None:
-    from tests.test_accounts_pages import make_account, make_client
+    from tests.helpers.accounts import make_account, make_client
 
     account = make_account(alice, "pw@example.com", make_client(alice), status="active")
     path = f"/accounts/{account.id}/passwords/{password_id}/revoke"

@@ -31,7 +31,7 @@ from mailboxes.listeners import tls_files
 from mailboxes.mailbackend import MailProxyService
 from mailproxy.settings import LISTENER_NAMES
 from models import Account, MailPassword, OAuthClient, PendingAuthorization
-from tests.conftest import make_app
+from tests.helpers.app import make_app
 from tests.peerbed import op_password
 
 pytestmark = [pytest.mark.peers, pytest.mark.browser]

@@ -16,20 +16,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from models import Account, MailPassword, User
 from people import users
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, make_app
-from tests.test_linking import (
-    PeerInfo,
-    mailbox,
-    peer,  # noqa: F401  (fixture)
-    peer_client,
-    register,
-)
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, make_app
+from tests.helpers.linking import PeerInfo, mailbox, peer_client, register
 
 pytestmark = [pytest.mark.peers, pytest.mark.browser]
 
 
 @pytest.fixture
-def app(instance: Path, peer: PeerInfo) -> Flask:  # noqa: F811
+def app(instance: Path, peer: PeerInfo) -> Flask:
     """The served app trusts the peers' CA (UPSTREAM_CA_FILE), as its admin would set it."""
     app = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file)
     with app.app_context():
@@ -60,7 +54,7 @@ def sign_in_at_provider(driver: Any, address: str, approve: bool = True) -> None
     driver.find_element(By.ID, "allow" if approve else "deny").click()
 
 
-def setup_user(app: Flask, peer: PeerInfo, redirect: str, **meta: Any) -> tuple[User, Any]:  # noqa: F811
+def setup_user(app: Flask, peer: PeerInfo, redirect: str, **meta: Any) -> tuple[User, Any]:
     with app.app_context():
         user = users.create_user("browser@example.org", USER_PASSWORD, True)
     client = peer_client(user, peer, register(peer, redirect=redirect, **meta))
@@ -71,7 +65,7 @@ def test_authorization_code_with_pkce_in_chromium(
     app: Flask,
     live_server: Any,
     browser: Any,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
 ) -> None:
     base = live_server.url
     _, client = setup_user(app, peer, f"{base}/authorize")
@@ -106,7 +100,7 @@ def test_declining_at_the_provider_shows_the_cause(
     app: Flask,
     live_server: Any,
     browser: Any,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
 ) -> None:
     base = live_server.url
     _, client = setup_user(app, peer, f"{base}/authorize")
@@ -126,7 +120,7 @@ def test_device_code_page_completes_by_itself(
     app: Flask,
     live_server: Any,
     browser: Any,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
 ) -> None:
     base = live_server.url
     _, client = setup_user(app, peer, f"{base}/authorize")

@@ -25,16 +25,8 @@ from mailboxes import linking
 from mailboxes.mailbackend import AppBackend
 from models import Account, AuditEvent, MailPassword, OAuthClient, PendingAuthorization, User
 from people import users
-from tests.conftest import (
-    ADMIN_EMAIL,
-    ADMIN_PASSWORD,
-    USER_PASSWORD,
-    AuthActions,
-    csrf_token,
-    make_app,
-    post_form,
-)
-from tests.test_linking import (
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, make_app
+from tests.helpers.linking import (
     PUBLIC,
     REDIRECT,
     PeerInfo,
@@ -44,6 +36,7 @@ from tests.test_linking import (
     peer_client,
     register,
 )
+from tests.helpers.web import AuthActions, csrf_token, post_form
 
 pytestmark = pytest.mark.peers
 

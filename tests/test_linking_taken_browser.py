@@ -14,9 +14,16 @@ from selenium.webdriver.common.by import By
 from mailboxes import linking
 from models import Account
 from people import users
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, make_app
-from tests.dashboardkit import WIDTHS, layout_problems, screenshot, set_width, sign_in, wait_for
-from tests.test_linking import REDIRECT, PeerInfo, mailbox, peer_client, register
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, make_app
+from tests.helpers.dashboard import (
+    WIDTHS,
+    layout_problems,
+    screenshot,
+    set_width,
+    sign_in,
+    wait_for,
+)
+from tests.helpers.linking import REDIRECT, PeerInfo, mailbox, peer_client, register
 
 pytestmark = [pytest.mark.peers, pytest.mark.browser]
 

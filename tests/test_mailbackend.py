@@ -10,7 +10,7 @@ from mailboxes.mailbackend import AppBackend
 from mailproxy import ProxyAuthError
 from models import Account, User, utcnow
 from store.db import Ciphertext
-from tests.conftest import stored_client
+from tests.helpers.app import stored_client
 
 
 @pytest.fixture

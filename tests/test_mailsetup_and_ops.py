@@ -9,7 +9,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from models import Account, User
-from tests.conftest import USER_PASSWORD, make_app, post_form
+from tests.helpers.app import USER_PASSWORD, make_app
+from tests.helpers.web import post_form
 
 THUNDERBIRD_REQUIRED = ("hostname", "port", "socketType", "username", "authentication")
 

@@ -14,7 +14,7 @@ from mailboxes import mailbackend
 from models import LINKED_ADDRESS_INDEX, Account, MailPassword, OAuthClient, User
 from people.passwords import hash_password
 from store.vault import Keyring, aad_for, write_private
-from tests.conftest import make_app
+from tests.helpers.app import make_app
 
 NOW = "2026-11-20 10:00:00"
 

@@ -5,16 +5,11 @@ the schema upgrade from version 7. Email through the test bed is in test_notific
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
-import json
 import re
 import sqlite3
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flask import Flask
@@ -39,52 +34,14 @@ from oauth import errors as oauth_errors
 from oauth import tokens
 from people import users
 from people.passwords import hash_password
-from tests.conftest import ADMIN_EMAIL, AuthActions, make_app, post_form
+from tests.helpers.app import ADMIN_EMAIL, make_app
+from tests.helpers.notifications import Receiver, verified
+from tests.helpers.web import AuthActions, post_form
 
 SMTP_POLICY = (
     "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "
     "Tenant. Visit https://aka.ms/smtp_auth_disabled for more information."
 )
-
-
-class Receiver:
-    """A local HTTP server: a token endpoint and a webhook, each answering what the test says."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.answers: dict[str, tuple[int, dict[str, Any]]] = {
-            "/hook": (200, {"ok": True}),
-            "/token": (400, {"error": "invalid_grant", "error_description": "grant revoked"}),
-        }
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.requests.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": body}
-                )
-                status, answer = receiver.answers.get(self.path, (404, {}))
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def hooks(self) -> list[dict[str, Any]]:
-        return [r for r in self.requests if r["path"] == "/hook"]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -137,16 +94,6 @@ def linked(owner: User, receiver: Receiver, address: str = "box@example.test") -
     )  # fmt: skip
     account.save()
     return account
-
-
-def verified(secret: str, request: dict[str, Any]) -> dict[str, Any]:
-    """The webhook's JSON after checking its signature the way a receiver would."""
-    stamp = request["headers"]["X-Auth-Email-Timestamp"]
-    expected = hmac.new(secret.encode(), stamp.encode() + b"." + request["body"], hashlib.sha256)
-    said = request["headers"]["X-Auth-Email-Signature"]
-    assert hmac.compare_digest(said, "sha256=" + expected.hexdigest())
-    assert abs(int(stamp) - int(utcnow().replace(tzinfo=dt.UTC).timestamp())) < 60
-    return json.loads(request["body"])
 
 
 def drain(app: Flask, rounds: int = 1) -> None:

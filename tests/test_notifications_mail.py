@@ -16,8 +16,9 @@ from mailboxes.mailbackend import AppBackend
 from mailproxy import ProxyAuthError
 from models import Notification, User
 from people import users
-from tests.conftest import AuthActions, make_app, post_form
-from tests.test_mail_through_app import link_with_client_credentials
+from tests.helpers.app import make_app
+from tests.helpers.mail import link_with_client_credentials
+from tests.helpers.web import AuthActions, post_form
 
 pytestmark = pytest.mark.peers
 OWNER_PASSWORD = "owner-password-1"
@@ -141,7 +142,7 @@ def test_a_refusing_relay_is_recorded_with_its_words_and_not_retried(
 def test_a_microsoft_mailbox_set_to_graph_sends_the_notification_through_graph(
     instance: Path, sims: Any, sim_settings: dict[str, Any]
 ) -> None:
-    from tests.test_graph_delivery import mailbox
+    from tests.helpers.graph import mailbox
 
     app = make_app(
         instance,
@@ -212,7 +213,7 @@ def test_an_https_webhook_is_verified_with_the_system_and_the_extra_cas(
     import ssl
 
     from models import NotificationSettings
-    from tests.test_notifications import Receiver, verified
+    from tests.helpers.notifications import Receiver, verified
 
     receiver = Receiver()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -9,7 +9,7 @@ import pytest
 from models import OAuthClient, User
 from people import throttle
 from store.vault import VaultError
-from tests.conftest import make_app, stored_client
+from tests.helpers.app import make_app, stored_client
 
 pytestmark = pytest.mark.postgres
 

@@ -7,7 +7,7 @@ import pytest
 
 from oauth import errors as oauth_errors
 from oauth import providers
-from tests.test_clients import add, field_help, one_client
+from tests.helpers.clients import add, field_help, one_client
 
 # Every AADSTS code the provider notes list (token endpoint and authorize page).
 AADSTS_CODES = [

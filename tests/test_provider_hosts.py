@@ -15,7 +15,7 @@ import pytest
 from config import HostPolicy
 from mailproxy.backend import Endpoint
 from oauth import providers
-from tests.conftest import make_app
+from tests.helpers.app import make_app
 
 MOVED = {
     "login.microsoftonline.com": "login.test.example:8443",

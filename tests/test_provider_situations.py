@@ -35,15 +35,8 @@ from models import Account, User, utcnow
 from oauth import clients as oauth_clients
 from oauth import providers
 from people import users
-from tests.conftest import (
-    ADMIN_EMAIL,
-    ADMIN_PASSWORD,
-    AuthActions,
-    LiveServer,
-    make_app,
-    post_form,
-)
-from tests.dashboardkit import (
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
+from tests.helpers.dashboard import (
     WIDTHS,
     fill,
     layout_problems,
@@ -52,9 +45,10 @@ from tests.dashboardkit import (
     sign_in,
     wait_for,
 )
+from tests.helpers.linking import path_and_query
+from tests.helpers.mail import EVERY_LISTENER_ON_A_FREE_PORT, MailClients
+from tests.helpers.web import AuthActions, LiveServer, post_form
 from tests.providers.plugin import ProviderSims
-from tests.test_linking import path_and_query
-from tests.test_mail_through_app import EVERY_LISTENER_ON_A_FREE_PORT, MailClients
 
 pytestmark = pytest.mark.peers
 

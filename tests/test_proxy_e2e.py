@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from mailproxy import Controller, Endpoint, ProxyAuthError
-from tests.proxykit import (
+from tests.helpers.proxy import (
     CERT,
     Account,
     RecordingBackend,

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailproxy import Controller
-from tests.proxykit import RecordingBackend, raw_connect, running_proxy
+from tests.helpers.proxy import RecordingBackend, raw_connect, running_proxy
 
 KNOWN = {
     "imap": [b"a CAPABILITY", b"a LOGIN {5}", b"a LOGIN {3+}", b"a LOGIN x y", b'a LOGIN "x',

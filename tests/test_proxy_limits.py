@@ -17,8 +17,17 @@ from pathlib import Path
 import pytest
 
 from mailproxy import Controller, ProxySettings
-from tests.proxykit import CERT, KEY, RecordingBackend, client_tls, port, raw_connect, running_proxy
-from tests.test_proxy_prelogin import read_line, read_until_closed
+from tests.helpers.proxy import (
+    CERT,
+    KEY,
+    RecordingBackend,
+    client_tls,
+    port,
+    raw_connect,
+    read_line,
+    read_until_closed,
+    running_proxy,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,7 +227,7 @@ import logging, os, resource, sys, time
 sys.path.insert(0, {root!r})
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
 from mailproxy import Controller, ProxySettings
-from tests.proxykit import RecordingBackend
+from tests.helpers.proxy import RecordingBackend
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 settings = ProxySettings(listeners={{"imap": "127.0.0.1:0"}}, max_connections_per_ip=4096)
 controller = Controller(RecordingBackend(), settings)

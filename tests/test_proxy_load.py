@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from mailproxy.settings import LISTENER_NAMES
 from models import User
 from people import users
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
-from tests.test_mail_through_app import PASSWORD, link_with_client_credentials
-from tests.test_serve import free_port, serve_env, start_limited, wait_healthy
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
+from tests.helpers.mail import PASSWORD, link_with_client_credentials
+from tests.helpers.serving import free_port, serve_env, start_limited, wait_healthy
 
 pytestmark = [pytest.mark.peers, pytest.mark.load]
 

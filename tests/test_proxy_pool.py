@@ -27,7 +27,15 @@ from prometheus_client import REGISTRY
 import mailproxy.pool
 from mailproxy import Controller, Endpoint, ensure_self_signed
 from mailproxy.tls import server_context
-from tests.proxykit import CERT, KEY, Account, RecordingBackend, client_tls, port, running_proxy
+from tests.helpers.proxy import (
+    CERT,
+    KEY,
+    Account,
+    RecordingBackend,
+    client_tls,
+    port,
+    running_proxy,
+)
 
 PASSWORD = "device-pw-" + secrets.token_hex(4)
 

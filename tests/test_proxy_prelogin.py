@@ -20,13 +20,15 @@ import pytest
 
 from mailproxy import Controller, ProxySettings, fingerprint_sha256
 from mailproxy.tls import ensure_self_signed
-from tests.proxykit import (
+from tests.helpers.proxy import (
     CERT,
     KEY,
     RecordingBackend,
     client_tls,
     port,
     raw_connect,
+    read_line,
+    read_until_closed,
     running_proxy,
 )
 
@@ -48,32 +50,6 @@ def backend() -> RecordingBackend:
 def proxy(backend: RecordingBackend) -> Iterator[Controller]:
     with running_proxy(backend, **SETTINGS) as controller:
         yield controller
-
-
-def read_until_closed(sock: socket.socket, timeout: float = 5) -> bytes:
-    """Everything the server sends until it closes; fails if it does not close in time."""
-    sock.settimeout(timeout)
-    data = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-    raise AssertionError(f"connection not closed within {timeout}s; got {data[-200:]!r}")
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def assert_serving(controller: Controller) -> None:

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from mailproxy import proxyproto
+from tests.helpers.proxy import ALL_LISTENERS, RecordingBackend, client_tls, port, running_proxy
+from tests.helpers.serving import free_port
 from tests.peerbed import unavailable
-from tests.proxykit import ALL_LISTENERS, RecordingBackend, client_tls, port, running_proxy
-from tests.test_serve import free_port
 
 V2 = proxyproto.V2_SIGNATURE
 TLS_LISTENERS = {"imaps", "pop3s", "smtps"}
@@ -294,7 +294,7 @@ def test_the_app_throttles_and_audits_the_real_client(instance: Path, tmp_path: 
     from mailboxes.mailbackend import MailProxyService, trusted_proxies
     from models import AuditEvent, Throttle
     from store.db import database
-    from tests.conftest import make_app
+    from tests.helpers.app import make_app
 
     listeners = {f"{name.upper()}_LISTEN": "" for name in ALL_LISTENERS}
     listeners["IMAP_LISTEN"] = "127.0.0.1:0"

@@ -11,21 +11,21 @@ from mailboxes import linking
 from models import Account, OAuthClient, User
 from oauth import errors as oauth_errors
 from oauth import tokens
-from tests.conftest import make_app, post_form
-from tests.test_clients import MICROSOFT_FORM, add, field_help, one_client
-from tests.test_linking import (
+from tests.helpers.app import make_app
+from tests.helpers.clients import MICROSOFT_FORM, add, field_help, one_client
+from tests.helpers.linking import (
     PUBLIC,
     REDIRECT,
     PeerInfo,
     mailbox,
     op_sign_in,
-    peer,  # noqa: F401  (fixture)
     peer_client,
     query_of,
     register,
     token_requests,
 )
-from tests.test_token_renewal import expire
+from tests.helpers.tokens import expire
+from tests.helpers.web import post_form
 
 
 @pytest.mark.parametrize("grant", ["authorization_code", "device_code"])
@@ -87,7 +87,7 @@ def test_a_secret_where_none_belongs_and_the_reverse_say_what_to_change(
 @pytest.mark.peers
 def test_a_public_client_links_and_renews_without_a_secret(
     instance: Path,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
 ) -> None:
     from people import users
 
@@ -115,7 +115,7 @@ def test_a_public_client_links_and_renews_without_a_secret(
 @pytest.mark.peers
 def test_a_public_client_links_by_device_code_without_a_secret(
     instance: Path,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
 ) -> None:
     from people import users
 

@@ -18,7 +18,7 @@ import migrations
 from models import AuditEvent, Meta, OAuthClient, Setting, User
 from store.db import database, open_database, use_database
 from store.vault import KeyFileError, Keyring
-from tests.conftest import make_app, stored_client
+from tests.helpers.app import make_app, stored_client
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -181,7 +181,7 @@ STARTER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {root!r})
-    from tests.conftest import make_app
+    from tests.helpers.app import make_app
     from pathlib import Path
     time.sleep(max(0.0, {start_at!r} - time.time()))
     make_app(Path(sys.argv[1]), DATABASE_URL={url!r})

@@ -7,13 +7,10 @@ listener on free loopback ports); stopped with SIGTERM as systemd stops it.
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,34 +18,7 @@ import pytest
 import requests
 
 from mailproxy.settings import LISTENER_NAMES
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def serve_env(instance: Path, **settings: str) -> dict[str, str]:
-    """The environment of ``python serve.py``: nothing inherited from AUTH_EMAIL_* variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTH_EMAIL_")}
-    env.update({"AUTH_EMAIL_INSTANCE": str(instance), "PYTHONUNBUFFERED": "1"})
-    env.update({f"AUTH_EMAIL_{name}": value for name, value in settings.items()})
-    return env
-
-
-def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:  # a file, not a pipe: nothing can block on a full pipe
-        return subprocess.Popen(
-            [sys.executable, "serve.py"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+from tests.helpers.serving import free_port, serve_env, start, start_limited, wait_healthy
 
 
 @pytest.fixture
@@ -73,22 +43,6 @@ def served(tmp_path: Path, ports: dict[str, int]) -> Iterator[tuple[subprocess.P
         if process.poll() is None:
             process.kill()  # only if the test failed before stopping it
             process.wait(10)
-
-
-def wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path) -> requests.Response:
-    # Generous: a loaded 2-core machine may take long to start the process and to answer.
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"serve.py exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            answer = requests.get(base + "/healthz", timeout=15)
-            if answer.status_code == 200:
-                return answer
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"serve.py did not become healthy:\n{log.read_text()}")
 
 
 def test_serve_runs_web_ui_and_mail_proxy_and_stops_cleanly_on_sigterm(
@@ -165,7 +119,7 @@ def test_client_address_comes_from_the_trusted_proxy_only(instance, trusted):
 
     from models import AuditEvent
     from serve import web_server
-    from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
+    from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
 
     app = make_app(instance, TRUSTED_PROXY=trusted)
     server = web_server(app, "127.0.0.1", 0)
@@ -193,26 +147,6 @@ def test_client_address_comes_from_the_trusted_proxy_only(instance, trusted):
         assert failed.ip == ("203.0.113.7" if trusted else "127.0.0.1")
     finally:
         server.close()
-
-
-def start_limited(
-    env: dict[str, str], log: Path, open_files: tuple[int, int]
-) -> subprocess.Popen[bytes]:
-    """``python serve.py`` with the open-file limit (soft, hard) of a default systemd service."""
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
-
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "serve.py"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=limit,
-        )
 
 
 def test_serve_raises_its_open_file_limit_and_keeps_mail_connections_within_it(
@@ -309,7 +243,7 @@ def test_repeated_accept_failures_of_the_web_server_make_one_line_a_minute(
 
 def test_mail_limits_come_from_the_app_settings(instance: Path) -> None:
     from mailboxes.mailbackend import proxy_settings
-    from tests.conftest import make_app
+    from tests.helpers.app import make_app
 
     app = make_app(
         instance, MAIL_HANDSHAKE_TIMEOUT=4, MAIL_PRELOGIN_SECONDS=90, MAIL_PRELOGIN_COMMANDS=12

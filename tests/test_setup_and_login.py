@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from models import AuditEvent, User
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, make_app, post_form
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, make_app
+from tests.helpers.web import post_form
 
 
 def test_first_visit_leads_to_setup(client):

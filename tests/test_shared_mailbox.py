@@ -12,7 +12,7 @@ from models import Account, MailPassword, User
 from oauth import authorize as oauth
 from oauth import grants
 from people.passwords import hash_password
-from tests.conftest import stored_client
+from tests.helpers.app import stored_client
 
 
 def jwt(claims: dict[str, object]) -> str:

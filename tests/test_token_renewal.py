@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import http.server
-import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import pytest
 from flask import Flask
@@ -25,25 +20,25 @@ from mailboxes import linking
 from models import Account, OAuthClient, User, utcnow
 from oauth import errors as oauth_errors
 from oauth import tokens
-from tests.conftest import make_app
-from tests.test_linking import (
+from tests.helpers.app import make_app
+from tests.helpers.linking import (
     PUBLIC,
     REDIRECT,
     PeerInfo,
     mailbox,
     op_sign_in,
-    peer,  # noqa: F401  (fixture)
     peer_client,
     query_of,
     register,
     token_requests,
 )
+from tests.helpers.tokens import Scripted
 
 USER_SCOPE = "openid email offline_access"
 
 
 @pytest.fixture
-def owner(instance: Path, peer: PeerInfo) -> User:  # noqa: F811
+def owner(instance: Path, peer: PeerInfo) -> User:
     from people import users
 
     app: Flask = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC)
@@ -54,7 +49,7 @@ def owner(instance: Path, peer: PeerInfo) -> User:  # noqa: F811
 
 def link_with_scope(
     owner: User,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
     scope: str,
     **meta: Any,
 ) -> tuple[Account, dict[str, Any]]:
@@ -78,7 +73,7 @@ def expire(account: Account) -> None:
 @pytest.mark.parametrize("scope", [USER_SCOPE, f"{USER_SCOPE} mail"])
 def test_a_user_typed_scope_with_offline_access_keeps_renewing(
     owner: User,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
     scope: str,
 ) -> None:
     """The issue's reproduction: a 2-minute token, the scope a user would type, and the
@@ -98,56 +93,6 @@ def test_a_user_typed_scope_with_offline_access_keeps_renewing(
 
 
 # ------------------------------------------------------------------ a scripted token endpoint
-
-
-class Scripted:
-    """A local token endpoint that plays ``answers`` in order (the last one repeats) and
-    records each request's form. An answer: (status, body, headers) or ("hang", seconds)."""
-
-    def __init__(self, *answers: tuple[Any, ...]) -> None:
-        self.answers = list(answers)
-        self.forms: list[dict[str, str]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                outer.forms.append({k: v[0] for k, v in parse_qs(raw.decode()).items()})
-                answer = outer.answers.pop(0) if len(outer.answers) > 1 else outer.answers[0]
-                if answer[0] == "hang":
-                    time.sleep(answer[1])
-                    return
-                status, body, headers = (*answer, {})[:3]
-                if isinstance(body, dict | list):
-                    payload, kind = json.dumps(body).encode(), "application/json"
-                else:
-                    payload, kind = str(body).encode(), "text/html"
-                try:
-                    self.send_response(status)
-                    self.send_header("content-type", kind)
-                    for name, value in headers.items():
-                        self.send_header(name, value)
-                    self.send_header("content-length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:
-                    pass
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/token"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def hits(self) -> int:
-        return len(self.forms)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -474,7 +419,7 @@ def test_another_process_on_the_same_postgres_honours_the_back_off(
     import subprocess
     import sys
 
-    from tests.conftest import FAST_HASHING
+    from tests.helpers.app import FAST_HASHING
 
     config = {"INSTANCE_PATH": str(instance), "DATABASE_URL": pg_url, "TOKEN_HTTP_TIMEOUT": 0.5,
               "PUBLIC_URL": PUBLIC, **FAST_HASHING}  # fmt: skip

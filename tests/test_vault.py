@@ -12,7 +12,7 @@ import pytest
 from models import OAuthClient, User
 from store.db import Ciphertext
 from store.vault import KeyFileError, Keyring, VaultError, aad_for
-from tests.conftest import make_app, stored_client
+from tests.helpers.app import make_app, stored_client
 
 SECRET = "s3cr3t-Value~xyz-0123456789"
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.conftest import USER_PASSWORD, post_form
+from tests.helpers.app import USER_PASSWORD
+from tests.helpers.web import post_form
 
 
 def test_post_without_csrf_token_is_rejected(auth, client, app):
@@ -38,7 +39,7 @@ def test_security_headers(client):
 
 
 def test_session_cookie_is_secure_when_public_url_is_https(instance):
-    from tests.conftest import make_app
+    from tests.helpers.app import make_app
 
     app = make_app(instance, PUBLIC_URL="https://mail-bridge.example.org")
     assert app.config["SESSION_COOKIE_SECURE"] is True
@@ -51,7 +52,7 @@ def test_unknown_route_is_404_without_traceback(admin_client):
 
 
 def test_server_error_page_has_no_traceback(instance):
-    from tests.conftest import make_app
+    from tests.helpers.app import make_app
 
     app = make_app(instance, PROPAGATE_EXCEPTIONS=False)
 

@@ -26,22 +26,17 @@ from mailboxes import refusals as mailrefusals
 from models import Account, User, utcnow
 from oauth import clients as oauth_clients
 from oauth import grants, tokens
-from tests.test_mail_through_app import (  # noqa: F401  (fixtures)
+from tests.helpers.mail import (
     PASSWORD,
     REDIRECT,
     WORDS,
     MailClients,
-    app,
     closed_port,
     link_with_client_credentials,
     link_with_code,
-    mail,
     other_client,
-    owner,
     read_first_message,
-    service,
     wait_until,
-    web,
 )
 
 TENANT_OFF = (
@@ -152,7 +147,7 @@ def smtp_server() -> Iterator[ScriptedSMTP]:
     server.close()
 
 
-def smtp_at(owner: User, account: Account, port: int) -> None:  # noqa: F811
+def smtp_at(owner: User, account: Account, port: int) -> None:
     """Point the account's client's SMTP side at ``port`` (plain: loopback only)."""
     client = account.client
     values = {name: getattr(client, name) for name in oauth_clients.EDITABLE}
@@ -169,10 +164,10 @@ def token_requests(peers: Any, account: Account) -> int:
 
 @pytest.mark.peers
 def test_smtp_auth_disabled_is_recorded_for_smtp_only_with_the_fix_and_no_token_request(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
-    web: FlaskClient,  # noqa: F811
+    mail: MailClients,
+    web: FlaskClient,
     smtp_server: ScriptedSMTP,
 ) -> None:
     account = link_with_client_credentials(owner, peers, "smtpoff")
@@ -204,9 +199,9 @@ def test_smtp_auth_disabled_is_recorded_for_smtp_only_with_the_fix_and_no_token_
 
 @pytest.mark.peers
 def test_a_refused_token_is_renewed_once_then_answered_from_the_record(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
+    mail: MailClients,
     smtp_server: ScriptedSMTP,
 ) -> None:
     account = link_with_client_credentials(owner, peers, "nosend")
@@ -228,9 +223,9 @@ def test_a_refused_token_is_renewed_once_then_answered_from_the_record(
 
 @pytest.mark.peers
 def test_a_mail_server_closing_mid_auth_is_a_temporary_error_and_loses_nothing(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
+    mail: MailClients,
     smtp_server: ScriptedSMTP,
 ) -> None:
     account = link_with_client_credentials(owner, peers, "midauth")
@@ -259,9 +254,9 @@ def expire(account: Account) -> None:
 
 @pytest.mark.peers
 def test_an_expired_token_and_a_burst_of_20_logins_give_20_successes_and_1_refresh(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
+    mail: MailClients,
 ) -> None:
     account = link_with_code(owner, peers, "burst")
     mail.imap(account.address, PASSWORD).logout()  # the password is in the auth cache
@@ -298,10 +293,10 @@ def login_once(port: int, address: str) -> bytes:
 
 @pytest.mark.peers
 def test_a_refusing_token_endpoint_sees_at_most_3_requests_for_1000_logins_in_a_minute(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
-    web: FlaskClient,  # noqa: F811
+    mail: MailClients,
+    web: FlaskClient,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """(A 503 or a timeout is remembered the same way: see test_token_renewal.py.)"""
@@ -337,13 +332,13 @@ def test_a_refusing_token_endpoint_sees_at_most_3_requests_for_1000_logins_in_a_
 
 @pytest.mark.peers
 def test_a_hanging_token_endpoint_gives_a_temporary_error_and_one_request(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
-    web: FlaskClient,  # noqa: F811
+    mail: MailClients,
+    web: FlaskClient,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tests.test_token_renewal import Scripted
+    from tests.helpers.tokens import Scripted
 
     account = link_with_client_credentials(owner, peers, "hang")
     hanging = Scripted(("hang", 3.0))
@@ -391,9 +386,9 @@ def test_the_link_check_covers_the_protocols_the_scope_grants(
 
 @pytest.mark.peers
 def test_the_link_is_checked_over_each_protocol_and_shown_per_protocol(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    web: FlaskClient,  # noqa: F811
+    web: FlaskClient,
 ) -> None:
     address, _ = peers.new_mailbox("perproto", messages=1)
     client_id, secret = peers.register_client(grant_types=["client_credentials"], mailbox=address)

@@ -10,6 +10,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -176,3 +177,29 @@ def token_source_for(peers: Any) -> Callable[[Account, bool], str]:
     client_id = client.get("client_id") or _peer(peers, "client_id", "mailproxy")
     secret = client.get("client_secret") or _peer(peers, "client_secret", "mailproxy-secret")
     return client_credentials_source(_peer(peers, "token_url"), client_id, secret)
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 5) -> bytes:
+    """Everything the server sends until it closes; fails if it does not close in time."""
+    sock.settimeout(timeout)
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"connection not closed within {timeout}s; got {data[-200:]!r}")
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -17,23 +17,15 @@ from models import Account, User, utcnow
 from oauth import errors as oauth_errors
 from oauth import grants, tokens
 from store.db import Ciphertext
-from tests.conftest import make_app
-from tests.test_linking import PUBLIC, PeerInfo, peer, revoke_at_op, token_requests  # noqa: F401
-from tests.test_tokens import (
-    FlakyTokenEndpoint,
-    broken_account,
-    endpoint_503,  # noqa: F401  (fixture)
-    expire,
-    fast_app,  # noqa: F401  (fixture)
-    link,
-    owner,  # noqa: F401  (fixture)
-)
+from tests.helpers.app import make_app
+from tests.helpers.linking import PUBLIC, PeerInfo, revoke_at_op, token_requests
+from tests.helpers.tokens import FlakyTokenEndpoint, broken_account, expire, link
 
 CALLERS = 6
 
 
 @pytest.fixture
-def sqlite_owner(instance: Any, peer: PeerInfo) -> User:  # noqa: F811
+def sqlite_owner(instance: Any, peer: PeerInfo) -> User:
     """A user of an app on SQLite only (where PostgreSQL would add time, not proof)."""
     from people import users
 
@@ -64,8 +56,8 @@ def refreshes(result: str) -> float:
 
 @pytest.mark.peers
 def test_callers_that_load_the_same_version_at_once_make_one_refresh(
-    owner: User,  # noqa: F811
-    peer: PeerInfo,  # noqa: F811
+    owner: User,
+    peer: PeerInfo,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every caller reads the expired row before any of them claims it (a pause injected
@@ -116,8 +108,8 @@ def test_callers_that_load_the_same_version_at_once_make_one_refresh(
 
 @pytest.mark.peers
 def test_a_token_about_to_expire_is_renewed_before_it_is_handed_out(
-    owner: User,  # noqa: F811
-    peer: PeerInfo,  # noqa: F811
+    owner: User,
+    peer: PeerInfo,
 ) -> None:
     """A token with less than the margin left would die during the client's session (or on the
     way to the server): it is renewed first, and a token with more left is used as it is."""
@@ -150,7 +142,7 @@ def test_a_token_about_to_expire_is_renewed_before_it_is_handed_out(
 @pytest.mark.peers
 def test_the_refresh_counter_counts_each_outcome_once(
     sqlite_owner: User,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
 ) -> None:
     account, reg = link(sqlite_owner, peer)
     counts = {r: refreshes(r) for r in ("ok", "needs_reauth", "unavailable", "error")}
@@ -170,8 +162,8 @@ def test_the_refresh_counter_counts_each_outcome_once(
 
 
 def test_a_failed_refresh_counts_once_as_unavailable(
-    fast_app: Any,  # noqa: F811
-    endpoint_503: FlakyTokenEndpoint,  # noqa: F811
+    fast_app: Any,
+    endpoint_503: FlakyTokenEndpoint,
 ) -> None:
     account = broken_account(fast_app, endpoint_503.url)
     before = {r: refreshes(r) for r in ("ok", "unavailable")}
@@ -219,7 +211,7 @@ def running_upkeep() -> Iterator[Callable[..., upkeep.Upkeep]]:
 @pytest.mark.peers
 def test_upkeep_thread_refreshes_idle_accounts_round_after_round_and_survives_a_failed_round(
     sqlite_owner: User,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
     running_upkeep: Callable[..., upkeep.Upkeep],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -251,7 +243,7 @@ def test_upkeep_thread_refreshes_idle_accounts_round_after_round_and_survives_a_
 @pytest.mark.peers
 def test_upkeep_goes_on_to_the_other_accounts_when_one_fails(
     sqlite_owner: User,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
     running_upkeep: Callable[..., upkeep.Upkeep],
 ) -> None:
     """A grant revoked at the provider, and a stored token that no longer decrypts, are taken

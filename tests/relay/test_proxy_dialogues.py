@@ -5,7 +5,6 @@ and upstream servers that answer oddly. The scripted upstreams of test_proxy_rel
 Written to kill the surviving mutants of mailproxy/{pop3,smtp,imap,session}.py (tests/MUTATION.md):
 each reply a client acts on is checked as the client sees it."""
 
-# ruff: noqa: F811  (the fixtures of test_proxy_relay are imported and then asked for by name)
 from __future__ import annotations
 
 import base64
@@ -17,18 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from mailproxy import Controller, Endpoint
-from tests.proxykit import RecordingBackend, client_tls, raw_connect, running_proxy
-from tests.test_proxy_relay import (  # noqa: F401  (fixtures)
-    FakeIMAP,
-    FakePOP3,
-    FakeSMTP,
-    backend,
-    fake,
-    fake_pop3,
-    fake_smtp,
-    proxy,
-    sample,
-)
+from tests.helpers.proxy import RecordingBackend, client_tls, raw_connect, running_proxy
+from tests.helpers.upstreams import sample
 
 PLAIN_OK = base64.b64encode(b"\0carol@example.test\0pw").decode()
 

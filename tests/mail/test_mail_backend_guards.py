@@ -18,8 +18,8 @@ from flask.testing import FlaskClient
 from mailboxes import refusals as mailrefusals
 from models import Account, AuditEvent, MailPassword, OAuthClient, User
 from people import throttle, users
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, AuthActions, make_app, post_form
-from tests.test_mail_through_app import (
+from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
+from tests.helpers.mail import (
     EVERY_LISTENER_ON_A_FREE_PORT,
     PASSWORD,
     PUBLIC,
@@ -27,14 +27,11 @@ from tests.test_mail_through_app import (
     WRONG,
     MailClients,
     link_with_client_credentials,
-    mail,  # noqa: F401  (fixture)
     message,
     metric,
-    owner,  # noqa: F401  (fixture)
     read_first_message,
-    service,  # noqa: F401  (fixture)
-    web,  # noqa: F401  (fixture)
 )
+from tests.helpers.web import AuthActions, post_form
 
 pytestmark = pytest.mark.peers
 
@@ -60,10 +57,10 @@ def app(instance: Path, peers: Any) -> Flask:
 
 def test_a_disabled_users_mailboxes_are_refused_over_imap_pop3_and_smtp(
     app: Flask,
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
-    web: FlaskClient,  # noqa: F811
+    mail: MailClients,
+    web: FlaskClient,
 ) -> None:
     user = users.create_user(f"leaver-{secrets.token_hex(3)}@example.org", "leaver-pass-1", False)
     account = link_with_client_credentials(user, peers, "leaver")
@@ -81,9 +78,9 @@ def test_a_disabled_users_mailboxes_are_refused_over_imap_pop3_and_smtp(
 
 
 def test_failures_from_one_ip_block_it_across_addresses(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
+    mail: MailClients,
 ) -> None:
     """Guessing one password for many addresses: the per-IP count blocks the IP, so even the
     right password of another mailbox waits (the per-address limit is out of reach here)."""
@@ -100,10 +97,10 @@ def test_failures_from_one_ip_block_it_across_addresses(
 
 
 def test_a_fresh_token_the_mail_server_refuses_is_recorded_for_that_protocol(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
-    web: FlaskClient,  # noqa: F811
+    mail: MailClients,
+    web: FlaskClient,
 ) -> None:
     """The mailbox permission is gone (the token is good, but not for this mailbox): the proxy
     refreshes once, the server refuses the fresh token too, and the refusal is recorded for IMAP
@@ -129,9 +126,9 @@ def test_a_fresh_token_the_mail_server_refuses_is_recorded_for_that_protocol(
 
 @pytest.mark.parametrize("protocol", ["imap", "pop3", "smtp"])
 def test_the_upstream_starttls_comes_before_the_token(
-    owner: User,  # noqa: F811
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
+    mail: MailClients,
     protocol: str,
 ) -> None:
     """Upstream STARTTLS on each protocol: the peer, like real providers, refuses a token sent

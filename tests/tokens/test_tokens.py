@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import http.server
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,63 +14,25 @@ import requests
 from flask import Flask
 
 from mailboxes import linking, upkeep, verification
-from models import Account, OAuthClient, User, utcnow
+from models import Account, User, utcnow
 from oauth import errors as oauth_errors
 from oauth import grants, tokens
-from tests.conftest import make_app
-from tests.test_linking import (
+from tests.helpers.app import make_app
+from tests.helpers.linking import (
     PUBLIC,
     REDIRECT,
     PeerInfo,
     mailbox,
-    op_sign_in,
-    peer,  # noqa: F401  (fixture)
     peer_client,
-    query_of,
     register,
     revoke_at_op,
     token_requests,
 )
-
-
-def link(
-    user: User,
-    peer: PeerInfo,  # noqa: F811
-    **meta: Any,
-) -> tuple[Account, dict[str, Any]]:
-    """An account linked by Authorization Code (driven over HTTP at the OAuth server)."""
-    reg = register(peer, **meta)
-    client = peer_client(user, peer, reg)
-    address = mailbox("tok")
-    started = linking.start(user, address, client, REDIRECT)
-    back = op_sign_in(peer, started.url, address)
-    account, result = linking.complete_callback(user, query_of(back), REDIRECT)
-    assert result.ok, result.message
-    return Account.get_by_id(account.id), reg
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def owner(request: pytest.FixtureRequest, instance: Path, peer: PeerInfo) -> User:  # noqa: F811
-    """A user of an app on SQLite, and again on PostgreSQL (instances sharing a database)."""
-    from people import users
-
-    database = {}
-    if request.param == "postgres":
-        database["DATABASE_URL"] = request.getfixturevalue("pg_url")
-    app = make_app(instance, UPSTREAM_CA_FILE=peer.ca_file, PUBLIC_URL=PUBLIC, **database)
-    with app.app_context():
-        users.create_admin("admin@example.org", "admin-password-1")
-        return users.create_user("owner@example.org", "owner-password-1", True)
-
-
-def expire(account: Account) -> None:
-    Account.update(token_expires_at=utcnow() - dt.timedelta(minutes=1)).where(
-        Account.id == account.id
-    ).execute()
+from tests.helpers.tokens import FlakyTokenEndpoint, broken_account, expire, link
 
 
 @pytest.mark.peers
-def test_cached_token_is_used_without_a_request(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+def test_cached_token_is_used_without_a_request(owner: User, peer: PeerInfo) -> None:
     account, reg = link(owner, peer)
     before = token_requests(peer, reg["client_id"])
 
@@ -82,7 +42,7 @@ def test_cached_token_is_used_without_a_request(owner: User, peer: PeerInfo) -> 
 
 
 @pytest.mark.peers
-def test_refresh_rotates_and_stores_the_new_refresh_token(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+def test_refresh_rotates_and_stores_the_new_refresh_token(owner: User, peer: PeerInfo) -> None:
     account, reg = link(owner, peer)
     old_refresh, old_access = account.refresh_token, account.access_token
     expire(account)
@@ -104,7 +64,7 @@ def test_refresh_rotates_and_stores_the_new_refresh_token(owner: User, peer: Pee
 
 
 @pytest.mark.peers
-def test_invalid_grant_needs_reauthorization_and_keeps_tokens(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+def test_invalid_grant_needs_reauthorization_and_keeps_tokens(owner: User, peer: PeerInfo) -> None:
     account, reg = link(owner, peer)
     revoke_at_op(peer, email=account.address)
 
@@ -123,7 +83,7 @@ def test_invalid_grant_needs_reauthorization_and_keeps_tokens(owner: User, peer:
 
 
 @pytest.mark.peers
-def test_twenty_concurrent_callers_cause_one_token_request(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+def test_twenty_concurrent_callers_cause_one_token_request(owner: User, peer: PeerInfo) -> None:
     account, reg = link(owner, peer)
     expire(account)
     before = token_requests(peer, reg["client_id"])
@@ -151,7 +111,7 @@ def test_twenty_concurrent_callers_cause_one_token_request(owner: User, peer: Pe
 
 
 @pytest.mark.peers
-def test_force_refresh_gets_a_new_token(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+def test_force_refresh_gets_a_new_token(owner: User, peer: PeerInfo) -> None:
     account, reg = link(owner, peer)
     before = token_requests(peer, reg["client_id"])
 
@@ -162,7 +122,7 @@ def test_force_refresh_gets_a_new_token(owner: User, peer: PeerInfo) -> None:  #
 
 
 @pytest.mark.peers
-def test_client_credentials_renewal_requests_a_new_token(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+def test_client_credentials_renewal_requests_a_new_token(owner: User, peer: PeerInfo) -> None:
     address = mailbox("ccr")
     reg = register(peer, mailbox=address, access_token_ttl=3600)
     client = peer_client(owner, peer, reg, grant="client_credentials", scope="mail")
@@ -180,7 +140,7 @@ def test_client_credentials_renewal_requests_a_new_token(owner: User, peer: Peer
 
 
 @pytest.mark.peers
-def test_upkeep_refreshes_only_idle_accounts(owner: User, peer: PeerInfo) -> None:  # noqa: F811
+def test_upkeep_refreshes_only_idle_accounts(owner: User, peer: PeerInfo) -> None:
     account, reg = link(owner, peer)
     assert upkeep.refresh_idle_accounts() == 0
 
@@ -195,92 +155,10 @@ def test_upkeep_refreshes_only_idle_accounts(owner: User, peer: PeerInfo) -> Non
 # ---------------------------------------------------------------------------------- failures
 
 
-class FlakyTokenEndpoint:
-    """A local token endpoint that answers 503 (or too slowly, or with a given status and body):
-    the failures peers lack. ``on_request`` runs before each answer (e.g. another caller)."""
-
-    def __init__(
-        self,
-        delay: float = 0.0,
-        status: int = 503,
-        body: dict[str, Any] | None = None,
-        on_request: Callable[[], None] | None = None,
-    ) -> None:
-        self.hits = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                outer.hits += 1
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                if delay:
-                    time.sleep(delay)
-                if on_request is not None:
-                    on_request()
-                payload = b"<html>Service Unavailable</html>"
-                kind = "text/html"
-                if body is not None:
-                    payload, kind = json.dumps(body).encode(), "application/json"
-                try:
-                    self.send_response(status)
-                    self.send_header("content-type", kind)
-                    self.send_header("content-length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:
-                    pass
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/token"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def fast_app(instance: Path) -> Flask:
-    # A generous timeout: on a loaded machine a 400 must not turn into a retried timeout.
-    return make_app(instance, TOKEN_HTTP_TIMEOUT=10, TOKEN_BACKOFF=0.01, TOKEN_ATTEMPTS=3)
-
-
 @pytest.fixture
 def timeout_app(instance: Path) -> Flask:
     """For the timeout test only: a short timeout, against an endpoint far slower still."""
     return make_app(instance, TOKEN_HTTP_TIMEOUT=1, TOKEN_BACKOFF=0.01, TOKEN_ATTEMPTS=2)
-
-
-def broken_account(app: Flask, token_url: str) -> Account:
-    from people import users
-
-    with app.app_context():
-        user = users.create_user("flaky@example.org", "flaky-password-1", True)
-    client = OAuthClient.create(
-        owner=user,
-        name="flaky",
-        provider="other",
-        token_url=token_url,
-        scope="mail",
-        client_id="id",
-        client_secret="secret",
-    )
-    account = Account.create(
-        owner=user, address="flaky@example.test", provider="other", client=client, status="active"
-    )
-    tokens.store_tokens(account, {"access_token": "a1", "refresh_token": "r1", "expires_in": 0})
-    return Account.get_by_id(account.id)
-
-
-@pytest.fixture
-def endpoint_503() -> Iterator[FlakyTokenEndpoint]:
-    server = FlakyTokenEndpoint()
-    yield server
-    server.close()
 
 
 @pytest.fixture
@@ -545,7 +423,7 @@ print(len(results), len(digests), len(errors), *sorted(digests), errors[:1])
 @pytest.mark.postgres
 def test_processes_sharing_postgres_cause_one_token_request(
     instance: Path,
-    peer: PeerInfo,  # noqa: F811
+    peer: PeerInfo,
     pg_url: str,
 ) -> None:
     """Three serving processes on one database, five callers each: one refresh in all."""
@@ -571,7 +449,7 @@ def test_processes_sharing_postgres_cause_one_token_request(
     account, reg = link(owner, peer)
     expire(account)
     before = token_requests(peer, reg["client_id"])
-    script = _HERD_WORKER.format(root=str(Path(__file__).parents[1]), config=config)
+    script = _HERD_WORKER.format(root=str(Path(__file__).parents[2]), config=config)
     start_at = str(time.time() + 4)
     workers = [
         subprocess.Popen(

@@ -18,16 +18,8 @@ from mailboxes import mailbackend
 from mailboxes.mailbackend import AppBackend
 from models import Account, Setting, User, utcnow
 from store.db import Ciphertext
-from tests.conftest import make_app
-from tests.test_mail_through_app import (
-    PASSWORD,
-    MailClients,
-    app,  # noqa: F401  (fixture)
-    link_with_client_credentials,
-    mail,  # noqa: F401  (fixture)
-    owner,  # noqa: F401  (fixture)
-    service,  # noqa: F401  (fixture)
-)
+from tests.helpers.app import make_app
+from tests.helpers.mail import PASSWORD, MailClients, link_with_client_credentials
 
 
 def _grant(flask_app: Flask, address: str) -> Any:
@@ -39,10 +31,10 @@ def _grant(flask_app: Flask, address: str) -> Any:
 
 @pytest.mark.peers
 def test_a_warm_login_carries_the_stored_token_only_when_it_needs_no_renewal(
-    app: Flask,  # noqa: F811
-    owner: User,  # noqa: F811
+    app: Flask,
+    owner: User,
     peers: Any,
-    mail: MailClients,  # noqa: F811
+    mail: MailClients,
 ) -> None:
     account = link_with_client_credentials(owner, peers, "shortcut")
     mail.imap(account.address, PASSWORD).logout()  # a token stored, the password cached

@@ -1,0 +1,1 @@
+"""Tests of the mail proxy with the app's own backend in front of the real peers."""
