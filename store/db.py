@@ -81,7 +81,12 @@ def open_database(url: str) -> pw.Database:
     if not scheme.endswith("+pool"):
         url = f"{scheme}+pool://{rest}"
     if scheme.startswith("sqlite"):
-        return connect(url, pragmas=SQLITE_PRAGMAS, check_same_thread=False, **POOL)
+        # Transactions take the write lock when they begin (BEGIN IMMEDIATE): one that read first
+        # and then writes cannot wait for the lock (SQLite fails it at once, "database is
+        # locked", whatever busy_timeout says) while another thread's transaction writes.
+        return connect(
+            url, pragmas=SQLITE_PRAGMAS, check_same_thread=False, lock_type="IMMEDIATE", **POOL
+        )
     return connect(url, **POOL)
 
 
