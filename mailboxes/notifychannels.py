@@ -174,14 +174,8 @@ def _smtp_said(exc: smtplib.SMTPResponseException) -> str:
 
 def _connect(host: str, port: int, security: str, timeout: float) -> smtplib.SMTP:
     where = f"{host}:{port}"
-    context = grants.ssl_context()
     try:
-        if security == "tls":
-            return smtplib.SMTP_SSL(host, port, context=context, timeout=timeout)
-        conn = smtplib.SMTP(host, port, timeout=timeout)
-        if security == "starttls":
-            conn.starttls(context=context)
-        return conn
+        return verification.open_smtp(host, port, security, timeout)
     except smtplib.SMTPResponseException as exc:
         raise DeliveryError(f"{where} refused the connection: {_smtp_said(exc)}") from None
     except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:

@@ -255,6 +255,18 @@ def check_pop3(
             pass
 
 
+def open_smtp(host: str, port: int, security: str, timeout: float) -> smtplib.SMTP:
+    """An SMTP connection as ``security`` says (implicit "tls", "starttls" or "plain"), TLS
+    checked against the upstream CAs; smtplib's and ssl's errors as they come."""
+    context = grants.ssl_context()
+    if security == "tls":
+        return smtplib.SMTP_SSL(host, port, context=context, timeout=timeout)
+    conn = smtplib.SMTP(host, port, timeout=timeout)
+    if security == "starttls":
+        conn.starttls(context=context)
+    return conn
+
+
 def check_smtp(
     endpoint: Endpoint,
     address: str,
@@ -266,16 +278,8 @@ def check_smtp(
     if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
         raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
     where = f"{endpoint.host}:{endpoint.port}"
-    context = grants.ssl_context()
     try:
-        if endpoint.security == "tls":
-            conn: smtplib.SMTP = smtplib.SMTP_SSL(
-                endpoint.host, endpoint.port, context=context, timeout=timeout
-            )
-        else:
-            conn = smtplib.SMTP(endpoint.host, endpoint.port, timeout=timeout)
-            if endpoint.security == "starttls":
-                conn.starttls(context=context)
+        conn = open_smtp(endpoint.host, endpoint.port, endpoint.security, timeout)
         conn.ehlo()
     except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
         raise _connect_error(where, exc) from None
