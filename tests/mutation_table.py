@@ -30,8 +30,8 @@ CHANGES = [
     Change(
         "disabled-owner",
         "mailboxes/mailbackend.py",
-        'if not account.owner.is_enabled or account.status == "disabled":',
-        'if account.status == "disabled":',
+        "if not account.owner.is_enabled or account.state is AccountStatus.DISABLED:",
+        "if account.state is AccountStatus.DISABLED:",
         (
             "tests/mail/test_mail_backend_guards.py::"
             "test_a_disabled_users_mailboxes_are_refused_over_imap_pop3_and_smtp",
