@@ -152,8 +152,7 @@ def check_imap(
     timeout: float = VERIFY_TIMEOUT,
 ) -> None:
     """Authenticate at ``endpoint`` and SELECT INBOX; raises ``VerificationFailed``."""
-    if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
-        raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
+    _refuse_plain_off_loopback(endpoint)
     refusal = grants.host_policy().refusal(endpoint.host)
     if refusal:
         raise VerificationFailed(refusal)
@@ -203,6 +202,12 @@ def check_imap(
             pass
 
 
+def _refuse_plain_off_loopback(endpoint: Endpoint) -> None:
+    """Credentials never cross the network in the clear: plain text to loopback only."""
+    if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
+        raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
+
+
 def _connect_error(where: str, exc: BaseException) -> VerificationFailed:
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
         return VerificationFailed(f"TLS with {where} failed: {exc}")
@@ -217,8 +222,7 @@ def check_pop3(
     timeout: float = VERIFY_TIMEOUT,
 ) -> None:
     """AUTH in two steps (as Exchange wants), then STAT; raises ``VerificationFailed``."""
-    if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
-        raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
+    _refuse_plain_off_loopback(endpoint)
     where = f"{endpoint.host}:{endpoint.port}"
     context = grants.ssl_context()
     try:
@@ -275,8 +279,7 @@ def check_smtp(
     timeout: float = VERIFY_TIMEOUT,
 ) -> None:
     """EHLO and AUTH without sending anything; raises ``VerificationFailed``."""
-    if endpoint.security == "plain" and not is_loopback_host(endpoint.host):
-        raise VerificationFailed(f"{endpoint.host} is not loopback: refusing a plain connection.")
+    _refuse_plain_off_loopback(endpoint)
     where = f"{endpoint.host}:{endpoint.port}"
     try:
         conn = open_smtp(endpoint.host, endpoint.port, endpoint.security, timeout)
