@@ -126,6 +126,22 @@ def test_an_unguessed_provider_still_offers_the_defaults(admin: User, auth: Auth
     assert onboarding.authorization_options(user, "").primary == default
 
 
+def test_an_unguessed_provider_with_several_clients_asks_for_a_choice_in_one_sentence(
+    admin: User, client: FlaskClient
+) -> None:
+    make_client(admin, "First")
+    make_client(admin, "Second")
+
+    page = client.get("/accounts/new?address=box@unknown.example").get_data(as_text=True)
+    sentence = " ".join(page.split('id="no-default">')[1].split("</p>")[0].split())
+
+    assert sentence == (
+        "The provider could not be guessed from the address; choose it above, "
+        "or choose one of the clients below."
+    )
+    assert 'class="primary"' not in page.split('id="authorize-form"')[1]
+
+
 def test_nothing_usable_names_who_to_ask(
     admin: User, auth: AuthActions, client: FlaskClient
 ) -> None:
