@@ -79,6 +79,18 @@ def editable_client(user: User, client_id: int) -> OAuthClient | None:
     return found[0] if found else None
 
 
+def _accounts_using_visible(user: User) -> dict[int, list[Account]]:
+    """``accounts_using(c, user)`` for every client of ``visible_clients(user)``, in one query."""
+    if user.is_admin:
+        rows = _accounts_using_own_or_shared(user.id, True)
+    else:
+        rows = _own_accounts_using_own(user.id, user.id)
+    found: dict[int, list[Account]] = {}
+    for account in rows:
+        found.setdefault(account.client_id, []).append(account)
+    return found
+
+
 # Built once (store.db.Prepared): the settings page and the client editor run them per client.
 _own = Prepared(
     lambda owner: OAuthClient.select().where(OAuthClient.owner == owner).order_by(OAuthClient.name)
@@ -98,6 +110,22 @@ _own_by_id = Prepared(
 _own_or_shared_by_id = Prepared(
     lambda owner, shared, client_id: OAuthClient.select().where(
         (OAuthClient.owner == owner) | (OAuthClient.shared == shared), OAuthClient.id == client_id
+    )
+)
+_accounts_using_own_or_shared = Prepared(
+    lambda owner, shared: (
+        Account.select()
+        .join(OAuthClient, on=Account.client == OAuthClient.id)
+        .where((OAuthClient.owner == owner) | (OAuthClient.shared == shared))
+        .order_by(Account.address)
+    )
+)
+_own_accounts_using_own = Prepared(
+    lambda client_owner, owner: (
+        Account.select()
+        .join(OAuthClient, on=Account.client == OAuthClient.id)
+        .where(OAuthClient.owner == client_owner, Account.owner == owner)
+        .order_by(Account.address)
     )
 )
 _accounts_using = Prepared(
@@ -395,12 +423,13 @@ def notify_expiring(today: dt.date | None = None) -> int:
 
 def overview(user: User) -> dict[str, Any]:
     """The custom clients section of the Account settings page: what ``user`` sees, and may do."""
+    using = _accounts_using_visible(user)
     rows = [
         {
             "client": c,
             "preset": providers.PRESETS.get(c.provider),
             "grant": providers.GRANT_LABELS.get(c.grant, c.grant),
-            "accounts": accounts_using(c, user),
+            "accounts": using.get(c.id, []),
             "editable": can_edit(user, c),
             "expiry": expiry_level(c.secret_expires_on, dt.date.today()),
         }

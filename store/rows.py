@@ -14,17 +14,17 @@ from typing import Any
 
 import peewee as pw
 
-# (column index, the model it fills, field name, converter or None)
-Spec = tuple[int, Any, str, Any]
+# (column index, field name, converter or None, whether the converter changes a None, the type
+# the converter gives back unchanged)
+Column = tuple[int, str, Any, bool, Any]
 # (source model, attribute, joined model, outer join?, attribute is the source's foreign key?)
 Link = tuple[Any, str, Any, bool, bool]
 
 
 class RowPlan:
-    def __init__(self, root: Any, models: list[Any], spec: list[Spec], links: list[Link]):
+    def __init__(self, root: Any, columns: list[tuple[Any, list[Column]]], links: list[Link]):
         self.root = root
-        self.models = models
-        self.spec = spec
+        self.columns = columns  # per model
         self.links = links
 
     @classmethod
@@ -67,15 +67,17 @@ class RowPlan:
         converters: list[Any],
         links: list[Link],
     ) -> RowPlan | None:
-        spec: list[Spec] = []
+        columns: dict[Any, list[Column]] = {model: [] for model in models}
         for index, (key, name) in enumerate(zip(keys, names, strict=True)):
             # Only plain columns of a selected model: their descriptors just store the value.
             if key not in models or name not in key._meta.fields:
                 return None
             if name in key._meta.manytomany:
                 return None
-            spec.append((index, key, name, converters[index]))
-        return cls(root, models, spec, links)
+            convert = converters[index]
+            on_none = convert is not None and _changes_none(convert)
+            columns[key].append((index, name, convert, on_none, _kept_as(convert)))
+        return cls(root, list(columns.items()), links)
 
     def rows(self, cursor: Any) -> list[Any]:
         try:
@@ -84,13 +86,24 @@ class RowPlan:
             cursor.close()
 
     def make(self, row: tuple[Any, ...]) -> Any:
-        objects = {model: model(__no_default__=True) for model in self.models}
+        objects = {}
         filled = set()
-        for index, key, name, convert in self.spec:
-            value = row[index]
-            if value is not None:
-                filled.add(key)
-            objects[key].__data__[name] = value if convert is None else convert(value)
+        for model, columns in self.columns:
+            objects[model] = instance = model(__no_default__=True)
+            data = instance.__data__
+            seen = False
+            for index, name, convert, on_none, kept in columns:
+                value = row[index]
+                if value is None:
+                    data[name] = convert(None) if on_none else None
+                else:
+                    seen = True
+                    if convert is None or type(value) is kept:
+                        data[name] = value
+                    else:
+                        data[name] = convert(value)
+            if seen:
+                filled.add(model)
         for src, attr, dest, is_outer, is_fk in self.links:
             joined = objects[dest]
             if dest not in filled:
@@ -105,3 +118,29 @@ class RowPlan:
                 setattr(objects[src], attr, joined)
                 objects[src]._dirty.clear()
         return objects[self.root]
+
+
+def _changes_none(convert: Any) -> bool:
+    """Whether a converter must see a NULL (peewee's fields all give None back for one)."""
+    try:
+        return convert(None) is not None
+    except Exception:
+        return True
+
+
+# Fields whose converter returns a value of this exact type as it is (``str`` -> itself, ``int``
+# -> ``int(value)``, the same number); their subclasses may convert differently.
+_UNCHANGED = {pw.CharField: str, pw.TextField: str, pw.IntegerField: int, pw.AutoField: int}
+
+
+def _kept_as(convert: Any) -> Any:
+    """The type ``convert`` (a field's python_value) passes through unchanged, if any."""
+    field: Any = getattr(convert, "__self__", None)
+    method = getattr(convert, "__func__", None)
+    if isinstance(field, pw.ForeignKeyField) and method is pw.ForeignKeyField.python_value:
+        field = field.rel_field  # an id, never an instance of the related model, goes there
+    elif method is not pw.Field.python_value:
+        return None
+    if type(field).python_value is not pw.Field.python_value:
+        return None
+    return _UNCHANGED.get(type(field))

@@ -103,7 +103,10 @@ def authorization_choices(user: User, provider: str) -> dict[str, Any]:
 @bp.get("/")
 @login_required
 def index() -> str:
-    return render_template("accounts/index.html", empty=EmptyForm(), **dashboard(_user()))
+    shown = dashboard(_user())
+    # the re-authorize buttons' form, only where there are such buttons (its CSRF field costs)
+    empty = EmptyForm() if shown["attention"] else None
+    return render_template("accounts/index.html", empty=empty, **shown)
 
 
 def _authorize_page(form: AuthorizeForm, status: int = 200, error: str = "") -> tuple[str, int]:
