@@ -275,6 +275,11 @@ def default_client(provider: str) -> OAuthClient | None:
     return client
 
 
+def default_clients() -> dict[str, OAuthClient | None]:
+    """``default_client`` of every preset provider, for a page that asks about several."""
+    return {key: default_client(key) for key in providers.PRESETS}
+
+
 _candidates = Prepared(
     lambda shared, admin: (
         OAuthClient.select()
