@@ -83,9 +83,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     graphsend.init_app(app)
     init_database(app)
 
-    from web import security
+    from web import security, widgets
 
     security.init_app(app)
+    widgets.install()
 
     from web import (
         accounts,

@@ -501,7 +501,8 @@ class NotificationSettings(SecretModel):
     @classmethod
     def of(cls, user_id: int) -> NotificationSettings:
         """The stored row, or an unsaved one with the defaults."""
-        return cls.get_or_none(cls.user == user_id) or cls(user=user_id)
+        found = _notification_settings_of(user_id)
+        return found[0] if found else cls(user=user_id)
 
     def wants(self, kind: str) -> bool:
         return kind == "test" or kind in self.kinds.split()
@@ -655,4 +656,7 @@ _passwords_of = Prepared(
         .where(MailPassword.account == account_id)
         .order_by(MailPassword.created_at, MailPassword.id)
     )
+)
+_notification_settings_of = Prepared(
+    lambda user_id: NotificationSettings.select().where(NotificationSettings.user == user_id)
 )

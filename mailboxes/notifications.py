@@ -30,6 +30,7 @@ from models import Notification, NotificationSettings, User, utcnow
 from oauth import clients as oauth_clients
 from oauth import tokens
 from store import appstate
+from store.db import Prepared
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -67,9 +68,14 @@ def queue_test(user: User, channel: str) -> Notification:
 
 
 def recent(user: User, limit: int = 15) -> list[Notification]:
-    return list(
-        Notification.select().where(Notification.user == user).order_by(_ID.desc()).limit(limit)
+    return _recent(user.id, limit)
+
+
+_recent = Prepared(
+    lambda user_id, limit: (
+        Notification.select().where(Notification.user == user_id).order_by(_ID.desc()).limit(limit)
     )
+)
 
 
 def payload(note: Notification, public_url: str) -> dict[str, Any]:

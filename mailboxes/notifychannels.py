@@ -33,6 +33,7 @@ from mailproxy import DeliveryRefused
 from models import NOTIFY_RELAY_PASSWORD, Account, InstanceSecret, Setting
 from oauth import errors as oauth_errors
 from oauth import grants, providers, tokens
+from store.db import Prepared
 
 SENDER_KEY = "notify_sender"  # "" (no email), "relay" or "mailbox"
 ACCOUNT_KEY = "notify_sender_account"
@@ -81,6 +82,11 @@ def _setting(name: str) -> str:
     return Setting.read(f"notify_relay_{name}") or ""
 
 
+_secret_named = Prepared(
+    lambda name: InstanceSecret.select(InstanceSecret.id).where(InstanceSecret.name == name)
+)
+
+
 def sender() -> Sender:
     port = _setting("port")
     relay = Relay(
@@ -89,8 +95,7 @@ def sender() -> Sender:
         security=_setting("security") or "starttls",
         username=_setting("username"),
         from_address=_setting("from"),
-        has_password=InstanceSecret.get_or_none(InstanceSecret.name == NOTIFY_RELAY_PASSWORD)
-        is not None,
+        has_password=bool(_secret_named(NOTIFY_RELAY_PASSWORD)),
     )
     account = Setting.read(ACCOUNT_KEY) or ""
     account_id = int(account) if account.isdigit() else None

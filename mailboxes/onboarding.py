@@ -8,6 +8,7 @@ usable, the names of the people who can fix that.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,20 @@ _admins = Prepared(
 )
 
 
-def authorization_options(user: User, provider: str) -> AuthorizationOptions:
+Defaults = Mapping[str, OAuthClient | None]
+
+
+def _default(provider: str, defaults: Defaults | None) -> OAuthClient | None:
+    """The provider's default client, from ``defaults`` (``oauth_clients.default_clients()``,
+    read once for a page that asks several times) when given."""
+    if defaults is not None and provider in defaults:
+        return defaults[provider]
+    return oauth_clients.default_client(provider)
+
+
+def authorization_options(
+    user: User, provider: str, defaults: Defaults | None = None
+) -> AuthorizationOptions:
     """The clients ``user`` may authorize an address of ``provider`` with ("" = not guessed).
 
     With a known provider its default client is the primary action. Without one, the defaults
@@ -55,7 +69,7 @@ def authorization_options(user: User, provider: str) -> AuthorizationOptions:
     client then becomes the primary action.
     """
     usable = OAuthClient.list_usable_by(user)
-    default = oauth_clients.default_client(provider) if provider else None
+    default = _default(provider, defaults) if provider else None
     options = AuthorizationOptions(admins=admin_emails())
     if default is not None:
         options.primary, options.primary_is_default = default, True
@@ -65,7 +79,7 @@ def authorization_options(user: User, provider: str) -> AuthorizationOptions:
     if not provider:
         seen = {c.id for c in candidates}
         for key in providers.PRESETS:
-            found = oauth_clients.default_client(key)
+            found = _default(key, defaults)
             if found is not None and found.id not in seen:
                 candidates.append(found)
                 seen.add(found.id)
@@ -87,10 +101,10 @@ class DefaultsWarning:
         return self.none_at_all or bool(self.providers)
 
 
-def missing_defaults() -> DefaultsWarning:
+def missing_defaults(defaults: Defaults | None = None) -> DefaultsWarning:
     """Where the authorization page has no main button although people need one: every
     provider when none has a default yet, else the providers of linked mailboxes without one."""
-    missing = {key for key in providers.PRESETS if oauth_clients.default_client(key) is None}
+    missing = {key for key in providers.PRESETS if _default(key, defaults) is None}
     if len(missing) == len(providers.PRESETS):
         return DefaultsWarning(True, [])
     in_use = {a.provider for a in Account.select(Account.provider).distinct()}
@@ -138,10 +152,10 @@ class Step:
     hint: str
 
 
-def first_run_steps(user: User) -> list[Step]:
+def first_run_steps(user: User, defaults: Defaults | None = None) -> list[Step]:
     """The admin's first-run checklist, each step ticked from the data (not from clicks)."""
     shared, linked, has_password, used = _progress(user.id)
-    has_default = any(oauth_clients.default_client(key) for key in providers.PRESETS)
+    has_default = any(_default(key, defaults) for key in providers.PRESETS)
     return [
         Step(
             "share",

@@ -58,20 +58,87 @@ def can_edit(user: User, client: OAuthClient) -> bool:
 
 def visible_clients(user: User) -> list[OAuthClient]:
     """The user's own clients; the admin also sees every shared one."""
-    query = OAuthClient.select().where(OAuthClient.owner == user)
     if user.is_admin:
-        query = OAuthClient.select().where(
-            (OAuthClient.owner == user) | (OAuthClient.shared == True)  # noqa: E712
-        )
-    return list(query.order_by(OAuthClient.name))
+        return _own_or_shared(user.id, True)
+    return _own(user.id)
 
 
 def accounts_using(client: OAuthClient, viewer: User | None = None) -> list[Account]:
     """Accounts that depend on ``client``; a viewer who is not the admin sees only their own."""
-    query = Account.select().where(Account.client == client)
     if viewer is not None and not viewer.is_admin:
-        query = query.where(Account.owner == viewer)
-    return list(query.order_by(Account.address))
+        return _accounts_of_owner_using(client.id, viewer.id)
+    return _accounts_using(client.id)
+
+
+def editable_client(user: User, client_id: int) -> OAuthClient | None:
+    """``OAuthClient.editable_by(user)`` with that id, if any."""
+    if user.is_admin:
+        found = _own_or_shared_by_id(user.id, True, client_id)
+    else:
+        found = _own_by_id(user.id, client_id)
+    return found[0] if found else None
+
+
+def _accounts_using_visible(user: User) -> dict[int, list[Account]]:
+    """``accounts_using(c, user)`` for every client of ``visible_clients(user)``, in one query."""
+    if user.is_admin:
+        rows = _accounts_using_own_or_shared(user.id, True)
+    else:
+        rows = _own_accounts_using_own(user.id, user.id)
+    found: dict[int, list[Account]] = {}
+    for account in rows:
+        found.setdefault(account.client_id, []).append(account)
+    return found
+
+
+# Built once (store.db.Prepared): the settings page and the client editor run them per client.
+_own = Prepared(
+    lambda owner: OAuthClient.select().where(OAuthClient.owner == owner).order_by(OAuthClient.name)
+)
+_own_or_shared = Prepared(
+    lambda owner, shared: (
+        OAuthClient.select()
+        .where((OAuthClient.owner == owner) | (OAuthClient.shared == shared))
+        .order_by(OAuthClient.name)
+    )
+)
+_own_by_id = Prepared(
+    lambda owner, client_id: OAuthClient.select().where(
+        OAuthClient.owner == owner, OAuthClient.id == client_id
+    )
+)
+_own_or_shared_by_id = Prepared(
+    lambda owner, shared, client_id: OAuthClient.select().where(
+        (OAuthClient.owner == owner) | (OAuthClient.shared == shared), OAuthClient.id == client_id
+    )
+)
+_accounts_using_own_or_shared = Prepared(
+    lambda owner, shared: (
+        Account.select()
+        .join(OAuthClient, on=Account.client == OAuthClient.id)
+        .where((OAuthClient.owner == owner) | (OAuthClient.shared == shared))
+        .order_by(Account.address)
+    )
+)
+_own_accounts_using_own = Prepared(
+    lambda client_owner, owner: (
+        Account.select()
+        .join(OAuthClient, on=Account.client == OAuthClient.id)
+        .where(OAuthClient.owner == client_owner, Account.owner == owner)
+        .order_by(Account.address)
+    )
+)
+_accounts_using = Prepared(
+    lambda client: Account.select().where(Account.client == client).order_by(Account.address)
+)
+_accounts_of_owner_using = Prepared(
+    lambda client, owner: (
+        Account.select()
+        .where(Account.client == client)
+        .where(Account.owner == owner)
+        .order_by(Account.address)
+    )
+)
 
 
 # --- Changes --------------------------------------------------------------------------------
@@ -181,15 +248,16 @@ def set_shared(client: OAuthClient, shared: bool) -> None:
 
 def default_candidates(provider: str) -> list[OAuthClient]:
     """Clients that may serve as the instance default for ``provider``: shared or an admin's."""
-    return list(
-        OAuthClient.select()
-        .join(User)
-        .where(
-            (OAuthClient.provider == provider)
-            & ((OAuthClient.shared == True) | (User.is_admin == True))  # noqa: E712
-        )
-        .order_by(OAuthClient.name)
-    )
+    return [c for c in _candidates(True, True) if c.provider == provider]
+
+
+def all_default_candidates() -> dict[str, list[OAuthClient]]:
+    """``default_candidates`` of every preset provider, from one query (the admin settings)."""
+    found: dict[str, list[OAuthClient]] = {key: [] for key in providers.PRESETS}
+    for client in _candidates(True, True):
+        if client.provider in found:
+            found[client.provider].append(client)
+    return found
 
 
 def default_client(provider: str) -> OAuthClient | None:
@@ -198,12 +266,33 @@ def default_client(provider: str) -> OAuthClient | None:
     client_id = parse_id(value)
     if client_id is None:
         return None
-    client = OAuthClient.get_or_none(OAuthClient.id == client_id)
+    found = _client_with_owner(client_id)
+    client = found[0] if found else None
     if client is None or client.provider != provider:
         return None
     if not (client.shared or client.owner.is_admin):
         return None
     return client
+
+
+def default_clients() -> dict[str, OAuthClient | None]:
+    """``default_client`` of every preset provider, for a page that asks about several."""
+    return {key: default_client(key) for key in providers.PRESETS}
+
+
+_candidates = Prepared(
+    lambda shared, admin: (
+        OAuthClient.select()
+        .join(User)
+        .where((OAuthClient.shared == shared) | (User.is_admin == admin))
+        .order_by(OAuthClient.name)
+    )
+)
+_client_with_owner = Prepared(
+    lambda client_id: (
+        OAuthClient.select(OAuthClient, User).join(User).where(OAuthClient.id == client_id)
+    )
+)
 
 
 def set_default_client(provider: str, client: OAuthClient | None) -> None:
@@ -339,12 +428,13 @@ def notify_expiring(today: dt.date | None = None) -> int:
 
 def overview(user: User) -> dict[str, Any]:
     """The custom clients section of the Account settings page: what ``user`` sees, and may do."""
+    using = _accounts_using_visible(user)
     rows = [
         {
             "client": c,
             "preset": providers.PRESETS.get(c.provider),
             "grant": providers.GRANT_LABELS.get(c.grant, c.grant),
-            "accounts": accounts_using(c, user),
+            "accounts": using.get(c.id, []),
             "editable": can_edit(user, c),
             "expiry": expiry_level(c.secret_expires_on, dt.date.today()),
         }

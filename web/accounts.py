@@ -76,7 +76,8 @@ def _device_account(account_id: int, state: str) -> Account:
 def dashboard(user: User) -> dict[str, Any]:
     """What the home page shows: the accounts, and what needs the user's attention."""
     accounts = Account.list_owned_with_clients(user)
-    steps = onboarding.first_run_steps(user) if user.is_admin else []
+    defaults = oauth_clients.default_clients()  # asked about by three of the parts below
+    steps = onboarding.first_run_steps(user, defaults) if user.is_admin else []
     return {
         "accounts": accounts,
         "attention": [
@@ -85,8 +86,8 @@ def dashboard(user: User) -> dict[str, Any]:
         "secret_warnings": oauth_clients.secret_expiry_warnings(user),
         "provider_names": dict(providers.choices()),
         "steps": steps if not all(step.done for step in steps) else [],
-        "missing_defaults": onboarding.missing_defaults() if user.is_admin else None,
-        "options": onboarding.authorization_options(user, ""),
+        "missing_defaults": onboarding.missing_defaults(defaults) if user.is_admin else None,
+        "options": onboarding.authorization_options(user, "", defaults),
     }
 
 
@@ -103,7 +104,10 @@ def authorization_choices(user: User, provider: str) -> dict[str, Any]:
 @bp.get("/")
 @login_required
 def index() -> str:
-    return render_template("accounts/index.html", empty=EmptyForm(), **dashboard(_user()))
+    shown = dashboard(_user())
+    # the re-authorize buttons' form, only where there are such buttons (its CSRF field costs)
+    empty = EmptyForm() if shown["attention"] else None
+    return render_template("accounts/index.html", empty=empty, **shown)
 
 
 def _authorize_page(form: AuthorizeForm, status: int = 200, error: str = "") -> tuple[str, int]:

@@ -36,7 +36,7 @@ bp = Blueprint("clients", __name__, url_prefix="/settings/clients")
 
 def editable_or_404(user: User, client_id: int) -> OAuthClient:
     """The client if ``user`` may edit it; anyone else's is a 404, which confirms nothing."""
-    client = OAuthClient.editable_by(user).where(OAuthClient.id == client_id).first()
+    client = oauth_clients.editable_client(user, client_id)
     if client is None or not oauth_clients.can_edit(user, client):
         abort(404)
     return client

@@ -15,7 +15,7 @@ from web.forms import DefaultClientsForm
 
 
 def defaults_form(**kwargs: Any) -> tuple[DefaultClientsForm, dict[str, list[OAuthClient]]]:
-    candidates = {key: oauth_clients.default_candidates(key) for key in providers.PRESETS}
+    candidates = oauth_clients.all_default_candidates()
     options = {
         key: [(str(c.id), f"{c.name} ({c.client_id})") for c in found]
         for key, found in candidates.items()

@@ -18,6 +18,7 @@ from mailboxes import account_health
 from models import Account, AccountStatus, AuditEvent, OAuthClient, User, utcnow
 from oauth import clients as oauth_clients
 from oauth import providers
+from store.db import Prepared
 from web.security import admin_required
 
 bp = Blueprint("health", __name__, url_prefix="/admin")
@@ -59,27 +60,30 @@ def _token_state(account: Account, now: dt.datetime) -> str:
     return "expired; renewed at the next use"
 
 
-def _last_outcomes(addresses: list[str]) -> dict[tuple[str, str], tuple[str, dt.datetime]]:
-    """(address, protocol) -> (outcome, when) of the latest login past the password check."""
-    if not addresses:
-        return {}
-    latest = (
-        AuditEvent.select(AuditEvent.target, AuditEvent.detail, pw.fn.MAX(AuditEvent.id))
-        .where(AuditEvent.action.in_(list(OUTCOMES)), AuditEvent.target.in_(addresses))
-        .group_by(AuditEvent.target, AuditEvent.detail)
-    )
-    ids = [row[2] for row in latest.tuples()]  # type: ignore[index]  # tuples, not rows
+def _last_outcomes() -> dict[tuple[str, str], tuple[str, dt.datetime]]:
+    """(address, protocol) -> (outcome, when) of the latest login past the password check, for
+    every mailbox of the instance."""
     found: dict[tuple[str, str], tuple[str, dt.datetime]] = {}
-    for event in AuditEvent.select().where(AuditEvent.id.in_(ids)):
+    for event in _latest_outcomes(*OUTCOMES):
         found[event.target, event.detail] = (OUTCOMES[event.action], event.at)
     return found
 
 
-def overview(today: dt.date | None = None) -> list[Row]:
-    """Every mailbox of the instance, by owner and address."""
-    today = today or dt.date.today()
-    now = utcnow()
-    query = (
+# Built once (store.db.Prepared); the outcome actions are its parameters.
+_latest_outcomes = Prepared(
+    lambda *actions: AuditEvent.select().where(
+        AuditEvent.id.in_(
+            AuditEvent.select(pw.fn.MAX(AuditEvent.id))
+            .where(
+                AuditEvent.action.in_(list(actions)),
+                AuditEvent.target.in_(Account.select(Account.address)),
+            )
+            .group_by(AuditEvent.target, AuditEvent.detail)
+        )
+    )
+)
+_every_account = Prepared(
+    lambda: (
         Account.select(
             Account,
             User.id,
@@ -94,8 +98,15 @@ def overview(today: dt.date | None = None) -> list[Row]:
         .join(OAuthClient, pw.JOIN.LEFT_OUTER, on=(Account.client == OAuthClient.id))
         .order_by(User.email, Account.address)
     )
-    accounts = list(query)
-    outcomes = _last_outcomes([a.address for a in accounts])
+)
+
+
+def overview(today: dt.date | None = None) -> list[Row]:
+    """Every mailbox of the instance, by owner and address."""
+    today = today or dt.date.today()
+    now = utcnow()
+    accounts = _every_account()
+    outcomes = _last_outcomes() if accounts else {}
     rows = []
     for account in accounts:
         client = account.client if account.client_id else None

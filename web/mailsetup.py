@@ -3,6 +3,8 @@ autoconfig, and Apple configuration profiles. None of it ever contains a passwor
 
 from __future__ import annotations
 
+import functools
+import os
 import plistlib
 import uuid
 from dataclasses import dataclass
@@ -59,11 +61,20 @@ def servers(app: Flask) -> list[Server]:
 
 def self_signed_fingerprint() -> str | None:
     cert, _, generated = tls_files(current_app._get_current_object())  # type: ignore[attr-defined]
-    return fingerprint_sha256(cert) if generated else None
+    if not generated:
+        return None
+    found = os.stat(cert)
+    return _fingerprint(cert, found.st_mtime_ns, found.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(cert: str, mtime_ns: int, size: int) -> str:
+    """Read and parsed once per version of the file (a regenerated one has another mtime)."""
+    return fingerprint_sha256(cert)
 
 
 def _own_account(account_id: int) -> Account:
-    account = Account.get_or_none((Account.id == account_id) & (Account.owner == current_user.id))
+    account = Account.owned_with_client(current_user, account_id)  # a query built once
     if account is None:
         abort(404)
     return account

@@ -15,6 +15,7 @@ from mailboxes import notifications, notifychannels
 from models import (
     FAILING_MINUTES_KEY,
     Account,
+    AccountStatus,
     Notification,
     NotificationSettings,
     Setting,
@@ -22,6 +23,7 @@ from models import (
     utcnow,
 )
 from people import audit
+from store.db import Prepared
 from web.forms import EmptyForm, _choices
 from web.notification_forms import NotificationSettingsForm, SenderForm, kind_fields
 from web.security import admin_required
@@ -140,8 +142,28 @@ def test(channel: str) -> Response:
 
 
 def _mailboxes() -> list[Any]:
-    rows = Account.owned_by(current_user).where(Account.status == "active")
-    return _choices([(str(a.id), a.address) for a in rows.order_by(Account.address)])
+    rows = _active_accounts(current_user.id, AccountStatus.ACTIVE.value)
+    return _choices([(str(a.id), a.address) for a in rows])
+
+
+# Built once (store.db.Prepared): the admin's notifications page runs both.
+_active_accounts = Prepared(
+    lambda owner, status: (
+        Account.select(Account.id, Account.address)
+        .where(Account.owner == owner)
+        .where(Account.status == status)
+        .order_by(Account.address)
+    )
+)
+_failed = Prepared(
+    lambda status, limit: (
+        Notification.select(Notification, User)
+        .join(User)
+        .where(Notification.status == status)
+        .order_by(_ID.desc())
+        .limit(limit)
+    )
+)
 
 
 def _admin_page(form: SenderForm | None = None, status: int = 200) -> tuple[str, int]:
@@ -159,12 +181,9 @@ def _admin_page(form: SenderForm | None = None, status: int = 200) -> tuple[str,
             failing_minutes=Notification.failing_minutes(),
         )
     form.account.choices = _mailboxes()
-    failed = (
-        Notification.select().where(Notification.status == "failed").order_by(_ID.desc()).limit(10)
-    )
-    failed = failed.join(User).select(Notification, User)
+    failed = _failed("failed", 10)
     return render_template(
-        "admin/notifications.html", form=form, sender=chosen, failed=list(failed)
+        "admin/notifications.html", form=form, sender=chosen, failed=failed
     ), status
 
 
