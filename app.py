@@ -83,10 +83,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     graphsend.init_app(app)
     init_database(app)
 
-    from web import security, widgets
+    from web import security
 
     security.init_app(app)
-    widgets.install()
 
     from web import (
         accounts,

@@ -17,7 +17,6 @@ from flask import Flask
 from playhouse.db_url import connect
 
 from store import appstate
-from store.rows import RowPlan
 from store.vault import KeyFileError, Keyring, VaultError, aad_for
 
 _DATABASE: appstate.Slot[pw.Database] = appstate.Slot("database")
@@ -169,9 +168,8 @@ def parse_id(value: object) -> int | None:
 
 class Prepared:
     """A SELECT whose SQL is built once per database; later calls only bind their arguments,
-    and the rows become models (joined ones included) through a ``store.rows.RowPlan`` taken
-    from the first result peewee made (or, for shapes it does not know, peewee's own cursor
-    wrapper). peewee spends ~0.3 ms of Python building even a one-line query, several times
+    and the rows become models (joined ones included) through the built query's own cursor
+    wrapper. peewee spends ~0.3 ms of Python building even a one-line query, several times
     what SQLite needs to run it.
 
     :param build: the query for the given arguments, which must be its only parameters, in
@@ -190,17 +188,11 @@ class Prepared:
             sql, params = query.sql()
             if len(params) != len(args):
                 return list(query)
-            built = [sql, query, None]
+            built = (sql, query)
             setattr(db, self.attr, built)
-        sql, query, plan = built
+        sql, query = built
         cursor = database.execute_sql(sql, args)
-        if plan:
-            return plan.rows(cursor)
-        wrapper = query._get_cursor_wrapper(cursor)
-        rows = list(wrapper)
-        if plan is None and wrapper.initialized:  # a row has shown the columns
-            built[2] = RowPlan.of(wrapper) or False  # False: peewee's path from now on
-        return rows
+        return list(query._get_cursor_wrapper(cursor))
 
 
 def new_uid() -> str:
