@@ -79,6 +79,9 @@ def test_serve_runs_web_ui_and_mail_proxy_and_stops_cleanly_on_sigterm(
     output = log.read_text()
     assert "shutting down" in output and "Traceback" not in output
     assert "mail proxy running on the uvloop event loop" in output  # the default
+    # Every database connection was closed: SQLite moved its write-ahead log into the file.
+    assert (log.parent / "instance" / "auth-email.db").exists()
+    assert not (log.parent / "instance" / "auth-email.db-wal").exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(base + "/healthz", timeout=2)
 
