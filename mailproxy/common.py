@@ -327,10 +327,11 @@ class BoundedReads(asyncio.BufferedProtocol):
     to a StreamReaderProtocol (``inner``, the StreamWriter's protocol).
 
     Left to themselves, the transports read what the socket holds (uvloop up to 250 KB a read,
-    asyncio 256 KiB): 200 strangers flooding commands left the process 20 MiB bigger. Both
-    loops' transports, plain and TLS, read into get_buffer()'s buffer and hand the bytes on
-    before the next read, so one buffer per loop serves every connection. The relay sets its own
-    protocol after login."""
+    asyncio 256 KiB) into the StreamReader at once; a stranger's commands need far less (the
+    reader's pause mark, controller.STREAM_LIMIT, bounds how much piles up). Both loops'
+    transports, plain and TLS, read into get_buffer()'s buffer and hand the bytes on before the
+    next read, so one buffer per loop serves every connection. The relay sets its own protocol
+    after login."""
 
     __slots__ = ("inner", "buffer")
 

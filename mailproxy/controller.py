@@ -85,7 +85,8 @@ REFUSED_WHY = {
 #: A client's StreamReader pauses reading from the socket at twice this many buffered bytes.
 #: Before login it only holds commands (lines and literals of at most 8 KiB); uvloop reads a
 #: socket until that pause before the session runs again, so a higher mark let each of 200
-#: flooding strangers park 128 KiB here (the relay after login does not read through it).
+#: flooding strangers park 128 KiB here. After login the relay does not read through it (a
+#: message for Graph does, in 32 KiB steps).
 STREAM_LIMIT = PRELOGIN_READ
 
 
@@ -286,7 +287,7 @@ class Controller:
             raise RuntimeError("already started")
         loop = new_event_loop(self.settings.event_loop)
         self.hub = Hub(self.settings, self.backend)
-        _limit_tls_buffers()  # asyncio's TLS transport; uvloop's reads into what it touches
+        _limit_tls_buffers()  # asyncio's TLS transport only (uvloop's has its own buffer)
         self.loop = loop
         loop.set_default_executor(
             concurrent.futures.ThreadPoolExecutor(
