@@ -53,6 +53,9 @@ DEFAULTS: dict[str, Any] = {
     # separated): their PROXY protocol header (v1 or v2) names each client's real address.
     "MAIL_TRUSTED_PROXIES": "",
     "MAIL_UPSTREAM_POOL": _PROXY.upstream_pool_size,
+    # The mail proxy's event loop: "uvloop" (less CPU per TLS handshake and relayed record) or
+    # "asyncio" (the standard library's).
+    "MAIL_EVENT_LOOP": _PROXY.event_loop,
     # Certificate for the mail listeners; empty: a self-signed pair in the instance folder.
     "TLS_CERT": "",
     "TLS_KEY": "",

@@ -23,6 +23,7 @@ from mailboxes.mailbackend import MailProxyService
 from mailboxes.notifications import Notifier
 from mailboxes.upkeep import Upkeep
 from mailproxy.settings import parse_hostport
+from store.db import close_database
 from store.vault import KeyFileError, lock_instance
 
 log = logging.getLogger("auth_email.serve")
@@ -159,6 +160,7 @@ def main() -> int:
         server.close()
         for service in reversed(running):
             service.stop()
+        close_database(app)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.util
 import logging
 import os
 import secrets
@@ -28,6 +29,7 @@ from config import LISTEN_SETTINGS, HostPolicy, mail_host
 from mailboxes import graphsend, listeners, smtpdelivery
 from mailboxes import refusals as mailrefusals
 from mailproxy import (
+    EVENT_LOOPS,
     Controller,
     DeliveryRefused,
     Grant,
@@ -538,11 +540,24 @@ def proxy_settings(app: Flask) -> ProxySettings:
         allow_plaintext_from_loopback=bool(cfg["MAIL_PLAINTEXT_FROM_LOOPBACK"]),
         trusted_proxies=trusted_proxies(cfg["MAIL_TRUSTED_PROXIES"]),
         upstream_pool_size=cfg["MAIL_UPSTREAM_POOL"],
+        event_loop=event_loop(cfg["MAIL_EVENT_LOOP"]),
         reauth_message=(
             "The mail provider refused this account's token: re-authorize it on "
             f"{cfg['PUBLIC_URL']}/"
         ),
     )
+
+
+def event_loop(value: str) -> str:
+    """MAIL_EVENT_LOOP checked: an unknown loop, or uvloop when not installed, stops the start."""
+    name = str(value).strip().lower()
+    if name not in EVENT_LOOPS:
+        raise ValueError(f"MAIL_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, not {value!r}")
+    if name == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ValueError(
+            "MAIL_EVENT_LOOP is uvloop, which is not installed: install it or use asyncio"
+        )
+    return name
 
 
 def trusted_proxies(value: str) -> tuple[str, ...]:

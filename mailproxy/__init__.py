@@ -2,11 +2,12 @@
 
 from .backend import Backend, DeliveryRefused, Endpoint, Grant, ProxyAuthError, Security
 from .controller import Controller
-from .settings import DEFAULT_LISTENERS, ProxySettings
+from .settings import DEFAULT_LISTENERS, EVENT_LOOPS, ProxySettings
 from .tls import ensure_self_signed, fingerprint_sha256
 
 __all__ = [
     "DEFAULT_LISTENERS",
+    "EVENT_LOOPS",
     "Backend",
     "Controller",
     "DeliveryRefused",

@@ -318,6 +318,49 @@ class TLSBuffer:
             self.big = False
 
 
+#: Bytes read from a client at a time before login (the relay reads more).
+PRELOGIN_READ = 16 * 1024
+
+
+class BoundedReads(asyncio.BufferedProtocol):
+    """A client connection's protocol until login: reads of at most ``len(buffer)`` bytes, fed
+    to a StreamReaderProtocol (``inner``, the StreamWriter's protocol).
+
+    Left to themselves, the transports read what the socket holds (uvloop up to 250 KB a read,
+    asyncio 256 KiB) into the StreamReader at once; a stranger's commands need far less (the
+    reader's pause mark, controller.STREAM_LIMIT, bounds how much piles up). Both loops'
+    transports, plain and TLS, read into get_buffer()'s buffer and hand the bytes on before the
+    next read, so one buffer per loop serves every connection. The relay sets its own protocol
+    after login."""
+
+    __slots__ = ("inner", "buffer")
+
+    def __init__(self, inner: asyncio.StreamReaderProtocol, buffer: memoryview):
+        self.inner = inner
+        self.buffer = buffer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.inner.data_received(bytes(self.buffer[:nbytes]))
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 def _quickack(transport: asyncio.BaseTransport) -> Callable[[], None]:
     """Acknowledge what was read at once. A client that leaves Nagle's algorithm on holds its
     next small write until our ACK, which Linux delays by up to 40 ms when we have nothing to send

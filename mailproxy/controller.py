@@ -19,12 +19,13 @@ from typing import Any
 from . import proxyproto
 from .accept import Acceptor, RareLog, connection_ceiling, listen, open_file_limit
 from .backend import Backend
+from .common import PRELOGIN_READ, BoundedReads
 from .imap import IMAPSession
 from .metrics import CONNECTIONS_REFUSED, SESSIONS_OPEN
 from .pool import UpstreamPool
 from .pop3 import POP3Session
 from .session import Session
-from .settings import LISTENER_NAMES, ProxySettings, parse_hostport
+from .settings import EVENT_LOOPS, LISTENER_NAMES, ProxySettings, parse_hostport
 from .smtp import SMTPSession
 from .tls import server_context, upstream_context
 
@@ -35,6 +36,24 @@ log = logging.getLogger("mailproxy")
 # NOOP) fits in 4 KiB; a TLS record up to 16 KiB is read in several steps, and the relay grows
 # the buffer of a busy connection (common.TLSBuffer).
 TLS_READ_BUFFER = 4 * 1024
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A new loop of ``kind`` (see settings.EVENT_LOOPS).
+
+    :raises ValueError: for another kind, or uvloop when it is not installed.
+    """
+    if kind == "asyncio":
+        return asyncio.new_event_loop()
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ValueError(
+                "the uvloop event loop is not installed (pip install uvloop, or use asyncio)"
+            ) from None
+        return uvloop.new_event_loop()
+    raise ValueError(f"the event loop must be one of {', '.join(EVENT_LOOPS)}, not {kind!r}")
 
 
 def _limit_tls_buffers() -> None:
@@ -64,7 +83,11 @@ REFUSED_WHY = {
     "per_ip": "the connection limit per client address",
 }
 #: A client's StreamReader pauses reading from the socket at twice this many buffered bytes.
-STREAM_LIMIT = 65536
+#: Before login it only holds commands (lines and literals of at most 8 KiB); uvloop reads a
+#: socket until that pause before the session runs again, so a higher mark let each of 200
+#: flooding strangers park 128 KiB here. After login the relay does not read through it (a
+#: message for Graph does, in 32 KiB steps).
+STREAM_LIMIT = PRELOGIN_READ
 
 
 class Hub:
@@ -100,6 +123,8 @@ class Hub:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.errors = 0  # unexpected exceptions: should stay 0
         self.rare = RareLog(log)
+        # Every client connection's reads before login (see common.BoundedReads).
+        self.read_buffer = memoryview(bytearray(PRELOGIN_READ))
 
     def admit(self, conn: socket.socket, address: Any, cls: type[Session], tls: bool) -> None:
         """A connection just accepted: count it, or refuse it before it costs anything more."""
@@ -196,9 +221,10 @@ class Hub:
             reader = asyncio.StreamReader(limit=STREAM_LIMIT)
             made: list[asyncio.StreamWriter] = []
             protocol = asyncio.StreamReaderProtocol(reader, lambda r, w: made.append(w))
+            bounded = BoundedReads(protocol, self.read_buffer)
             try:
                 await loop.connect_accepted_socket(
-                    lambda: protocol,
+                    lambda: bounded,
                     conn,
                     ssl=self.server_ssl if tls else None,
                     ssl_handshake_timeout=self.settings.handshake_timeout if tls else None,
@@ -259,9 +285,10 @@ class Controller:
         """Bind every configured listener; raise OSError here if one cannot be bound."""
         if self._thread is not None:
             raise RuntimeError("already started")
+        loop = new_event_loop(self.settings.event_loop)
         self.hub = Hub(self.settings, self.backend)
-        _limit_tls_buffers()
-        loop = self.loop = asyncio.new_event_loop()
+        _limit_tls_buffers()  # asyncio's TLS transport only (uvloop's has its own buffer)
+        self.loop = loop
         loop.set_default_executor(
             concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.settings.backend_threads, thread_name_prefix="mailproxy-backend"
@@ -275,6 +302,7 @@ class Controller:
         except BaseException:
             self._shutdown_loop()
             raise
+        log.info("mail proxy running on the %s event loop", self.settings.event_loop)
 
     async def _bind(self) -> None:
         hub = self.hub

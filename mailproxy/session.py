@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from .backend import Endpoint, Grant, ProxyAuthError
 from .common import (
+    PRELOGIN_READ,
+    BoundedReads,
     LineReader,
     LineTooLong,
     PeerGone,
@@ -26,10 +28,6 @@ from .relay import Relay, pending
 
 if TYPE_CHECKING:
     from .controller import Hub
-
-
-#: Bytes read from a client at a time before login (the relay reads more).
-PRELOGIN_READ = 16 * 1024
 
 
 class Session:
@@ -54,12 +52,6 @@ class Session:
         peer = writer.get_extra_info("peername")
         self.peer_ip: str = peer[0] if isinstance(peer, tuple) else "unknown"
         self.lines = LineReader(reader, self.settings.max_line, not tls, PRELOGIN_READ)
-        # Plain-text reads take up to 256 KiB a time (asyncio's max_size); a stranger's
-        # commands need less, and 200 of them left the process 10 MiB bigger. The relay
-        # goes back to asyncio's own size.
-        transport = writer.transport
-        if isinstance(getattr(transport, "max_size", None), int):
-            transport.max_size = PRELOGIN_READ  # type: ignore[attr-defined]
         self.tls = tls
         self.budget = self.settings.unknown_command_budget
         self.commands = 0  # before login
@@ -206,6 +198,11 @@ class Session:
         await self.writer.start_tls(
             self.hub.server_ssl, ssl_handshake_timeout=self.settings.handshake_timeout
         )
+        # Bounded reads over TLS too (the new transport was given the StreamReaderProtocol).
+        transport = self.writer.transport
+        protocol = transport.get_protocol()
+        if isinstance(protocol, asyncio.StreamReaderProtocol):
+            transport.set_protocol(BoundedReads(protocol, self.hub.read_buffer))
         self.tls = True
         self.lines.sniff_tls = False
 
@@ -360,8 +357,6 @@ class Session:
             backend.session_opened(grant.account_id, proto, self.peer_ip)
         except Exception:
             self.log.exception("backend.session_opened failed")
-        if "max_size" in vars(self.writer.transport):
-            del self.writer.transport.max_size  # type: ignore[attr-defined]
         relay = Relay(self.writer.transport, up.writer.transport, proto, self.settings.idle_timeout)
         try:
             # Bytes read past the login on either side go first.

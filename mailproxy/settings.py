@@ -16,6 +16,10 @@ DEFAULT_LISTENERS: dict[str, str] = {
 
 LISTENER_NAMES = tuple(DEFAULT_LISTENERS)
 
+#: The event loops the proxy's thread can run on: uvloop (libuv, its TLS transport in Cython:
+#: less CPU per handshake and per relayed record) or the standard library's.
+EVENT_LOOPS = ("uvloop", "asyncio")
+
 
 @dataclass
 class ProxySettings:
@@ -55,6 +59,7 @@ class ProxySettings:
     # or CIDR ranges. Connections from them must start with one; from others it is never read.
     trusted_proxies: tuple[str, ...] = ()
     backend_threads: int = 32
+    event_loop: str = "uvloop"  # one of EVENT_LOOPS
     reauth_message: str = (
         "The mail provider refused this account's token: re-authorize the account on the "
         "Auth-Email accounts page"

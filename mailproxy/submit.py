@@ -62,8 +62,6 @@ class Submission:
 
     async def run(self) -> None:
         backend, s = self.s.hub.backend, self.s
-        if "max_size" in vars(s.writer.transport):
-            del s.writer.transport.max_size  # type: ignore[attr-defined]
         try:
             await asyncio.to_thread(
                 backend.session_opened, self.grant.account_id, "smtp", s.peer_ip

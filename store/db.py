@@ -111,6 +111,16 @@ def _release(db: Any) -> None:
         db.close_all()
 
 
+def close_database(app: Flask) -> None:
+    """Close ``app``'s pooled connections now (the serving process's last step). SQLite copies
+    its write-ahead log into the database file when the last connection closes; leaving that to
+    the interpreter's exit left a fresh instance's rows only in the -wal file once uvloop was
+    loaded (whoever copies just auth-email.db would lose them)."""
+    db = _DATABASE.of(app)
+    if db is not None and hasattr(db, "close_all"):
+        db.close_all()
+
+
 def use_keyring(keyring: Keyring, app: Flask) -> None:
     """Give ``app`` its vault keyring."""
     _KEYRING.set(app, keyring)

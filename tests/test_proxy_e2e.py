@@ -12,13 +12,14 @@ import secrets
 import smtplib
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any
 
 import pytest
 
-from mailproxy import Controller, Endpoint, ProxyAuthError
+from mailproxy import EVENT_LOOPS, Controller, Endpoint, ProxyAuthError
 from tests.helpers.proxy import (
     CERT,
     Account,
@@ -316,3 +317,33 @@ def test_debug_log_has_no_password_or_token(
         forbidden += [token, base64.b64encode(raw.encode()).decode()]
     for secret in forbidden:
         assert secret not in text
+
+
+# ---- either event loop ---------------------------------------------------------------------
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_logins_and_reads_on_either_event_loop(
+    backend: RecordingBackend, peers: Any, address: str, event_loop: str
+) -> None:
+    """uvloop (the default) and asyncio's own loop (MAIL_EVENT_LOOP=asyncio) each carry STARTTLS
+    on both sides, implicit TLS, a login on a pooled upstream connection and the relay."""
+    with running_proxy(
+        backend, upstream_ca_file=peers.ca_file, upstream_timeout=10, event_loop=event_loop
+    ) as proxy:
+        assert type(proxy.loop).__module__.split(".")[0] == event_loop
+        assert proxy.hub is not None and proxy.hub.pool is not None
+        pool = proxy.hub.pool
+        for tls, upstream in [(False, "starttls"), (True, "tls"), (True, "tls")]:
+            backend.accounts[address].upstreams = upstreams(peers, imap=upstream)
+            m = imap_login(proxy, address, tls=tls)
+            typ, data = m.select("INBOX", readonly=True)
+            assert typ == "OK" and int(data[0] or 0) >= 1
+            typ, msg = m.fetch("1", "(BODY.PEEK[])")
+            part: Any = msg[0]
+            assert typ == "OK" and b"Subject:" in part[1]
+            m.logout()
+            server = backend.accounts[address].upstreams["imap"]
+            deadline = time.monotonic() + 10
+            while not any(q and key[1] == server for key, q in list(pool.ready.items())):
+                assert time.monotonic() < deadline, "the pool did not fill"
+                time.sleep(0.02)  # behind each login
+        assert pool.hits == 1  # the third login took a greeted connection

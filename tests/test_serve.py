@@ -78,6 +78,10 @@ def test_serve_runs_web_ui_and_mail_proxy_and_stops_cleanly_on_sigterm(
     assert code == 0, log.read_text()
     output = log.read_text()
     assert "shutting down" in output and "Traceback" not in output
+    assert "mail proxy running on the uvloop event loop" in output  # the default
+    # Every database connection was closed: SQLite moved its write-ahead log into the file.
+    assert (log.parent / "instance" / "auth-email.db").exists()
+    assert not (log.parent / "instance" / "auth-email.db-wal").exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(base + "/healthz", timeout=2)
 
@@ -217,6 +221,23 @@ def test_serve_refuses_a_listener_key_readable_by_others(tmp_path: Path) -> None
     assert code == 2, output
     assert f"cannot start: the TLS key {key} is readable by other users" in output
     assert f"chmod 600 {key}" in output and "Traceback" not in output
+
+
+def test_serve_refuses_an_event_loop_it_does_not_know(tmp_path: Path) -> None:
+    settings = {f"{n.upper()}_LISTEN": "127.0.0.1:0" for n in LISTENER_NAMES}
+    log = tmp_path / "serve.log"
+    env = serve_env(tmp_path / "instance", BIND="127.0.0.1:0", MAIL_EVENT_LOOP="tokio", **settings)
+    process = start(env, log)
+    try:
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    output = log.read_text()
+    assert code == 2, output
+    assert "cannot start: MAIL_EVENT_LOOP must be one of uvloop, asyncio, not 'tokio'" in output
+    assert "listening on" not in output and "Traceback" not in output
 
 
 def test_repeated_accept_failures_of_the_web_server_make_one_line_a_minute(
