@@ -51,7 +51,9 @@ SELECTION: dict[str, list[str]] = {
     + PROXY_NEW
     + PROXY_WITH_PEERS
     + ["tests/test_graph_delivery.py"],
-    "mailproxy/imap.py": PROXY_IN_PROCESS + PROXY_NEW + PROXY_WITH_PEERS,
+    # In-process only: with the peers' files each surviving mutant took minutes on the shared
+    # machine (2026-12-02); the dialogue tests script the upstream's every answer instead.
+    "mailproxy/imap.py": PROXY_IN_PROCESS + PROXY_NEW,
     "mailproxy/session.py": PROXY_IN_PROCESS + PROXY_NEW + PROXY_WITH_PEERS,
     "oauth/tokens.py": TOKENS,
     "oauth/grants.py": TOKENS + ["tests/test_linking.py", "tests/test_provider_fidelity.py"],
