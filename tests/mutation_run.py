@@ -1,6 +1,8 @@
 """Run mutmut over one module against the test files that cover it (see tests/MUTATION.md).
 
-Usage: ``.venv/bin/python -m tests.mutation_run mailproxy/pop3.py [max_children]``.
+Usage: ``.venv/bin/python -m tests.mutation_run mailproxy/pop3.py [max_children] [NAME...]``.
+``NAME`` (mutmut's names or globs, e.g. ``'oauth.tokens.x_expiry_of*'``) runs those mutants only,
+keeping the results of the others: a module too slow for one session is finished in parts.
 
 ``[tool.mutmut]`` in pyproject.toml names every module and every test file; mutmut's stats run
 over all of them takes long and reaches the real peers for every mutant. This runs one module
@@ -85,6 +87,7 @@ def main(argv: list[str]) -> int:
         return 2
     module = argv[0]
     children = argv[1] if len(argv) > 1 else "1"
+    names = argv[2:]
 
     from mutmut import configuration
     from mutmut.__main__ import cli
@@ -104,7 +107,7 @@ def main(argv: list[str]) -> int:
     configuration._config_reader = narrowed
     configuration.reset_config()
     with contextlib.suppress(SystemExit):
-        cli(["run", "--max-children", children])
+        cli(["run", "--max-children", children, *names])
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         cli(["results", "--all", "true"])

@@ -20,8 +20,8 @@ from models import Account, utcnow
 from oauth import errors as oauth_errors
 from oauth import tokens
 from store.db import Ciphertext
+from tests.helpers.mail import wait_until
 from tests.helpers.tokens import FlakyTokenEndpoint, Scripted, broken_account
-from tests.tokens.test_token_guards import wait_until
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ def test_a_waiter_whose_refresher_died_without_a_record_fails_without_asking(
 
     waiter = threading.Thread(target=call)
     waiter.start()
-    wait_until(lambda: _waiting_frame(waiter), what="the caller waiting for the claim")
+    wait_until(lambda: _waiting_frame(waiter), timeout=60, what="the caller waiting for the claim")
     Account.update(refresh_claimed_until=None, token_version=Account.token_version + 1).where(
         Account.id == account.id
     ).execute()
