@@ -218,7 +218,8 @@ def test_a_refused_grant_is_explained_with_the_providers_words(
                 tokens.get_access_token(account.id)
             assert raised.value.message == expected, words
             assert Account.get_by_id(account.id).status_detail == expected
-    assert f"account {account.id} needs re-authorization: {said}grant is gone" in caplog.text
+    logged = [r.getMessage() for r in caplog.records if r.name == "auth_email.tokens"]
+    assert f"account {account.id} needs re-authorization: {said}grant is gone" in logged
     assert server.hits == 3
 
 
@@ -397,3 +398,41 @@ def test_the_providers_retry_after_lengthens_the_back_off_up_to_a_day() -> None:
     assert tokens.backoff_seconds(1, retry_after=10**7) == 86400
     assert tokens.backoff_seconds(0) == tokens.BACKOFF_FIRST  # never less than the first wait
     assert tokens.backoff_seconds(30) == tokens.BACKOFF_MAX
+
+
+def test_a_refused_grant_records_since_when_renewal_fails_how_often_and_why(
+    fast_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    long = "AADSTS70008: The refresh token has expired due to inactivity. " + "w" * 2000
+    server = scripted((503, "busy"), (400, {"error": "invalid_grant", "error_description": long}))
+    account = broken_account(fast_app, server.url)
+    with pytest.raises(oauth_errors.TokenUnavailable):
+        tokens.get_access_token(account.id)
+    first = Account.get_by_id(account.id)
+    next_try_in(account, -1)
+
+    with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
+        tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert stored.status == "needs_reauth"
+    assert stored.refresh_failing_since == first.refresh_failing_since is not None
+    assert stored.refresh_failures == 2
+    assert stored.last_error == stored.status_detail == raised.value.message
+    assert len(raised.value.message) == 1000  # the explanation, then as much of their words
+    assert "AADSTS70008" in raised.value.message
+
+
+def test_set_status_changes_that_account_only_with_the_detail_given(fast_app: Flask) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    other = Account.create(
+        owner=account.owner, address="other@example.test", provider="other", status="active"
+    )
+
+    tokens.set_status(account.id, "needs_reauth", "the grant is gone")
+    stored = Account.get_by_id(account.id)
+    assert (stored.status, stored.status_detail) == ("needs_reauth", "the grant is gone")
+    tokens.set_status(account.id, "disabled")
+    stored = Account.get_by_id(account.id)
+    assert (stored.status, stored.status_detail) == ("disabled", "")
+    assert Account.get_by_id(other.id).status == "active"
