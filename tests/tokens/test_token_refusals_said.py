@@ -436,3 +436,25 @@ def test_set_status_changes_that_account_only_with_the_detail_given(fast_app: Fl
     stored = Account.get_by_id(account.id)
     assert (stored.status, stored.status_detail) == ("disabled", "")
     assert Account.get_by_id(other.id).status == "active"
+
+
+def test_the_renewal_margin_is_half_of_a_short_tokens_life(fast_app: Flask) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    tokens.store_tokens(account, {"access_token": "short", "expires_in": 3600})
+
+    def lived(before: float, left: float) -> Account:
+        now = utcnow()
+        Account.update(
+            last_refresh_at=now - dt.timedelta(seconds=before),
+            token_expires_at=now + dt.timedelta(seconds=left),
+        ).where(Account.id == account.id).execute()
+        return Account.get_by_id(account.id)
+
+    # a 60-second token: renewed in its last 30 s (half), not only in the last 60 (the setting)
+    assert tokens.ready_token(lived(before=20, left=40)) == "short"
+    assert tokens.ready_token(lived(before=35, left=25)) is None
+    # a row never refreshed here (no last refresh): the setting alone
+    Account.update(
+        last_refresh_at=None, token_expires_at=utcnow() + dt.timedelta(seconds=120)
+    ).where(Account.id == account.id).execute()
+    assert tokens.ready_token(Account.get_by_id(account.id)) == "short"
