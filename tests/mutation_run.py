@@ -1,6 +1,7 @@
 """Run mutmut over one module against the test files that cover it (see tests/MUTATION.md).
 
-Usage: ``.venv/bin/python -m tests.mutation_run mailproxy/pop3.py [max_children] [NAME...]``.
+Usage: ``.venv/bin/python tests/mutation_run.py mailproxy/pop3.py [max_children] [NAME...]``
+(a script, not ``-m tests.mutation_run``: see tests/MUTATION.md).
 ``NAME`` (mutmut's names or globs, e.g. ``'oauth.tokens.x_expiry_of*'``) runs those mutants only,
 keeping the results of the others: a module too slow for one session is finished in parts.
 
@@ -83,7 +84,7 @@ SELECTION: dict[str, list[str]] = {
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in SELECTION:
         modules = ", ".join(SELECTION)
-        print(f"usage: python -m tests.mutation_run MODULE [max_children]; MODULE one of {modules}")
+        print(f"usage: python tests/mutation_run.py MODULE [CHILDREN] [NAME...]; MODULE: {modules}")
         return 2
     module = argv[0]
     children = argv[1] if len(argv) > 1 else "1"

@@ -458,3 +458,19 @@ def test_the_renewal_margin_is_half_of_a_short_tokens_life(fast_app: Flask) -> N
         last_refresh_at=None, token_expires_at=utcnow() + dt.timedelta(seconds=120)
     ).where(Account.id == account.id).execute()
     assert tokens.ready_token(Account.get_by_id(account.id)) == "short"
+
+
+def test_a_mailbox_removed_meanwhile_is_said_to_be_no_longer_linked(fast_app: Flask) -> None:
+    with fast_app.app_context(), pytest.raises(oauth_errors.AccountUnusable) as raised:
+        tokens.get_access_token(10**6)
+    assert raised.value.message == "This mailbox is not linked any more."
+
+
+def test_the_back_off_is_judged_at_the_time_asked_about(fast_app: Flask) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    next_try_in(account, 600)
+    stored = Account.get_by_id(account.id)
+
+    assert tokens.backing_off(stored)
+    assert tokens.backing_off(stored, utcnow() + dt.timedelta(seconds=500))
+    assert not tokens.backing_off(stored, utcnow() + dt.timedelta(seconds=700))
