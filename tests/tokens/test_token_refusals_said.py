@@ -474,3 +474,17 @@ def test_the_back_off_is_judged_at_the_time_asked_about(fast_app: Flask) -> None
     assert tokens.backing_off(stored)
     assert tokens.backing_off(stored, utcnow() + dt.timedelta(seconds=500))
     assert not tokens.backing_off(stored, utcnow() + dt.timedelta(seconds=700))
+
+
+def test_a_mailbox_needing_reauthorization_says_why_or_that_the_provider_refuses_it(
+    fast_app: Flask,
+) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    for detail, said in [
+        ("Password changed at the provider.", "Password changed at the provider."),
+        ("", "The provider no longer accepts this mailbox's authorization."),
+    ]:
+        tokens.set_status(account.id, "needs_reauth", detail)
+        with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
+            tokens.get_access_token(account.id)
+        assert raised.value.message == said
