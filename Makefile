@@ -49,12 +49,13 @@ bench: test-deps
 ## mutation: mutmut over the token lifecycle, mail backend, vault and proxy sessions/protocols,
 ## each mutant against the tests that reach it (slow: hours; not part of `make test`).
 ## MUTANTS narrows the run, e.g. MUTANTS='vault.*'; scores go into tests/MUTATION.md.
+## With MODULE, MUTANTS names mutants of it to run (globs), keeping the others' results.
 ## MODULE runs one module against the test files listed for it in tests/mutation_run.py, e.g.
 ## `make mutation MODULE=oauth/tokens.py` (CHILDREN=1 by default); results in mutants/<module>.txt.
 mutation: test-deps
 	PEERS_KEEP=1 bash tests/peers/up.sh
 ifdef MODULE
-	PEERS_KEEP=1 $(PY) -m tests.mutation_run $(MODULE) $(or $(CHILDREN),1)
+	PEERS_KEEP=1 $(PY) tests/mutation_run.py $(MODULE) $(or $(CHILDREN),1) $(MUTANTS)
 	$(PY) -m tests.mutation_score mutants/$(subst /,.,$(MODULE)).txt tests/mutation_equivalent.txt
 else
 	PEERS_KEEP=1 $(VENV)/bin/mutmut run $(MUTANTS) || true

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from mailproxy import Controller, Endpoint
+from mailproxy import Controller, Endpoint, Grant
 from tests.helpers.proxy import RecordingBackend, client_tls, raw_connect, running_proxy
 from tests.helpers.upstreams import sample
 
@@ -195,6 +196,7 @@ class Scripted:
     def __init__(self, greeting: bytes, answers: list[list[bytes]]) -> None:
         self.greeting, self.answers = greeting, answers
         self.received: list[bytes] = []
+        self.hung_up = threading.Event()  # the proxy closed a connection
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
@@ -220,6 +222,7 @@ class Scripted:
                 for a in answer:
                     conn.sendall(a.replace(b"{tag}", tag) + b"\r\n")
             f.read()  # until the proxy closes
+            self.hung_up.set()
 
     def close(self) -> None:
         self.srv.close()
@@ -382,6 +385,10 @@ def test_smtp_commands_before_auth_get_their_codes_and_the_session_goes_on(
         assert ask(s, b"AUTH PLAIN !!!") == [b"501 5.5.2 Cannot decode the response"]
         assert ask(s, b"AUTH LOGIN !!!") == [b"334 UGFzc3dvcmQ6"]
         assert ask(s, b"cHc=") == [b"501 5.5.2 Cannot decode the response"]
+        assert ask(s, b"AUTH LOGIN " + base64.b64encode(b"carol@example.test")) == [
+            b"334 UGFzc3dvcmQ6"
+        ]
+        assert ask(s, b"cHc=!") == [b"501 5.5.2 Cannot decode the response"]  # "pw" and a "!"
         assert ask(s, b"AUTH PLAIN") == [b"334 "]
         assert ask(s, b"*") == [b"501 5.7.0 Authentication cancelled"]
         assert ask(s, b"AUTH LOGIN") == [b"334 VXNlcm5hbWU6"]
@@ -391,6 +398,22 @@ def test_smtp_commands_before_auth_get_their_codes_and_the_session_goes_on(
         assert ask(s, b"*") == [b"501 5.7.0 Authentication cancelled"]
         assert not backend.named("authenticate")
         assert ask(s, b"QUIT") == [b"221 2.0.0 Bye"]
+        assert closed(s)
+
+
+def test_smtp_unknown_commands_use_up_the_budget_and_end_the_connection() -> None:
+    with (
+        running_proxy(
+            RecordingBackend(), listeners={"submission": "127.0.0.1:0"}, unknown_command_budget=2
+        ) as p,
+        raw_connect(p, "submission") as s,
+    ):
+        line(s)
+        assert ask(s, b"STAT") == [b"500 5.5.2 Command not recognized"]
+        assert ask(s, b"MAIL FROM:<a@example.test>", 2) == [
+            b"530 5.7.0 Authentication required",
+            b"421 4.7.0 Too many invalid commands",
+        ]
         assert closed(s)
 
 
@@ -501,11 +524,13 @@ def test_an_smtp_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
 def test_an_smtp_upstream_refusing_starttls_is_never_sent_the_token(
     backend: RecordingBackend, scripted: list[Scripted]
 ) -> None:
+    before = sample("mailproxy_upstream_errors_total", protocol="smtp", reason="tls")
     reply, up = smtp_through(
         backend, scripted, b"220 hi", EHLO_OK, [b"454 4.7.0 no TLS today"], security="starttls"
     )
     assert reply == b"454 4.7.0 mail server refused STARTTLS: 454 4.7.0 no TLS today"
     assert up.received == [b"EHLO proxy.example.test", b"STARTTLS"]
+    assert sample("mailproxy_upstream_errors_total", protocol="smtp", reason="tls") == before + 1
 
 
 def test_smtp_upstream_greeting_and_ehlo_may_span_lines_and_auth_carries_the_initial_response(
@@ -524,6 +549,14 @@ def test_smtp_upstream_greeting_and_ehlo_may_span_lines_and_auth_carries_the_ini
     assert up.received[:2] == [b"EHLO proxy.example.test", b"AUTH XOAUTH2 " + sasl]
 
 
+def test_smtp_upstream_replies_of_a_bare_code_are_whole_replies(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    reply, up = smtp_through(backend, scripted, b"220", [b"250"], [b"235"], [])
+    assert reply == b"235 2.7.0 Authentication successful"
+    assert up.received[0] == b"EHLO proxy.example.test"
+
+
 def test_an_smtp_challenge_is_answered_empty_and_any_refusal_counts_against_the_token(
     backend: RecordingBackend, scripted: list[Scripted]
 ) -> None:
@@ -535,6 +568,95 @@ def test_an_smtp_challenge_is_answered_empty_and_any_refusal_counts_against_the_
     assert up.received[2] == b""
     (call,) = backend.named("token_rejected")
     assert call[2] == '454 4.7.0 no {"status":"401"}'
+
+
+def test_an_smtp_535_without_a_challenge_counts_against_the_token_in_the_servers_words(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    reply, up = smtp_through(backend, scripted, b"220 hi", EHLO_OK, [b"535 5.7.8 bad token"])
+    assert reply.startswith(b"535 5.7.8 ") and b"re-authorize" in reply
+    assert [c[2] for c in backend.named("upstream_refused")] == ["535 5.7.8 bad token"]
+    (call,) = backend.named("token_rejected")
+    assert call[2] == "535 5.7.8 bad token"  # nothing added: no challenge came
+
+
+class PolicyBackend(RecordingBackend):
+    """Records smtp_auth_refused and deliver; a policy refusal switches the account to
+    ``deliver`` when `switch` is set (as Microsoft Graph mode does)."""
+
+    switch = True
+
+    def smtp_auth_refused(self, account_id: int, detail: str) -> Grant | None:
+        with self.lock:
+            self.calls.append(("smtp_auth_refused", account_id, detail))
+        if not self.switch:
+            return None
+        acct = self._by_id(account_id)
+        return Grant(acct.account_id, acct.address, acct.upstreams["smtp"], "XOAUTH2", True, 1000)
+
+    def deliver(self, account_id: int, sender: str, recipients: list[str], message: bytes) -> str:
+        with self.lock:
+            self.calls.append(("deliver", account_id, sender, recipients, message))
+        return "2.0.0 sent through the backend"
+
+
+def policy_backend(backend: RecordingBackend, switch: bool) -> PolicyBackend:
+    policy = PolicyBackend(accounts=backend.accounts, token_source=backend.token_source)
+    policy.switch = switch
+    return policy
+
+
+POLICY = b"535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"
+
+
+def test_an_smtp_policy_refusal_switched_to_delivery_hangs_up_and_takes_the_mail_itself(
+    backend: RecordingBackend, scripted: list[Scripted], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.smtp")
+    ok_before = sample("mailproxy_logins_total", protocol="smtp", result="ok")
+    policy = policy_backend(backend, switch=True)
+    up = Scripted(b"220 hi", [EHLO_OK, [POLICY]])
+    scripted.append(up)
+    policy.accounts["carol@example.test"].upstreams["smtp"] = Endpoint(
+        "127.0.0.1", up.port, "plain"
+    )
+    with (
+        running_proxy(policy, listeners={"submission": "127.0.0.1:0"}) as p,
+        raw_connect(p, "submission") as s,
+    ):
+        line(s)
+        ask(s, b"EHLO client.example", 7)
+        assert ask(s, b"AUTH PLAIN " + PLAIN_OK.encode()) == [
+            b"235 2.7.0 Authentication successful"
+        ]
+        assert up.hung_up.wait(5)  # the refused upstream session is closed at once
+        assert ask(s, b"MAIL FROM:<carol@example.test>") == [b"250 2.1.0 Sender OK"]
+        assert ask(s, b"RCPT TO:<dan@example.test>") == [b"250 2.1.5 Recipient OK"]
+        assert ask(s, b"DATA")[0].startswith(b"354 ")
+        assert ask(s, b"Subject: hi\r\n\r\nbody\r\n.")[0].startswith(b"250 ")
+        assert ask(s, b"QUIT") == [b"221 2.0.0 Bye"]
+        assert closed(s)  # the session ends with the mail transactions
+    (refused,) = policy.named("smtp_auth_refused")
+    assert refused[1:] == (7, "mail server: " + POLICY.decode())
+    (sent,) = policy.named("deliver")
+    assert sent[1:4] == (7, "carol@example.test", ["dan@example.test"])
+    assert not policy.named("token_rejected") and not policy.named("upstream_refused")
+    assert [c[2] for c in policy.named("access_token")] == [False]  # no refresh for a policy
+    assert sample("mailproxy_logins_total", protocol="smtp", result="ok") == ok_before + 1
+    said = [r.getMessage() for r in caplog.records if r.name == "mailproxy.smtp"]
+    assert "login carol@example.test from 127.0.0.1, mail goes to the backend" in said
+
+
+def test_an_smtp_policy_refusal_without_delivery_is_refused_with_the_servers_words(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    policy = policy_backend(backend, switch=False)
+    before = sample("mailproxy_upstream_errors_total", protocol="smtp", reason="policy")
+    reply, _ = smtp_through(policy, scripted, b"220 hi", EHLO_OK, [POLICY])
+    assert reply == b"454 4.7.0 mail server: " + POLICY
+    assert sample("mailproxy_upstream_errors_total", protocol="smtp", reason="policy") == before + 1
+    assert len(policy.named("smtp_auth_refused")) == 1
+    assert not policy.named("deliver") and not policy.named("token_rejected")
 
 
 # ---- IMAP before login -------------------------------------------------------------------------
