@@ -32,7 +32,7 @@ from tests.helpers.linking import (
     register,
     token_requests,
 )
-from tests.helpers.tokens import Scripted
+from tests.helpers.tokens import Scripted, next_try_in, seconds_until_next_try
 
 USER_SCOPE = "openid email offline_access"
 
@@ -197,17 +197,6 @@ def test_invalid_scope_without_a_scope_is_not_repeated(
 # ------------------------------------------------------------------------------- back-off
 
 
-def due_now(account: Account) -> None:
-    Account.update(next_refresh_at=utcnow() - dt.timedelta(seconds=1)).where(
-        Account.id == account.id
-    ).execute()
-
-
-def seconds_until_next_try(account: Account) -> float:
-    stored = Account.get_by_id(account.id)
-    return float((stored.next_refresh_at - utcnow()).total_seconds())
-
-
 def test_a_refused_refresh_is_remembered_and_not_asked_again_until_the_back_off_ends(
     quick_app: Flask, scripted: Callable[..., Scripted]
 ) -> None:
@@ -228,7 +217,7 @@ def test_a_refused_refresh_is_remembered_and_not_asked_again_until_the_back_off_
     assert first.refresh_failures == 1 and first.refresh_failing_since is not None
     assert first.status == "active" and "bad secret" in first.last_error
 
-    due_now(account)
+    next_try_in(account, -1)
     with pytest.raises(oauth_errors.ClientRefused):
         tokens.get_access_token(account.id)
     assert server.hits == 2
@@ -268,7 +257,7 @@ def test_a_success_after_failures_forgets_them(
     account = account_at(quick_app, server.url)
     with pytest.raises(oauth_errors.TokenUnavailable):
         tokens.get_access_token(account.id)
-    due_now(account)
+    next_try_in(account, -1)
 
     assert tokens.get_access_token(account.id) == "a2"
 

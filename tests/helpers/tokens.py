@@ -49,6 +49,18 @@ def expire(account: Account) -> None:
     ).execute()
 
 
+def next_try_in(account: Account, seconds: float) -> None:
+    """Move the account's next renewal try ``seconds`` from now (negative: due already)."""
+    Account.update(next_refresh_at=utcnow() + dt.timedelta(seconds=seconds)).where(
+        Account.id == account.id
+    ).execute()
+
+
+def seconds_until_next_try(account: Account) -> float:
+    stored = Account.get_by_id(account.id)
+    return float((stored.next_refresh_at - utcnow()).total_seconds())
+
+
 class FlakyTokenEndpoint:
     """A local token endpoint that answers 503 (or too slowly, or with a given status and body):
     the failures peers lack. ``on_request`` runs before each answer (e.g. another caller)."""

@@ -21,7 +21,13 @@ from oauth import errors as oauth_errors
 from oauth import tokens
 from store.db import Ciphertext
 from tests.helpers.mail import wait_until
-from tests.helpers.tokens import FlakyTokenEndpoint, Scripted, broken_account
+from tests.helpers.tokens import (
+    FlakyTokenEndpoint,
+    Scripted,
+    broken_account,
+    next_try_in,
+    seconds_until_next_try,
+)
 
 
 @pytest.fixture
@@ -39,17 +45,6 @@ def scripted() -> Iterator[Callable[..., Scripted]]:
 
 def refreshes(result: str) -> float:
     return REGISTRY.get_sample_value("auth_email_token_refreshes_total", {"result": result}) or 0.0
-
-
-def next_try_in(account: Account, seconds: float) -> None:
-    Account.update(next_refresh_at=utcnow() + dt.timedelta(seconds=seconds)).where(
-        Account.id == account.id
-    ).execute()
-
-
-def seconds_until_next_try(account: Account) -> float:
-    stored = Account.get_by_id(account.id)
-    return float((stored.next_refresh_at - utcnow()).total_seconds())
 
 
 # ------------------------------------------------------------- during the back-off
