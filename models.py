@@ -205,8 +205,13 @@ class OAuthClient(SecretModel):
     def list_usable_by(cls, user: User) -> list[OAuthClient]:
         """``usable_by`` as a list, from a query built once (every account page shows it)."""
         if user.may_use_custom_clients:
-            return _own_or_shared_clients(user.id, True)
+            return cls.list_own_or_shared(user)
         return _shared_clients(True)
+
+    @classmethod
+    def list_own_or_shared(cls, user: User) -> list[OAuthClient]:
+        """The user's own clients and every shared one, by name (a query built once)."""
+        return _own_or_shared_clients(user.id, True)
 
     @classmethod
     def editable_by(cls, user: User) -> pw.ModelSelect[OAuthClient]:

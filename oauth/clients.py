@@ -59,7 +59,7 @@ def can_edit(user: User, client: OAuthClient) -> bool:
 def visible_clients(user: User) -> list[OAuthClient]:
     """The user's own clients; the admin also sees every shared one."""
     if user.is_admin:
-        return _own_or_shared(user.id, True)
+        return OAuthClient.list_own_or_shared(user)
     return _own(user.id)
 
 
@@ -94,13 +94,6 @@ def _accounts_using_visible(user: User) -> dict[int, list[Account]]:
 # Built once (store.db.Prepared): the settings page and the client editor run them per client.
 _own = Prepared(
     lambda owner: OAuthClient.select().where(OAuthClient.owner == owner).order_by(OAuthClient.name)
-)
-_own_or_shared = Prepared(
-    lambda owner, shared: (
-        OAuthClient.select()
-        .where((OAuthClient.owner == owner) | (OAuthClient.shared == shared))
-        .order_by(OAuthClient.name)
-    )
 )
 _own_by_id = Prepared(
     lambda owner, client_id: OAuthClient.select().where(
