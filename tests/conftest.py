@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from models import User
 from people import users
 from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, USER_PASSWORD, make_app
 from tests.helpers.linking import PUBLIC, PeerInfo
+from tests.helpers.tokens import Scripted
 from tests.helpers.web import AuthActions, LiveServer
 
 # The real peers (OAuth server, Dovecot, Postfix, Chromium) and their fixtures.
@@ -85,3 +86,17 @@ def alice(app: Flask, auth: AuthActions) -> User:
     auth.logout()
     auth.login("alice@example.org", USER_PASSWORD)
     return user
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., Scripted]]:
+    """Local token endpoints that answer as scripted (the failures the peers lack)."""
+    started: list[Scripted] = []
+
+    def start(*answers: tuple[Any, ...]) -> Scripted:
+        started.append(Scripted(*answers))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()

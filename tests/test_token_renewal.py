@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,19 +93,6 @@ def test_a_user_typed_scope_with_offline_access_keeps_renewing(
 
 
 # ------------------------------------------------------------------ a scripted token endpoint
-
-
-@pytest.fixture
-def scripted() -> Iterator[Callable[..., Scripted]]:
-    started: list[Scripted] = []
-
-    def start(*answers: tuple[Any, ...]) -> Scripted:
-        started.append(Scripted(*answers))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.close()
 
 
 @pytest.fixture

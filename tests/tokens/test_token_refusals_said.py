@@ -9,7 +9,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,19 +28,6 @@ from tests.helpers.tokens import (
     next_try_in,
     seconds_until_next_try,
 )
-
-
-@pytest.fixture
-def scripted() -> Iterator[Callable[..., Scripted]]:
-    started: list[Scripted] = []
-
-    def start(*answers: tuple[Any, ...]) -> Scripted:
-        started.append(Scripted(*answers))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.close()
 
 
 def refreshes(result: str) -> float:
