@@ -16,23 +16,16 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from mailboxes import linking
 from models import Account, OAuthClient, User, utcnow
 from oauth import errors as oauth_errors
 from oauth import tokens
 from tests.helpers.app import make_app
 from tests.helpers.linking import (
     PUBLIC,
-    REDIRECT,
     PeerInfo,
-    mailbox,
-    op_sign_in,
-    peer_client,
-    query_of,
-    register,
     token_requests,
 )
-from tests.helpers.tokens import Scripted, next_try_in, seconds_until_next_try
+from tests.helpers.tokens import Scripted, expire, link, next_try_in, seconds_until_next_try
 
 USER_SCOPE = "openid email offline_access"
 
@@ -47,28 +40,6 @@ def owner(instance: Path, peer: PeerInfo) -> User:
         return users.create_user("owner@example.org", "owner-password-1", True)
 
 
-def link_with_scope(
-    owner: User,
-    peer: PeerInfo,
-    scope: str,
-    **meta: Any,
-) -> tuple[Account, dict[str, Any]]:
-    reg = register(peer, **meta)
-    client = peer_client(owner, peer, reg, scope=scope)
-    address = mailbox("scope")
-    started = linking.start(owner, address, client, REDIRECT)
-    back = op_sign_in(peer, started.url, address)
-    account, result = linking.complete_callback(owner, query_of(back), REDIRECT)
-    assert result.ok, result.message
-    return Account.get_by_id(account.id), reg
-
-
-def expire(account: Account) -> None:
-    Account.update(token_expires_at=utcnow() - dt.timedelta(minutes=1)).where(
-        Account.id == account.id
-    ).execute()
-
-
 @pytest.mark.peers
 @pytest.mark.parametrize("scope", [USER_SCOPE, f"{USER_SCOPE} mail"])
 def test_a_user_typed_scope_with_offline_access_keeps_renewing(
@@ -78,7 +49,7 @@ def test_a_user_typed_scope_with_offline_access_keeps_renewing(
 ) -> None:
     """The issue's reproduction: a 2-minute token, the scope a user would type, and the
     refresh that failed with invalid_scope because it repeated the configured scope."""
-    account, reg = link_with_scope(owner, peer, scope, access_token_ttl=120)
+    account, reg = link(owner, peer, client_scope=scope, access_token_ttl=120)
     expire(account)
     before = token_requests(peer, reg["client_id"])
 

@@ -30,11 +30,15 @@ from tests.helpers.linking import (
 def link(
     user: User,
     peer: PeerInfo,
+    *,
+    client_scope: str | None = None,
     **meta: Any,
 ) -> tuple[Account, dict[str, Any]]:
-    """An account linked by Authorization Code (driven over HTTP at the OAuth server)."""
+    """An account linked by Authorization Code (driven over HTTP at the OAuth server);
+    ``client_scope`` replaces the client's default scope, ``meta`` goes to the registration."""
     reg = register(peer, **meta)
-    client = peer_client(user, peer, reg)
+    over = {"scope": client_scope} if client_scope is not None else {}
+    client = peer_client(user, peer, reg, **over)
     address = mailbox("tok")
     started = linking.start(user, address, client, REDIRECT)
     back = op_sign_in(peer, started.url, address)
