@@ -46,6 +46,10 @@ SQLITE_PRAGMAS = {
     "foreign_keys": 1,
     "busy_timeout": 10000,
     "synchronous": "normal",
+    # Pages read through a memory map instead of a read() and a copy each: every write by
+    # another connection (the proxy's bookkeeping) empties this one's page cache, so a login's
+    # queries re-read their pages; mapped, that costs ~15 % less CPU (bench/README.md).
+    "mmap_size": 256 * 1024 * 1024,
 }
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 import pytest
 
-from mailboxes.mailbackend import AppBackend
+from mailboxes.mailbackend import LAST_USE_EVERY, AppBackend, _account_relayed, _account_used
 from mailproxy import ProxyAuthError
 from models import Account, User, utcnow
 from store.db import Ciphertext
@@ -46,3 +47,54 @@ def test_an_unreadable_token_is_a_temporary_refusal(app, account, caplog):
         AppBackend(app.config).access_token(account.id)
     assert refused.value.kind == "unavailable"
     assert "a-token" not in caplog.text and "r-token" not in caplog.text
+
+
+def test_a_failing_bookkeeping_write_loses_only_itself(app, account, caplog):
+    """Writes queued together share one transaction; when one fails, the others are still
+    written (each again on its own)."""
+    backend = AppBackend(app.config, app)
+    busy = threading.Event()
+    backend._bookkeeping.submit(busy.wait, 10)  # the writes below queue up behind it
+
+    def fails() -> None:
+        Account.update(last_used_ip="half-written").where(Account.id == account.id).execute()
+        raise RuntimeError("boom")
+
+    try:
+        backend.later(_account_used, account.id, "192.0.2.1", utcnow())
+        backend.later(fails)
+        backend.later(_account_relayed, account.id, 300)
+        busy.set()
+        backend.flush()
+    finally:
+        backend.close()
+    with app.app_context():
+        row = Account.get_by_id(account.id)
+    assert (row.last_used_ip, row.bytes_relayed) == ("192.0.2.1", 300)
+    assert "bookkeeping write failed" in caplog.text
+
+
+def test_an_accounts_last_use_is_written_when_its_ip_changes_or_a_minute_passed(app, account):
+    backend = AppBackend(app.config, app)
+
+    def last_use() -> tuple[str, object]:
+        backend.flush()
+        with app.app_context():
+            row = Account.get_by_id(account.id)
+        return row.last_used_ip, row.last_used_at
+
+    try:
+        backend.session_opened(account.id, "imap", "192.0.2.1")
+        ip, first = last_use()
+        assert ip == "192.0.2.1" and first is not None
+        backend.session_opened(account.id, "imap", "192.0.2.1")  # a device polling again
+        assert last_use() == ("192.0.2.1", first)
+        backend.session_opened(account.id, "pop3", "192.0.2.2")  # another place: at once
+        ip, second = last_use()
+        assert ip == "192.0.2.2" and second > first
+        ip, at = backend._last_seen[account.id]
+        backend._last_seen[account.id] = (ip, at - LAST_USE_EVERY)  # a minute later
+        backend.session_opened(account.id, "imap", "192.0.2.2")
+        assert last_use()[1] > second
+    finally:
+        backend.close()
