@@ -267,8 +267,9 @@ class AppBackend:
     def later(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run a bookkeeping write in the bookkeeping thread, in order.
 
-        Writes queued while the thread is busy go together, in one transaction: a login's audit
-        row and last use, and a burst's, cost one commit."""
+        Writes queued within GATHER_SECONDS of the first, or while the thread is busy, go
+        together, in one transaction: a login's audit row and last use, and a burst's, cost
+        one commit."""
         with self._pending_lock:
             self._pending.append((write, args, kwargs))
             if len(self._pending) > 1:
@@ -276,6 +277,7 @@ class AppBackend:
         self._bookkeeping.submit(self._drain)
 
     def _drain(self) -> None:
+        time.sleep(GATHER_SECONDS)  # the writes queued meanwhile join this transaction
         with self._pending_lock:
             batch, self._pending = self._pending, []
         try:
@@ -490,6 +492,11 @@ class AppBackend:
         with self._open_lock:
             return self._open.get(account_id, 0)
 
+
+#: How long the bookkeeping thread waits for more writes before it writes a batch: a login's
+#: writes come within a few milliseconds of each other (half the thread's CPU per login,
+#: bench/README.md); nobody waits for them, and the pages show times to the minute.
+GATHER_SECONDS = 0.05
 
 #: Last use (of a password, of an account) is written when the IP changes or this many seconds
 #: have passed, not on every poll of a busy client: the pages show it to the minute.

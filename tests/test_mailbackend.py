@@ -98,3 +98,23 @@ def test_an_accounts_last_use_is_written_when_its_ip_changes_or_a_minute_passed(
         assert last_use()[1] > second
     finally:
         backend.close()
+
+
+def test_bookkeeping_writes_queued_together_share_one_transaction(app, account):
+    """A login's writes (audit row, last use) come milliseconds apart: one commit for them."""
+    from store.db import database
+
+    backend = AppBackend(app.config, app)
+    seen: list[int] = []
+
+    def note() -> None:
+        seen.append(id(database.top_transaction()))
+
+    try:
+        backend.later(note)
+        backend.later(_account_used, account.id, "192.0.2.1", utcnow())
+        backend.later(note)  # the second write after the first has been handed over
+        backend.flush()
+    finally:
+        backend.close()
+    assert len(seen) == 2 and seen[0] == seen[1]
