@@ -11,13 +11,21 @@ import base64
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from mailproxy import Controller, Endpoint, Grant
-from tests.helpers.proxy import RecordingBackend, client_tls, raw_connect, running_proxy
+from tests.helpers.proxy import (
+    CERT,
+    KEY,
+    RecordingBackend,
+    client_tls,
+    raw_connect,
+    running_proxy,
+)
 from tests.helpers.upstreams import sample
 
 PLAIN_OK = base64.b64encode(b"\0carol@example.test\0pw").decode()
@@ -191,11 +199,15 @@ def test_pop3_stls_is_offered_once_and_not_on_the_tls_port() -> None:
 class Scripted:
     """An upstream mail server that sends `greeting`, then answers each line it reads with the
     next entry of `answers` (a list of lines; an empty list reads without answering; ``{tag}``
-    stands for the first word of the line read, the IMAP tag)."""
+    stands for the first word of the line read, the IMAP tag). With `tls`, a line ending in
+    STARTTLS is followed by a TLS handshake, and the lines read over TLS go to `secure` too."""
 
-    def __init__(self, greeting: bytes, answers: list[list[bytes]]) -> None:
-        self.greeting, self.answers = greeting, answers
+    def __init__(
+        self, greeting: bytes, answers: list[list[bytes]], tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.greeting, self.answers, self.tls = greeting, answers, tls
         self.received: list[bytes] = []
+        self.secure: list[bytes] = []
         self.hung_up = threading.Event()  # the proxy closed a connection
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
@@ -210,17 +222,25 @@ class Scripted:
             threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
 
     def _talk(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn:  # the proxy may reset it when done
+        with contextlib.suppress(OSError), contextlib.ExitStack() as stack:
+            stack.callback(lambda: conn.close())  # the proxy may reset it when done
             conn.sendall(self.greeting + b"\r\n")
             f = conn.makefile("rb")
+            over_tls = False
             for answer in self.answers:
                 got = f.readline()
                 if not got:
                     return
                 self.received.append(got.rstrip(b"\r\n"))
+                if over_tls:
+                    self.secure.append(got.rstrip(b"\r\n"))
                 tag = got.split(b" ", 1)[0].strip()
                 for a in answer:
                     conn.sendall(a.replace(b"{tag}", tag) + b"\r\n")
+                if self.tls is not None and got.rstrip().upper().endswith(b" STARTTLS"):
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                    f = conn.makefile("rb")
+                    over_tls = True
             f.read()  # until the proxy closes
             self.hung_up.set()
 
@@ -809,14 +829,16 @@ def imap_through(
     greeting: bytes,
     *answers: list[bytes],
     security: str = "plain",
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[bytes, Scripted]:
-    up = Scripted(greeting, list(answers))
+    up = Scripted(greeting, list(answers), tls)
     scripted.append(up)
     backend.accounts["carol@example.test"].upstreams = {
         "imap": Endpoint("127.0.0.1", up.port, security)  # type: ignore[arg-type]
     }
+    trusted = {"upstream_ca_file": CERT} if tls is not None else {}
     with (
-        running_proxy(backend, listeners={"imap": "127.0.0.1:0"}) as p,
+        running_proxy(backend, listeners={"imap": "127.0.0.1:0"}, **trusted) as p,
         raw_connect(p, "imap") as s,
     ):
         line(s)
@@ -835,6 +857,7 @@ def imap_through(
             "protocol",
         ),
         (b"* OK hi", [[b"{tag} NO [LIMIT] busy"]], b"mail server: NO [LIMIT] busy", "refused"),
+        (b"* OK hi", [[b"* BYE going away"]], b"mail server: going away", "refused"),
     ],
 )
 def test_an_imap_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
@@ -858,7 +881,13 @@ def test_an_imap_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
     [
         ([[b"{tag} NO not now"]], b"mail server refused STARTTLS: P1 NO not now", "tls"),
         ([[b"* BYE  bye"]], b"mail server: bye", "protocol"),
+        ([[b"* BYE going away"]], b"mail server: going away", "protocol"),
         ([[b"* x"] * 1001], b"mail server sent too many lines", "protocol"),
+        (  # a thousand untagged lines are still read to the tagged answer
+            [[b"* x"] * 1000 + [b"{tag} NO not now"]],
+            b"mail server refused STARTTLS: P1 NO not now",
+            "tls",
+        ),
     ],
 )
 def test_an_imap_upstream_refusing_starttls_is_never_sent_the_token(
@@ -882,6 +911,7 @@ def test_an_imap_upstream_refusing_starttls_is_never_sent_the_token(
         ([[b"{tag} ok [capability IMAP4rev1 UIDPLUS] done"]], b"IMAP4rev1 UIDPLUS"),
         ([[b"{tag} OK done"], [b"* CAPABILITY IMAP4rev1 QUOTA", b"{tag} OK"]], b"IMAP4rev1 QUOTA"),
         ([[b"{tag} OK done"], [b"* OK nothing", b"{tag} OK"]], b"IMAP4rev1"),
+        ([[b"{tag} OK done"], [b"{tag} NO not now"]], b"IMAP4rev1"),  # a refusal of no login
     ],
 )
 def test_imap_login_answers_with_the_capabilities_the_upstream_names_or_asks_for_them(
@@ -895,12 +925,78 @@ def test_imap_login_answers_with_the_capabilities_the_upstream_names_or_asks_for
         assert up.received[1] == b"P2 CAPABILITY"
 
 
+@pytest.mark.parametrize("plus", [b"+ ", b"+"])  # the space RFC 3501 asks for, or none
 def test_an_imap_challenge_is_answered_empty_and_any_refusal_counts_against_the_token(
-    backend: RecordingBackend, scripted: list[Scripted]
+    backend: RecordingBackend, scripted: list[Scripted], plus: bytes
 ) -> None:
     challenge = base64.b64encode(b'{"status":"401"}')
-    reply, up = imap_through(backend, scripted, b"* OK hi", [b"+ " + challenge], [b"P1 NO no"])
+    reply, up = imap_through(backend, scripted, b"* OK hi", [plus + challenge], [b"P1 NO no"])
     assert reply.startswith(b"a NO [AUTHORIZATIONFAILED] ") and b"re-authorize" in reply
     assert up.received[1] == b""
     (call,) = backend.named("token_rejected")
     assert call[2] == 'P1 NO no {"status":"401"}'
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        b"NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)",
+        b"NO AUTHENTICATE failed.",  # Microsoft's words, no code
+        b"NO [ALERT] Your account is not enabled for IMAP use.",  # Gmail, IMAP off
+    ],
+)
+def test_an_imap_refusal_naming_authentication_counts_against_the_token_in_the_servers_words(
+    backend: RecordingBackend, scripted: list[Scripted], refusal: bytes
+) -> None:
+    reply, _ = imap_through(backend, scripted, b"* OK hi", [b"{tag} " + refusal])
+    assert reply.startswith(b"a NO [AUTHORIZATIONFAILED] ") and b"re-authorize" in reply
+    said = "P1 " + refusal.decode()
+    assert [c[2] for c in backend.named("upstream_refused")] == [said]
+    assert [c[2] for c in backend.named("token_rejected")] == [said]
+
+
+@pytest.mark.parametrize("status", [b"BAD", b"NO"])
+def test_an_imap_login_whose_mailbox_cannot_be_opened_counts_against_the_token(
+    backend: RecordingBackend, scripted: list[Scripted], status: bytes
+) -> None:
+    """Exchange accepts the token but answers no command: "User is authenticated but not
+    connected." (IMAP off for the mailbox, or no permission on it)."""
+    refusal = status + b" User is authenticated but not connected."
+    reply, up = imap_through(
+        backend, scripted, b"* OK hi", [b"{tag} OK done"], [b"{tag} " + refusal], []
+    )
+    assert reply.startswith(b"a NO [AUTHORIZATIONFAILED] ")
+    assert up.received[1] == b"P2 CAPABILITY"
+    assert [c[2] for c in backend.named("token_rejected")] == [refusal.decode()]
+
+
+def test_an_imap_upstream_starttls_is_negotiated_before_the_token_is_sent(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(CERT, KEY)
+    reply, up = imap_through(
+        backend,
+        scripted,
+        b"* OK hi",
+        [b"{tag} OK Begin TLS negotiation now"],
+        [b"{tag} OK [CAPABILITY IMAP4rev1 IDLE] Logged in"],
+        [],
+        security="starttls",
+        tls=server,
+    )
+    assert reply == b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"
+    assert up.received[0] == b"P1 STARTTLS"
+    (auth,) = [r for r in up.received if b"AUTHENTICATE" in r]
+    assert auth.startswith(b"P2 AUTHENTICATE XOAUTH2 ") and auth in up.secure  # over TLS
+
+
+def test_the_token_sent_to_an_imap_upstream_is_masked_in_the_debug_log(
+    backend: RecordingBackend, scripted: list[Scripted], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "mailproxy")
+    reply, up = imap_through(backend, scripted, b"* OK hi", [b"{tag} OK [CAPABILITY IMAP4rev1] x"])
+    assert reply == b"a OK [CAPABILITY IMAP4rev1] Logged in"
+    sent = up.received[0].split(b" ")[-1].decode()
+    assert "U< P1 AUTHENTICATE XOAUTH2 ****" in caplog.text
+    assert sent not in caplog.text
