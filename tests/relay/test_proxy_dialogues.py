@@ -793,6 +793,30 @@ def test_imap_literals_are_bounded_in_size_number_and_sum(
         assert ask(s, b"b NOOP") == [b"b OK NOOP completed"]
 
 
+def test_imap_literals_of_exactly_the_limits_are_taken() -> None:
+    settings = {"max_literal": 4, "max_literal_bytes_per_command": 6}
+    with (
+        running_proxy(RecordingBackend(), listeners={"imap": "127.0.0.1:0"}, **settings) as p,
+        raw_connect(p, "imap") as s,
+    ):
+        line(s)
+        assert ask(s, b"a LOGIN {4}") == [b"+ Ready for literal data"]
+        assert ask(s, b"abcd {2}") == [b"+ Ready for literal data"]  # 6 bytes in all
+        assert ask(s, b"pw") == [b"a NO [AUTHENTICATIONFAILED] Invalid address or password"]
+
+
+def test_imap_quoted_strings_end_at_their_closing_quote_never_at_an_escape(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    with raw_connect(proxy, "imap") as s:
+        line(s)
+        # An escaped quote at the end of the line leaves the string open.
+        assert ask(s, b'a LOGIN carol@example.test "pw\\"') == [b"a BAD Invalid arguments"]
+        assert ask(s, b'b LOGIN carol@example.test "pw\\') == [b"b BAD Invalid arguments"]
+        assert ask(s, b"c NOOP") == [b"c OK NOOP completed"]
+    assert not backend.named("authenticate")
+
+
 def test_imap_without_tls_off_loopback_refuses_logins_before_any_literal() -> None:
     with running_proxy(
         RecordingBackend(), listeners={"imap": "127.0.0.1:0"}, allow_plaintext_from_loopback=False
