@@ -817,6 +817,20 @@ def test_imap_quoted_strings_end_at_their_closing_quote_never_at_an_escape(
     assert not backend.named("authenticate")
 
 
+def test_imap_login_arguments_are_read_as_sent(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    wrong = b"NO [AUTHENTICATIONFAILED] Invalid address or password"
+    with raw_connect(proxy, "imap") as s:
+        line(s)
+        assert ask(s, b"a LOGIN {18}") == [b"+ Ready for literal data"]
+        assert ask(s, b"carol@example.test pwX") == [b"a " + wrong]  # not "pw"
+        assert ask(s, b"b LOGIN Xavier@example.test pw") == [b"b " + wrong]
+        assert ask(s, b"c LOGIN ( )", 2) == [b"c " + wrong, b"* BYE Too many failed logins"]
+    addresses = [c[2] for c in backend.named("authenticate")]
+    assert addresses == ["carol@example.test", "Xavier@example.test", "("]
+
+
 def test_imap_without_tls_off_loopback_refuses_logins_before_any_literal() -> None:
     with running_proxy(
         RecordingBackend(), listeners={"imap": "127.0.0.1:0"}, allow_plaintext_from_loopback=False
