@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailproxy import Controller, Endpoint, Grant
+from mailproxy import Controller, Endpoint, Grant, ProxyAuthError
 from tests.helpers.proxy import (
     CERT,
     KEY,
@@ -1055,3 +1055,32 @@ def test_the_token_sent_to_an_imap_upstream_is_masked_in_the_debug_log(
     sent = up.received[0].split(b" ")[-1].decode()
     assert "U< P1 AUTHENTICATE XOAUTH2 ****" in caplog.text
     assert sent not in caplog.text
+
+
+# ---- a refused login, in the protocol's words (session.py) ----------------------------------
+@pytest.mark.parametrize(
+    ("kind", "message", "retry_after", "said"),
+    [
+        ("credentials", "", None, b"NO [AUTHENTICATIONFAILED] Invalid address or password"),
+        ("credentials", "App password", None, b"NO [AUTHENTICATIONFAILED] App password"),
+        ("disabled", "Disabled.", None, b"NO [AUTHORIZATIONFAILED] Disabled."),
+        ("refused", "IMAP is off", None, b"NO [AUTHORIZATIONFAILED] IMAP is off"),
+        ("reauth", "Re-authorize", None, b"NO [AUTHORIZATIONFAILED] Re-authorize"),
+        ("throttled", "Too many", 30, b"NO [UNAVAILABLE] Too many (retry in 30 seconds)"),
+        ("throttled", "Too many", None, b"NO [UNAVAILABLE] Too many"),
+        ("unavailable", "", None, b"NO [UNAVAILABLE] Temporary failure, try again later"),
+    ],
+)
+def test_each_kind_of_refused_login_gets_its_own_words_and_reason(
+    proxy: Controller,
+    backend: RecordingBackend,
+    kind: str,
+    message: str,
+    retry_after: int | None,
+    said: bytes,
+) -> None:
+    err = ProxyAuthError(kind, message, retry_after)
+    backend.accounts["carol@example.test"].refuse_login = err
+    with raw_connect(proxy, "imap") as s:
+        line(s)
+        assert ask(s, b"a LOGIN carol@example.test pw") == [b"a " + said]
