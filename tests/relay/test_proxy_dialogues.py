@@ -1071,16 +1071,22 @@ def test_the_token_sent_to_an_imap_upstream_is_masked_in_the_debug_log(
         ("unavailable", "", None, b"NO [UNAVAILABLE] Temporary failure, try again later"),
     ],
 )
-def test_each_kind_of_refused_login_gets_its_own_words_and_reason(
+def test_each_kind_of_refused_login_gets_its_own_words_counted_and_logged(
     proxy: Controller,
     backend: RecordingBackend,
+    caplog: pytest.LogCaptureFixture,
     kind: str,
     message: str,
     retry_after: int | None,
     said: bytes,
 ) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
     err = ProxyAuthError(kind, message, retry_after)
     backend.accounts["carol@example.test"].refuse_login = err
+    before = sample("mailproxy_logins_total", protocol="imap", result=kind)
     with raw_connect(proxy, "imap") as s:
         line(s)
         assert ask(s, b"a LOGIN carol@example.test pw") == [b"a " + said]
+    assert sample("mailproxy_logins_total", protocol="imap", result=kind) == before + 1
+    logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert f"login refused for 'carol@example.test' from 127.0.0.1: {kind}" in logged
