@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -1090,3 +1091,77 @@ def test_each_kind_of_refused_login_gets_its_own_words_counted_and_logged(
     assert sample("mailproxy_logins_total", protocol="imap", result=kind) == before + 1
     logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
     assert f"login refused for 'carol@example.test' from 127.0.0.1: {kind}" in logged
+
+
+class LoginFlowBackend(RecordingBackend):
+    """The password check can fail outright, or hand over a fresh token with the grant; the
+    refusal of a fresh token can come with the backend's reason."""
+
+    check_fails = False
+    token_with_grant = ""
+    rejected_because: str | None = None
+
+    def authenticate(self, protocol: str, address: str, password: str, client_ip: str) -> Grant:
+        grant = super().authenticate(protocol, address, password, client_ip)
+        if self.check_fails:
+            raise RuntimeError("database gone")
+        return dataclasses.replace(grant, token=self.token_with_grant)
+
+    def token_rejected(self, account_id: int, protocol: str, detail: str) -> str | None:
+        super().token_rejected(account_id, protocol, detail)
+        return self.rejected_because
+
+
+def login_flow(backend: RecordingBackend) -> LoginFlowBackend:
+    return LoginFlowBackend(accounts=backend.accounts, token_source=backend.token_source)
+
+
+def test_a_password_check_that_fails_is_a_temporary_refusal_and_the_session_goes_on(
+    backend: RecordingBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow = login_flow(backend)
+    flow.check_fails = True
+    before = sample("mailproxy_logins_total", protocol="imap", result="unavailable")
+    with (
+        running_proxy(flow, listeners={"imap": "127.0.0.1:0"}) as p,
+        raw_connect(p, "imap") as s,
+    ):
+        line(s)
+        assert ask(s, b"a LOGIN carol@example.test pw") == [
+            b"a NO [UNAVAILABLE] Internal error, try again later"
+        ]
+        assert ask(s, b"b NOOP") == [b"b OK NOOP completed"]
+    assert sample("mailproxy_logins_total", protocol="imap", result="unavailable") == before + 1
+    (failed,) = [r for r in caplog.records if r.getMessage() == "backend.authenticate failed"]
+    assert failed.exc_info is not None and "database gone" in str(failed.exc_info[1])
+    assert not flow.named("access_token")
+
+
+def test_a_token_read_with_the_password_check_goes_upstream_without_asking_for_one(
+    backend: RecordingBackend, scripted: list[Scripted], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
+    flow = login_flow(backend)
+    flow.token_with_grant = "from-the-check"
+    before = sample("mailproxy_logins_total", protocol="imap", result="ok")
+    reply, up = imap_through(flow, scripted, b"* OK hi", [b"{tag} OK [CAPABILITY IMAP4rev1] x"])
+    assert reply == b"a OK [CAPABILITY IMAP4rev1] Logged in"
+    sasl = base64.b64encode(b"user=carol@example.test\x01auth=Bearer from-the-check\x01\x01")
+    assert up.received[0] == b"P1 AUTHENTICATE XOAUTH2 " + sasl
+    assert not flow.named("access_token")
+    assert sample("mailproxy_logins_total", protocol="imap", result="ok") == before + 1
+    logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert "login carol@example.test from 127.0.0.1" in logged
+
+
+def test_a_fresh_token_refused_for_a_reason_the_backend_knows_is_refused_with_that_reason(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    flow = login_flow(backend)
+    flow.rejected_because = "IMAP is off for this mailbox: turn it on"
+    before = sample("mailproxy_upstream_errors_total", protocol="imap", reason="token_rejected")
+    reply, _ = imap_through(flow, scripted, b"* OK hi", [b"{tag} NO [AUTHENTICATIONFAILED] no"])
+    assert reply == b"a NO [AUTHORIZATIONFAILED] IMAP is off for this mailbox: turn it on"
+    after = sample("mailproxy_upstream_errors_total", protocol="imap", reason="token_rejected")
+    assert after == before + 1
+    assert [c[2] for c in flow.named("access_token")] == [False, True]
