@@ -828,6 +828,7 @@ def test_imap_login_arguments_are_read_as_sent(
         assert ask(s, b"carol@example.test pwX") == [b"a " + wrong]  # not "pw"
         assert ask(s, b"b LOGIN Xavier@example.test pw") == [b"b " + wrong]
         assert ask(s, b"c LOGIN ( )", 2) == [b"c " + wrong, b"* BYE Too many failed logins"]
+        assert closed(s)
     with raw_connect(proxy, "imap") as s:  # the last character of a line is its own too
         line(s)
         assert ask(s, b"d LOGIN carol@example.test pwX") == [b"d " + wrong]
