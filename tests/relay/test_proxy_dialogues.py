@@ -1166,3 +1166,13 @@ def test_a_fresh_token_refused_for_a_reason_the_backend_knows_is_refused_with_th
     after = sample("mailproxy_upstream_errors_total", protocol="imap", reason="token_rejected")
     assert after == before + 1
     assert [c[2] for c in flow.named("access_token")] == [False, True]
+
+
+def test_an_upstream_that_fails_before_a_token_read_with_the_password_check_is_unavailable(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    flow = login_flow(backend)
+    flow.token_with_grant = "from-the-check"
+    reply, _ = imap_through(flow, scripted, b"* NO go away")
+    assert reply == b"a NO [UNAVAILABLE] mail server greeting: * NO go away"
+    assert not flow.named("access_token")
