@@ -927,11 +927,13 @@ def test_an_imap_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
     reason: str,
 ) -> None:
     before = sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason)
-    reply, _ = imap_through(backend, scripted, greeting, *answers)
+    reply, up = imap_through(backend, scripted, greeting, *answers)
     after = sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason)
     assert after == before + 1
     assert reply == b"a NO [UNAVAILABLE] " + shown
     assert not backend.named("token_rejected")
+    # A new (not pooled) connection is not tried again.
+    assert len([r for r in up.received if b"AUTHENTICATE" in r]) <= 1
 
 
 @pytest.mark.parametrize(
