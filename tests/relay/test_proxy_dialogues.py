@@ -1005,13 +1005,19 @@ def test_an_imap_challenge_is_answered_empty_and_any_refusal_counts_against_the_
     ],
 )
 def test_an_imap_refusal_naming_authentication_counts_against_the_token_in_the_servers_words(
-    backend: RecordingBackend, scripted: list[Scripted], refusal: bytes
+    backend: RecordingBackend,
+    scripted: list[Scripted],
+    caplog: pytest.LogCaptureFixture,
+    refusal: bytes,
 ) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
     reply, _ = imap_through(backend, scripted, b"* OK hi", [b"{tag} " + refusal])
     assert reply.startswith(b"a NO [AUTHORIZATIONFAILED] ") and b"re-authorize" in reply
     said = "P1 " + refusal.decode()
-    assert [c[2] for c in backend.named("upstream_refused")] == [said]
+    assert backend.named("upstream_refused") == [("upstream_refused", 7, said, "imap")]
     assert [c[2] for c in backend.named("token_rejected")] == [said]
+    logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert f"upstream rejected the token of carol@example.test, refreshing: {said}" in logged
 
 
 @pytest.mark.parametrize("status", [b"BAD", b"NO"])
