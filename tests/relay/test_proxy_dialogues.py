@@ -1015,9 +1015,10 @@ def test_an_imap_refusal_naming_authentication_counts_against_the_token_in_the_s
     assert reply.startswith(b"a NO [AUTHORIZATIONFAILED] ") and b"re-authorize" in reply
     said = "P1 " + refusal.decode()
     assert backend.named("upstream_refused") == [("upstream_refused", 7, said, "imap")]
-    assert [c[2] for c in backend.named("token_rejected")] == [said]
+    assert backend.named("token_rejected") == [("token_rejected", 7, said, "imap")]
     logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
     assert f"upstream rejected the token of carol@example.test, refreshing: {said}" in logged
+    assert f"upstream rejected a fresh token of carol@example.test: {said}" in logged
 
 
 @pytest.mark.parametrize("status", [b"BAD", b"NO"])
