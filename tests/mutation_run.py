@@ -55,7 +55,19 @@ TOKENS_ONLY = [
 ]
 NOT_POSTGRES = ["-p", "no:cacheprovider", "-q", "--timeout", "120"]
 NOT_POSTGRES += ["-m", "not browser and not postgres"]
-EXTRA_ARGS: dict[str, list[str]] = {"oauth/tokens.py": NOT_POSTGRES}
+# The proxy's own modules: the descriptor-squeeze test runs the proxy in a child process (the
+# accept loop of controller.py, not these modules) and timed out twice in mutmut's traced stats
+# run on the loaded machine, which stops the whole run (2026-12-02).
+NOT_SQUEEZED = ["-p", "no:cacheprovider", "-q", "--timeout", "120", "-m", "not browser"]
+NOT_SQUEEZED += [
+    "--deselect",
+    "tests/test_proxy_limits.py::test_out_of_file_descriptors_pauses_accepting_with_one_log_line",
+]
+EXTRA_ARGS: dict[str, list[str]] = {
+    "oauth/tokens.py": NOT_POSTGRES,
+    "mailproxy/imap.py": NOT_SQUEEZED,
+    "mailproxy/session.py": NOT_SQUEEZED,
+}
 
 SELECTION: dict[str, list[str]] = {
     "store/vault.py": [
@@ -71,7 +83,9 @@ SELECTION: dict[str, list[str]] = {
     # In-process only: with the peers' files each surviving mutant took minutes on the shared
     # machine (2026-12-02); the dialogue tests script the upstream's every answer instead.
     "mailproxy/imap.py": PROXY_IN_PROCESS + PROXY_NEW,
-    "mailproxy/session.py": PROXY_IN_PROCESS + PROXY_NEW + PROXY_WITH_PEERS,
+    # In-process and dialogue files; the survivors are then run against PROXY_WITH_PEERS by
+    # name (tests.mutation_recheck), not every mutant (tests/MUTATION.md, 2026-12-02).
+    "mailproxy/session.py": PROXY_IN_PROCESS + PROXY_NEW,
     "oauth/tokens.py": TOKENS_ONLY,
     "oauth/grants.py": TOKENS + ["tests/test_linking.py", "tests/test_provider_fidelity.py"],
     "mailboxes/mailbackend.py": [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import imaplib
+import logging
 import os
 import secrets
 import socket
@@ -124,8 +125,12 @@ def test_pooled_connections_are_closed_unused_after_their_age(
 
 @pytest.mark.peers
 def test_pooled_connection_dropped_by_the_server_falls_back_to_a_new_one(
-    proxy: Controller, address: str, monkeypatch: pytest.MonkeyPatch
+    proxy: Controller,
+    address: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
     login_select(proxy, address)
     wait_for(lambda: ready(proxy) == 2)
     assert proxy.hub is not None and proxy.hub.pool is not None and proxy.loop is not None
@@ -137,6 +142,9 @@ def test_pooled_connection_dropped_by_the_server_falls_back_to_a_new_one(
     new = connections("new")
     login_select(proxy, address)
     assert connections("new") == new + 1
+    said = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    hosts = {key[1].host for key in proxy.hub.pool.ready}
+    assert any(f"pooled connection to {h} lost, connecting anew" in said for h in hosts), said
 
 
 def shut_down(fd: int) -> None:

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from mailproxy import Controller, Endpoint, Grant
-from tests.helpers.proxy import RecordingBackend, client_tls, raw_connect, running_proxy
+from mailproxy import Controller, Endpoint, Grant, ProxyAuthError
+from tests.helpers.proxy import (
+    CERT,
+    KEY,
+    RecordingBackend,
+    client_tls,
+    raw_connect,
+    running_proxy,
+)
 from tests.helpers.upstreams import sample
 
 PLAIN_OK = base64.b64encode(b"\0carol@example.test\0pw").decode()
@@ -191,11 +200,15 @@ def test_pop3_stls_is_offered_once_and_not_on_the_tls_port() -> None:
 class Scripted:
     """An upstream mail server that sends `greeting`, then answers each line it reads with the
     next entry of `answers` (a list of lines; an empty list reads without answering; ``{tag}``
-    stands for the first word of the line read, the IMAP tag)."""
+    stands for the first word of the line read, the IMAP tag). With `tls`, a line ending in
+    STARTTLS is followed by a TLS handshake, and the lines read over TLS go to `secure` too."""
 
-    def __init__(self, greeting: bytes, answers: list[list[bytes]]) -> None:
-        self.greeting, self.answers = greeting, answers
+    def __init__(
+        self, greeting: bytes, answers: list[list[bytes]], tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.greeting, self.answers, self.tls = greeting, answers, tls
         self.received: list[bytes] = []
+        self.secure: list[bytes] = []
         self.hung_up = threading.Event()  # the proxy closed a connection
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
@@ -210,17 +223,25 @@ class Scripted:
             threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
 
     def _talk(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn:  # the proxy may reset it when done
+        with contextlib.suppress(OSError), contextlib.ExitStack() as stack:
+            stack.callback(lambda: conn.close())  # the proxy may reset it when done
             conn.sendall(self.greeting + b"\r\n")
             f = conn.makefile("rb")
+            over_tls = False
             for answer in self.answers:
                 got = f.readline()
                 if not got:
                     return
                 self.received.append(got.rstrip(b"\r\n"))
+                if over_tls:
+                    self.secure.append(got.rstrip(b"\r\n"))
                 tag = got.split(b" ", 1)[0].strip()
                 for a in answer:
                     conn.sendall(a.replace(b"{tag}", tag) + b"\r\n")
+                if self.tls is not None and got.rstrip().upper().endswith(b" STARTTLS"):
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                    f = conn.makefile("rb")
+                    over_tls = True
             f.read()  # until the proxy closes
             self.hung_up.set()
 
@@ -773,6 +794,64 @@ def test_imap_literals_are_bounded_in_size_number_and_sum(
         assert ask(s, b"b NOOP") == [b"b OK NOOP completed"]
 
 
+def test_imap_literals_of_exactly_the_limits_are_taken() -> None:
+    settings = {"max_literal": 4, "max_literal_bytes_per_command": 6}
+    with (
+        running_proxy(RecordingBackend(), listeners={"imap": "127.0.0.1:0"}, **settings) as p,
+        raw_connect(p, "imap") as s,
+    ):
+        line(s)
+        assert ask(s, b"a LOGIN {4}") == [b"+ Ready for literal data"]
+        assert ask(s, b"abcd {2}") == [b"+ Ready for literal data"]  # 6 bytes in all
+        assert ask(s, b"pw") == [b"a NO [AUTHENTICATIONFAILED] Invalid address or password"]
+
+
+def test_imap_quoted_strings_end_at_their_closing_quote_never_at_an_escape(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    with raw_connect(proxy, "imap") as s:
+        line(s)
+        # An escaped quote at the end of the line leaves the string open.
+        assert ask(s, b'a LOGIN carol@example.test "pw\\"') == [b"a BAD Invalid arguments"]
+        assert ask(s, b'b LOGIN carol@example.test "pw\\') == [b"b BAD Invalid arguments"]
+        assert ask(s, b"c NOOP") == [b"c OK NOOP completed"]
+    assert not backend.named("authenticate")
+
+
+def test_imap_login_arguments_are_read_as_sent(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    wrong = b"NO [AUTHENTICATIONFAILED] Invalid address or password"
+    with raw_connect(proxy, "imap") as s:
+        line(s)
+        assert ask(s, b"a LOGIN {18}") == [b"+ Ready for literal data"]
+        assert ask(s, b"carol@example.test pwX") == [b"a " + wrong]  # not "pw"
+        assert ask(s, b"b LOGIN Xavier@example.test pw") == [b"b " + wrong]
+        assert ask(s, b"c LOGIN ( )", 2) == [b"c " + wrong, b"* BYE Too many failed logins"]
+        assert closed(s)
+    with raw_connect(proxy, "imap") as s:  # the last character of a line is its own too
+        line(s)
+        assert ask(s, b"d LOGIN carol@example.test pwX") == [b"d " + wrong]
+        assert ask(s, b"e LOGIN carol@example.test pw\t") == [b"e " + wrong]
+    addresses = [c[2] for c in backend.named("authenticate")]
+    assert (
+        addresses == ["carol@example.test", "Xavier@example.test", "("] + ["carol@example.test"] * 2
+    )
+
+
+def test_imap_bytes_that_are_not_ascii_or_utf8_are_refused_not_a_crash(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    with raw_connect(proxy, "imap") as s:
+        line(s)
+        assert ask(s, b"a N\xc3\xa9OOP") == [b"a BAD Unknown command"]
+        assert ask(s, b'b LOGIN carol@example.test "p\xffw"') == [
+            b"b NO [AUTHENTICATIONFAILED] Invalid address or password"
+        ]
+        assert ask(s, b"c NOOP") == [b"c OK NOOP completed"]
+    assert [c[2] for c in backend.named("authenticate")] == ["carol@example.test"]
+
+
 def test_imap_without_tls_off_loopback_refuses_logins_before_any_literal() -> None:
     with running_proxy(
         RecordingBackend(), listeners={"imap": "127.0.0.1:0"}, allow_plaintext_from_loopback=False
@@ -809,14 +888,16 @@ def imap_through(
     greeting: bytes,
     *answers: list[bytes],
     security: str = "plain",
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[bytes, Scripted]:
-    up = Scripted(greeting, list(answers))
+    up = Scripted(greeting, list(answers), tls)
     scripted.append(up)
     backend.accounts["carol@example.test"].upstreams = {
         "imap": Endpoint("127.0.0.1", up.port, security)  # type: ignore[arg-type]
     }
+    trusted = {"upstream_ca_file": CERT} if tls is not None else {}
     with (
-        running_proxy(backend, listeners={"imap": "127.0.0.1:0"}) as p,
+        running_proxy(backend, listeners={"imap": "127.0.0.1:0"}, **trusted) as p,
         raw_connect(p, "imap") as s,
     ):
         line(s)
@@ -846,11 +927,13 @@ def test_an_imap_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
     reason: str,
 ) -> None:
     before = sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason)
-    reply, _ = imap_through(backend, scripted, greeting, *answers)
+    reply, up = imap_through(backend, scripted, greeting, *answers)
     after = sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason)
     assert after == before + 1
     assert reply == b"a NO [UNAVAILABLE] " + shown
     assert not backend.named("token_rejected")
+    # A new (not pooled) connection is not tried again.
+    assert len([r for r in up.received if b"AUTHENTICATE" in r]) <= 1
 
 
 @pytest.mark.parametrize(
@@ -859,6 +942,11 @@ def test_an_imap_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
         ([[b"{tag} NO not now"]], b"mail server refused STARTTLS: P1 NO not now", "tls"),
         ([[b"* BYE  bye"]], b"mail server: bye", "protocol"),
         ([[b"* x"] * 1001], b"mail server sent too many lines", "protocol"),
+        (  # a thousand untagged lines are still read to the tagged answer
+            [[b"* x"] * 1000 + [b"{tag} NO not now"]],
+            b"mail server refused STARTTLS: P1 NO not now",
+            "tls",
+        ),
     ],
 )
 def test_an_imap_upstream_refusing_starttls_is_never_sent_the_token(
@@ -882,6 +970,7 @@ def test_an_imap_upstream_refusing_starttls_is_never_sent_the_token(
         ([[b"{tag} ok [capability IMAP4rev1 UIDPLUS] done"]], b"IMAP4rev1 UIDPLUS"),
         ([[b"{tag} OK done"], [b"* CAPABILITY IMAP4rev1 QUOTA", b"{tag} OK"]], b"IMAP4rev1 QUOTA"),
         ([[b"{tag} OK done"], [b"* OK nothing", b"{tag} OK"]], b"IMAP4rev1"),
+        ([[b"{tag} OK done"], [b"{tag} NO not now"]], b"IMAP4rev1"),  # a refusal of no login
     ],
 )
 def test_imap_login_answers_with_the_capabilities_the_upstream_names_or_asks_for_them(
@@ -895,12 +984,204 @@ def test_imap_login_answers_with_the_capabilities_the_upstream_names_or_asks_for
         assert up.received[1] == b"P2 CAPABILITY"
 
 
+@pytest.mark.parametrize("plus", [b"+ ", b"+"])  # the space RFC 3501 asks for, or none
 def test_an_imap_challenge_is_answered_empty_and_any_refusal_counts_against_the_token(
-    backend: RecordingBackend, scripted: list[Scripted]
+    backend: RecordingBackend, scripted: list[Scripted], plus: bytes
 ) -> None:
     challenge = base64.b64encode(b'{"status":"401"}')
-    reply, up = imap_through(backend, scripted, b"* OK hi", [b"+ " + challenge], [b"P1 NO no"])
+    reply, up = imap_through(backend, scripted, b"* OK hi", [plus + challenge], [b"P1 NO no"])
     assert reply.startswith(b"a NO [AUTHORIZATIONFAILED] ") and b"re-authorize" in reply
     assert up.received[1] == b""
     (call,) = backend.named("token_rejected")
     assert call[2] == 'P1 NO no {"status":"401"}'
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        b"NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)",
+        b"NO AUTHENTICATE failed.",  # Microsoft's words, no code
+        b"NO [ALERT] Your account is not enabled for IMAP use.",  # Gmail, IMAP off
+    ],
+)
+def test_an_imap_refusal_naming_authentication_counts_against_the_token_in_the_servers_words(
+    backend: RecordingBackend,
+    scripted: list[Scripted],
+    caplog: pytest.LogCaptureFixture,
+    refusal: bytes,
+) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
+    reply, _ = imap_through(backend, scripted, b"* OK hi", [b"{tag} " + refusal])
+    assert reply.startswith(b"a NO [AUTHORIZATIONFAILED] ") and b"re-authorize" in reply
+    said = "P1 " + refusal.decode()
+    assert backend.named("upstream_refused") == [("upstream_refused", 7, said, "imap")]
+    assert backend.named("token_rejected") == [("token_rejected", 7, said, "imap")]
+    logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert f"upstream rejected the token of carol@example.test, refreshing: {said}" in logged
+    assert f"upstream rejected a fresh token of carol@example.test: {said}" in logged
+
+
+@pytest.mark.parametrize("status", [b"BAD", b"NO"])
+def test_an_imap_login_whose_mailbox_cannot_be_opened_counts_against_the_token(
+    backend: RecordingBackend, scripted: list[Scripted], status: bytes
+) -> None:
+    """Exchange accepts the token but answers no command: "User is authenticated but not
+    connected." (IMAP off for the mailbox, or no permission on it)."""
+    refusal = status + b" User is authenticated but not connected."
+    reply, up = imap_through(
+        backend, scripted, b"* OK hi", [b"{tag} OK done"], [b"{tag} " + refusal], []
+    )
+    assert reply.startswith(b"a NO [AUTHORIZATIONFAILED] ")
+    assert up.received[1] == b"P2 CAPABILITY"
+    assert [c[2] for c in backend.named("token_rejected")] == [refusal.decode()]
+
+
+def test_an_imap_upstream_starttls_is_negotiated_before_the_token_is_sent(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(CERT, KEY)
+    reply, up = imap_through(
+        backend,
+        scripted,
+        b"* OK hi",
+        [b"{tag} OK Begin TLS negotiation now"],
+        [b"{tag} OK [CAPABILITY IMAP4rev1 IDLE] Logged in"],
+        [],
+        security="starttls",
+        tls=server,
+    )
+    assert reply == b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"
+    assert up.received[0] == b"P1 STARTTLS"
+    (auth,) = [r for r in up.received if b"AUTHENTICATE" in r]
+    assert auth.startswith(b"P2 AUTHENTICATE XOAUTH2 ") and auth in up.secure  # over TLS
+
+
+def test_the_token_sent_to_an_imap_upstream_is_masked_in_the_debug_log(
+    backend: RecordingBackend, scripted: list[Scripted], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "mailproxy")
+    reply, up = imap_through(backend, scripted, b"* OK hi", [b"{tag} OK [CAPABILITY IMAP4rev1] x"])
+    assert reply == b"a OK [CAPABILITY IMAP4rev1] Logged in"
+    sent = up.received[0].split(b" ")[-1].decode()
+    assert "U< P1 AUTHENTICATE XOAUTH2 ****" in caplog.text
+    assert sent not in caplog.text
+
+
+# ---- a refused login, in the protocol's words (session.py) ----------------------------------
+@pytest.mark.parametrize(
+    ("kind", "message", "retry_after", "said"),
+    [
+        ("credentials", "", None, b"NO [AUTHENTICATIONFAILED] Invalid address or password"),
+        ("credentials", "App password", None, b"NO [AUTHENTICATIONFAILED] App password"),
+        ("disabled", "Disabled.", None, b"NO [AUTHORIZATIONFAILED] Disabled."),
+        ("refused", "IMAP is off", None, b"NO [AUTHORIZATIONFAILED] IMAP is off"),
+        ("reauth", "Re-authorize", None, b"NO [AUTHORIZATIONFAILED] Re-authorize"),
+        ("throttled", "Too many", 30, b"NO [UNAVAILABLE] Too many (retry in 30 seconds)"),
+        ("throttled", "Too many", None, b"NO [UNAVAILABLE] Too many"),
+        ("unavailable", "", None, b"NO [UNAVAILABLE] Temporary failure, try again later"),
+    ],
+)
+def test_each_kind_of_refused_login_gets_its_own_words_counted_and_logged(
+    proxy: Controller,
+    backend: RecordingBackend,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    message: str,
+    retry_after: int | None,
+    said: bytes,
+) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
+    err = ProxyAuthError(kind, message, retry_after)
+    backend.accounts["carol@example.test"].refuse_login = err
+    before = sample("mailproxy_logins_total", protocol="imap", result=kind)
+    with raw_connect(proxy, "imap") as s:
+        line(s)
+        assert ask(s, b"a LOGIN carol@example.test pw") == [b"a " + said]
+    assert sample("mailproxy_logins_total", protocol="imap", result=kind) == before + 1
+    logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert f"login refused for 'carol@example.test' from 127.0.0.1: {kind}" in logged
+
+
+class LoginFlowBackend(RecordingBackend):
+    """The password check can fail outright, or hand over a fresh token with the grant; the
+    refusal of a fresh token can come with the backend's reason."""
+
+    check_fails = False
+    token_with_grant = ""
+    rejected_because: str | None = None
+
+    def authenticate(self, protocol: str, address: str, password: str, client_ip: str) -> Grant:
+        grant = super().authenticate(protocol, address, password, client_ip)
+        if self.check_fails:
+            raise RuntimeError("database gone")
+        return dataclasses.replace(grant, token=self.token_with_grant)
+
+    def token_rejected(self, account_id: int, protocol: str, detail: str) -> str | None:
+        super().token_rejected(account_id, protocol, detail)
+        return self.rejected_because
+
+
+def login_flow(backend: RecordingBackend) -> LoginFlowBackend:
+    return LoginFlowBackend(accounts=backend.accounts, token_source=backend.token_source)
+
+
+def test_a_password_check_that_fails_is_a_temporary_refusal_and_the_session_goes_on(
+    backend: RecordingBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow = login_flow(backend)
+    flow.check_fails = True
+    before = sample("mailproxy_logins_total", protocol="imap", result="unavailable")
+    with (
+        running_proxy(flow, listeners={"imap": "127.0.0.1:0"}) as p,
+        raw_connect(p, "imap") as s,
+    ):
+        line(s)
+        assert ask(s, b"a LOGIN carol@example.test pw") == [
+            b"a NO [UNAVAILABLE] Internal error, try again later"
+        ]
+        assert ask(s, b"b NOOP") == [b"b OK NOOP completed"]
+    assert sample("mailproxy_logins_total", protocol="imap", result="unavailable") == before + 1
+    (failed,) = [r for r in caplog.records if r.getMessage() == "backend.authenticate failed"]
+    assert failed.exc_info is not None and "database gone" in str(failed.exc_info[1])
+    assert not flow.named("access_token")
+
+
+def test_a_token_read_with_the_password_check_goes_upstream_without_asking_for_one(
+    backend: RecordingBackend, scripted: list[Scripted], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
+    flow = login_flow(backend)
+    flow.token_with_grant = "from-the-check"
+    before = sample("mailproxy_logins_total", protocol="imap", result="ok")
+    reply, up = imap_through(flow, scripted, b"* OK hi", [b"{tag} OK [CAPABILITY IMAP4rev1] x"])
+    assert reply == b"a OK [CAPABILITY IMAP4rev1] Logged in"
+    sasl = base64.b64encode(b"user=carol@example.test\x01auth=Bearer from-the-check\x01\x01")
+    assert up.received[0] == b"P1 AUTHENTICATE XOAUTH2 " + sasl
+    assert not flow.named("access_token")
+    assert sample("mailproxy_logins_total", protocol="imap", result="ok") == before + 1
+    logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert "login carol@example.test from 127.0.0.1" in logged
+
+
+def test_a_fresh_token_refused_for_a_reason_the_backend_knows_is_refused_with_that_reason(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    flow = login_flow(backend)
+    flow.rejected_because = "IMAP is off for this mailbox: turn it on"
+    before = sample("mailproxy_upstream_errors_total", protocol="imap", reason="token_rejected")
+    reply, _ = imap_through(flow, scripted, b"* OK hi", [b"{tag} NO [AUTHENTICATIONFAILED] no"])
+    assert reply == b"a NO [AUTHORIZATIONFAILED] IMAP is off for this mailbox: turn it on"
+    after = sample("mailproxy_upstream_errors_total", protocol="imap", reason="token_rejected")
+    assert after == before + 1
+    assert [c[2] for c in flow.named("access_token")] == [False, True]
+
+
+def test_an_upstream_that_fails_before_a_token_read_with_the_password_check_is_unavailable(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    flow = login_flow(backend)
+    flow.token_with_grant = "from-the-check"
+    reply, _ = imap_through(flow, scripted, b"* NO go away")
+    assert reply == b"a NO [UNAVAILABLE] mail server greeting: * NO go away"
+    assert not flow.named("access_token")
