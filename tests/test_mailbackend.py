@@ -16,6 +16,7 @@ from mailboxes import refusals as mailrefusals
 from mailboxes.mailbackend import AppBackend, AuthCache, event_loop, proxy_settings, trusted_proxies
 from mailproxy import DeliveryRefused, ProxyAuthError
 from models import Account, AuditEvent, MailPassword, OAuthClient, User, utcnow
+from people import audit
 from store.db import Ciphertext
 from tests.helpers.accounts import MAIL_PASSWORD, make_account, make_client
 from tests.helpers.app import make_app, stored_client
@@ -230,18 +231,26 @@ def test_a_refusal_names_the_apps_permissions_only_for_an_app_token(app, account
 
 
 def test_open_sessions_are_counted_per_mailbox_and_never_below_zero(app, account) -> None:
+    other = Account.create(owner=account.owner, address="other@example.test", provider="other")
     backend = AppBackend(app.config)
     assert backend.sessions_open(account.id) == 0
+    backend.session_closed(other.id, "imap", 0, 0)  # a close the count never saw
+    assert backend.sessions_open(other.id) == 0
     backend.session_opened(account.id, "imap", "192.0.2.1")
     backend.session_opened(account.id, "pop3", "192.0.2.1")
     assert backend.sessions_open(account.id) == 2
-    assert backend.sessions_open(account.id + 1) == 0
-    for _ in range(3):
+    assert backend.sessions_open(other.id) == 0
+    backend.session_closed(account.id, "imap", 10, 20)
+    assert backend.sessions_open(account.id) == 1
+    for _ in range(2):
         backend.session_closed(account.id, "imap", 10, 20)
     assert backend.sessions_open(account.id) == 0
     backend.flush()
     used = Account.get_by_id(account.id)
     assert (used.last_used_ip, used.bytes_relayed) == ("192.0.2.1", 90)
+    assert used.last_used_at is not None
+    untouched = Account.get_by_id(other.id)
+    assert (untouched.last_used_ip, untouched.bytes_relayed) == ("", 0)
     backend.close()
 
 
@@ -396,3 +405,64 @@ def test_a_passwords_use_is_written_when_the_ip_changes_not_on_every_poll(mailbo
     backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "198.51.100.3")
     backend.flush()
     assert last_use()[0] == "198.51.100.3"
+
+
+def test_a_login_that_works_clears_that_protocols_recorded_refusal_only(mailbox, backend) -> None:
+    said = "NO [AUTHENTICATIONFAILED] AUTHENTICATE failed."
+    for protocol in ("imap", "smtp"):
+        refusal = mailrefusals.explain(protocol, said, mailbox.address)
+        mailrefusals.record(mailbox.id, refusal)  # e.g. by the web's Test sign-in
+    grant = backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.7")
+    backend.session_opened(grant.account_id, "imap", "192.0.2.7")
+    backend.flush()
+    assert list(mailrefusals.states(Account.get_by_id(mailbox.id))) == ["smtp"]
+
+
+def test_a_failing_bookkeeping_write_loses_only_itself(mailbox, backend, caplog) -> None:
+    def fails() -> None:
+        raise RuntimeError("disk full")
+
+    caplog.set_level(logging.ERROR, logger="auth_email.mail")
+    backend.later(fails)
+    backend.later(audit.record, "mail.login", target="after@example.test")
+    backend.flush()
+    assert "bookkeeping write failed" in caplog.messages
+    assert events("mail.login") == [("", "", "after@example.test", "")]
+
+
+def test_a_protocol_that_refused_this_very_token_is_not_worth_another_refresh(app, account) -> None:
+    said = "NO [AUTHENTICATIONFAILED] AUTHENTICATE failed."
+    backend = AppBackend(app.config)
+    assert backend.upstream_refused(account.id, "imap", said) is None  # worth one refresh
+    assert backend.token_rejected(account.id, "imap", said) is not None  # refused again
+    with pytest.raises(ProxyAuthError) as again:
+        backend.upstream_refused(account.id, "imap", said)
+    assert again.value.kind == "refused"
+    assert backend.upstream_refused(account.id, "pop3", said) is None  # not this protocol
+    Account.update(token_version=Account.token_version + 1).where(
+        Account.id == account.id
+    ).execute()  # a token renewed since
+    assert backend.upstream_refused(account.id, "imap", said) is None
+    backend.close()
+
+
+def test_a_mailbox_needing_reauthorization_names_its_page_and_the_reason(app, account) -> None:
+    Account.update(status="needs_reauth", status_detail="The grant was revoked.").where(
+        Account.id == account.id
+    ).execute()
+    backend = AppBackend({**app.config, "PUBLIC_URL": "https://auth.example.test"})
+    with pytest.raises(ProxyAuthError) as refused:
+        backend.access_token(account.id)
+    assert refused.value.kind == "reauth"
+    assert str(refused.value) == (
+        f"Re-authorize this account in Auth-Email at https://auth.example.test/accounts/"
+        f"{account.id} : The grant was revoked."
+    )
+
+
+def test_a_valid_token_is_handed_out_and_renewed_only_when_forced(app, account) -> None:
+    backend = AppBackend(app.config)
+    assert backend.access_token(account.id) == "a-token"
+    with pytest.raises(ProxyAuthError) as renewing:  # t.example never resolves (RFC 2606)
+        backend.access_token(account.id, force_refresh=True)
+    assert renewing.value.kind == "unavailable"
