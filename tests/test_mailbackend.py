@@ -11,15 +11,25 @@ from typing import Any
 import pytest
 
 from config import LISTEN_SETTINGS
-from mailboxes import linking
+from mailboxes import linking, listeners
 from mailboxes import refusals as mailrefusals
-from mailboxes.mailbackend import AppBackend, AuthCache, event_loop, proxy_settings, trusted_proxies
+from mailboxes.mailbackend import (
+    AppBackend,
+    AuthCache,
+    MailProxyService,
+    event_loop,
+    proxy_settings,
+    running,
+    trusted_proxies,
+)
 from mailproxy import DeliveryRefused, ProxyAuthError
+from mailproxy.settings import LISTENER_NAMES
 from models import Account, AuditEvent, MailPassword, OAuthClient, User, utcnow
 from people import audit
 from store.db import Ciphertext
 from tests.helpers.accounts import MAIL_PASSWORD, make_account, make_client
 from tests.helpers.app import make_app, stored_client
+from tests.helpers.mail import EVERY_LISTENER_ON_A_FREE_PORT
 
 
 @pytest.fixture
@@ -127,6 +137,7 @@ def test_the_proxy_settings_come_from_the_app_settings(instance: Path) -> None:
 def test_without_a_ca_file_the_proxy_trusts_the_system_cas(instance: Path) -> None:
     settings = proxy_settings(make_app(instance, UPSTREAM_CA_FILE="", MAIL_TRUSTED_PROXIES=""))
     assert settings.upstream_ca_file is None
+    assert settings.allow_plaintext_from_loopback is True  # the default
     assert settings.trusted_proxies == ()
 
 
@@ -466,3 +477,18 @@ def test_a_valid_token_is_handed_out_and_renewed_only_when_forced(app, account) 
     with pytest.raises(ProxyAuthError) as renewing:  # t.example never resolves (RFC 2606)
         backend.access_token(account.id, force_refresh=True)
     assert renewing.value.kind == "unavailable"
+
+
+def test_a_proxy_service_serves_its_own_app_whatever_app_is_current(app, tmp_path) -> None:
+    other = make_app(tmp_path / "other", **EVERY_LISTENER_ON_A_FREE_PORT)
+    with app.app_context():
+        service = MailProxyService(other)
+        try:
+            assert service.app is other and service.backend.app is other
+            assert running(other) is service
+            service.start()
+            named = listeners.addresses(other)
+        finally:
+            service.stop()
+    assert set(named) == set(LISTENER_NAMES)
+    assert not any(value.endswith(":0") for value in named.values()), named
