@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -492,3 +493,13 @@ def test_a_proxy_service_serves_its_own_app_whatever_app_is_current(app, tmp_pat
             service.stop()
     assert set(named) == set(LISTENER_NAMES)
     assert not any(value.endswith(":0") for value in named.values()), named
+
+
+def test_uvloop_not_installed_stops_the_start_only_when_it_is_chosen(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # how Python marks a module not importable
+    assert event_loop("asyncio") == "asyncio"
+    with pytest.raises(ValueError) as missing:
+        event_loop("uvloop")
+    assert str(missing.value) == (
+        "MAIL_EVENT_LOOP is uvloop, which is not installed: install it or use asyncio"
+    )
