@@ -395,10 +395,25 @@ def test_plain_http_token_endpoint_is_refused_off_loopback() -> None:
 
 def test_disabled_and_pending_accounts_get_no_token(fast_app: Flask) -> None:
     account = broken_account(fast_app, "http://127.0.0.1:9/token")
-    for status in ("disabled", "pending"):
+    for status, words in (
+        ("disabled", "This mailbox is disabled."),
+        ("pending", "This mailbox is not authorized yet."),
+    ):
         tokens.set_status(account.id, status)
-        with pytest.raises(oauth_errors.AccountUnusable):
+        with pytest.raises(oauth_errors.AccountUnusable) as refused:
             tokens.get_access_token(account.id)
+        assert refused.value.message == words
+
+
+def test_a_token_counts_as_valid_while_more_than_5_seconds_are_left(fast_app: Flask) -> None:
+    """During a back-off a token that has not run out still serves; "run out" has 5 s of slack
+    for the time the mail server takes to see it."""
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    now = utcnow()
+    account.token_expires_at = now + dt.timedelta(seconds=5.5)
+    assert tokens._valid(account, now)
+    account.token_expires_at = now + dt.timedelta(seconds=4.5)
+    assert not tokens._valid(account, now)
 
 
 _HERD_WORKER = """
