@@ -503,3 +503,26 @@ def test_uvloop_not_installed_stops_the_start_only_when_it_is_chosen(monkeypatch
     assert str(missing.value) == (
         "MAIL_EVENT_LOOP is uvloop, which is not installed: install it or use asyncio"
     )
+
+
+def test_a_mail_server_the_host_policy_no_longer_allows_is_refused(mailbox, app) -> None:
+    """The client was saved under an older, wider CUSTOM_CLIENT_HOSTS."""
+    backend = AppBackend({**app.config, "CUSTOM_CLIENT_HOSTS": "*.example.org"})
+    with pytest.raises(ProxyAuthError) as refused:
+        backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.7")
+    backend.close()
+    assert refused.value.kind == "disabled"
+    assert str(refused.value).startswith(
+        "This account's mail server is refused: imap.example.com is not"
+    ), refused.value
+
+
+def test_a_passwords_use_from_the_same_ip_is_written_again_after_a_minute(mailbox, backend) -> None:
+    backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.7")
+    backend.flush()
+    (password_id,) = backend._last_use
+    MailPassword.update(last_used_ip="").where(MailPassword.id == password_id).execute()
+    backend._last_use[password_id] = ("192.0.2.7", time.monotonic() - 60.5)  # a minute ago
+    backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.7")
+    backend.flush()
+    assert MailPassword.get_by_id(password_id).last_used_ip == "192.0.2.7"
