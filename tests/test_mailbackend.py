@@ -526,3 +526,26 @@ def test_a_passwords_use_from_the_same_ip_is_written_again_after_a_minute(mailbo
     backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.7")
     backend.flush()
     assert MailPassword.get_by_id(password_id).last_used_ip == "192.0.2.7"
+
+
+def test_a_blocked_address_is_refused_even_with_a_cached_password(mailbox, app) -> None:
+    backend = AppBackend({**app.config, "LOGIN_FAILURE_LIMIT": 2, "LOGIN_BLOCK_SECONDS": 600})
+    backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.8")  # now cached
+    for _ in range(2):
+        with pytest.raises(ProxyAuthError):
+            backend.authenticate("imap", "box@example.test", "not-it", "192.0.2.8")
+    with pytest.raises(ProxyAuthError) as blocked:
+        backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.8")
+    backend.close()
+    assert blocked.value.kind == "throttled"
+
+
+def test_closing_the_backend_waits_for_the_bookkeeping_writes_queued(mailbox, app) -> None:
+    def slow_write() -> None:
+        time.sleep(0.5)
+        audit.record("mail.login", target="late@example.test")
+
+    backend = AppBackend(app.config)
+    backend.later(slow_write)
+    backend.close()
+    assert events("mail.login") == [("", "", "late@example.test", "")]
