@@ -549,3 +549,18 @@ def test_closing_the_backend_waits_for_the_bookkeeping_writes_queued(mailbox, ap
     backend.later(slow_write)
     backend.close()
     assert events("mail.login") == [("", "", "late@example.test", "")]
+
+
+def test_a_login_reads_its_own_owner_and_client_among_several(mailbox, backend) -> None:
+    someone = User.create(email="first@example.org", password_hash="x", is_enabled=False)
+    make_client(someone, name="Someone's app", imap_host="imap.someone.example")
+    owner = User.create(email="second@example.org", password_hash="x")
+    client = make_client(owner, name="Own app", imap_host="imap.own.example")
+    account = make_account(owner, "own@example.test", client, status="active")
+    linking.add_password(owner, account, "Laptop", "own-password-1")
+    User.update(is_enabled=False).where(User.id == mailbox.owner_id).execute()
+
+    grant = backend.authenticate("imap", "own@example.test", "own-password-1", "192.0.2.7")
+    backend.flush()
+    assert grant.upstream.host == "imap.own.example"
+    assert events("mail.login") == [("second@example.org", "192.0.2.7", "own@example.test", "imap")]

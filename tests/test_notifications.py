@@ -229,6 +229,11 @@ def test_a_password_used_from_a_new_address_is_told_once(
     assert scanner.known_ips.split() == ["192.0.2.10", "198.51.100.20"]
     [told] = Notification.select().where(Notification.kind == "new_ip")
     assert told.account_id == account.id
+    assert told.detail == (
+        "The password “Scanner” of box@example.test was used from 198.51.100.20, an address it "
+        "was never used from before. If that was not you or one of your devices, revoke the "
+        "password on the mailbox's page."
+    )
     drain(app)
     [hook] = receiver.hooks()  # the first use is not "new"; going back to a known one neither
     body = verified(secret, hook)
