@@ -265,6 +265,7 @@ def test_a_password_from_before_lookups_opens_only_its_own_mailbox(
             grant = backend.authenticate(
                 "imap", "other@example.test", "the-other-password-1", "192.0.2.1"
             )
+            backend.authenticate("imap", mailbox.address, MAIL_PASSWORD, "192.0.2.1")
         finally:
             backend.close()
         assert grant.address == "other@example.test"

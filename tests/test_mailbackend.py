@@ -564,3 +564,11 @@ def test_a_login_reads_its_own_owner_and_client_among_several(mailbox, backend) 
     backend.flush()
     assert grant.upstream.host == "imap.own.example"
     assert events("mail.login") == [("second@example.org", "192.0.2.7", "own@example.test", "imap")]
+
+
+def test_a_presets_mail_server_is_allowed_whatever_the_custom_host_policy(mailbox, app) -> None:
+    OAuthClient.update(provider="microsoft365").where(OAuthClient.id == mailbox.client_id).execute()
+    backend = AppBackend({**app.config, "CUSTOM_CLIENT_HOSTS": "*.example.org"})
+    grant = backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.7")
+    backend.close()
+    assert grant.upstream.host == "outlook.office365.com"
