@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -572,3 +573,22 @@ def test_a_presets_mail_server_is_allowed_whatever_the_custom_host_policy(mailbo
     grant = backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.7")
     backend.close()
     assert grant.upstream.host == "outlook.office365.com"
+
+
+def test_bookkeeping_writes_run_one_at_a_time_in_order_in_their_named_thread(
+    mailbox, backend
+) -> None:
+    done: list[tuple[str, str]] = []
+    first_started = threading.Event()
+
+    def write(name: str, pause: float) -> None:
+        first_started.set()
+        time.sleep(pause)
+        done.append((name, threading.current_thread().name))
+
+    backend.later(write, "first", 0.3)
+    assert first_started.wait(10)  # the first drain took its batch; the next one queues
+    backend.later(write, "second", 0.0)
+    backend.flush()
+    assert [name for name, _ in done] == ["first", "second"]
+    assert all(thread.startswith("mail-bookkeeping") for _, thread in done), done
