@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from config import LISTEN_SETTINGS
-from mailboxes import linking, listeners
+from mailboxes import graphsend, linking, listeners
 from mailboxes import refusals as mailrefusals
 from mailboxes.mailbackend import (
     AppBackend,
@@ -592,3 +592,23 @@ def test_bookkeeping_writes_run_one_at_a_time_in_order_in_their_named_thread(
     backend.flush()
     assert [name for name, _ in done] == ["first", "second"]
     assert all(thread.startswith("mail-bookkeeping") for _, thread in done), done
+
+
+def test_an_smtp_policy_refusal_in_automatic_mode_switches_the_mailbox_to_graph(
+    mailbox, backend
+) -> None:
+    OAuthClient.update(smtp_delivery="auto").where(OAuthClient.id == mailbox.client_id).execute()
+    switched = backend.smtp_auth_refused(mailbox.id, "mail server: " + SMTP_OFF)
+    backend.flush()
+
+    assert switched is not None
+    assert (switched.account_id, switched.address) == (mailbox.id, "box@example.test")
+    assert (switched.upstream.host, switched.upstream.port) == ("smtp.example.com", 587)
+    assert switched.mechanism == "OAUTHBEARER"
+    assert switched.deliver is True and switched.max_message == graphsend.MAX_MESSAGE
+    event = AuditEvent.get(AuditEvent.action == "mail.smtp_auth_refused")
+    assert event.detail == "switched to Microsoft Graph"
+    later = backend.authenticate("smtp", "box@example.test", MAIL_PASSWORD, "192.0.2.7")
+    assert later.deliver is True  # from now on every SMTP login delivers through Graph
+    imap = backend.authenticate("imap", "box@example.test", MAIL_PASSWORD, "192.0.2.7")
+    assert imap.deliver is False
