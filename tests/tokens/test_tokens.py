@@ -651,3 +651,29 @@ def test_the_grant_settings_come_from_the_config_and_bound_a_refresh_claim() -> 
         3,
         0.5,
     )
+
+
+def test_a_network_failure_is_named_in_its_own_words_in_one_short_line() -> None:
+    def chained(outer: BaseException, inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException:
+                raise outer from None  # __context__ is kept, as when requests wraps urllib3
+        except BaseException as caught:
+            return caught
+
+    wrapped = chained(requests.ConnectionError("Max retries exceeded"), OSError("refused here"))
+    assert outcome_of(wrapped) == "the token endpoint is unreachable: Max retries exceeded"
+    long = requests.ConnectionError("first line " + "x" * 300 + "\nsecond line")
+    said = ("first line " + "x" * 300)[:200]
+    assert outcome_of(long) == f"the token endpoint is unreachable: {said}"
+    assert outcome_of(requests.ConnectionError()) == (
+        "the token endpoint is unreachable: ConnectionError"
+    )
+
+
+def outcome_of(error: BaseException) -> str:
+    with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+        grants.call_endpoint(_raising(error))
+    return raised.value.message
