@@ -677,3 +677,26 @@ def outcome_of(error: BaseException) -> str:
     with pytest.raises(oauth_errors.TokenUnavailable) as raised:
         grants.call_endpoint(_raising(error))
     return raised.value.message
+
+
+def test_a_device_flow_starts_with_the_codes_and_page_the_provider_gave(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    client = account.client
+    with pytest.raises(oauth_errors.GrantError) as none:
+        grants.device_code_start(client)
+    assert (none.value.error, none.value.description) == (
+        "unsupported_grant_type",
+        "this client has no device authorization URL",
+    )
+    server = scripted(
+        (200, {"device_code": "dc", "user_code": "UC-1", "verification_url": "https://v.example/d"})
+    )
+    client.device_url, client.scope = server.url, ""
+    started = grants.device_code_start(client)
+    assert "scope" not in server.forms[-1]  # no scope configured: none sent
+    assert (started.device_code, started.user_code) == ("dc", "UC-1")
+    assert started.verification_uri == "https://v.example/d"  # Google's older field name
+    assert started.verification_uri_complete == ""
+    assert (started.expires_in, started.interval) == (900, 5)
