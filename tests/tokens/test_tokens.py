@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import email.utils
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -700,3 +701,16 @@ def test_a_device_flow_starts_with_the_codes_and_page_the_provider_gave(
     assert started.verification_uri == "https://v.example/d"  # Google's older field name
     assert started.verification_uri_complete == ""
     assert (started.expires_in, started.interval) == (900, 5)
+
+
+def test_a_revocation_says_whether_the_provider_took_it_and_logs_a_refusal(
+    fast_app: Flask, scripted: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = broken_account(fast_app, "http://127.0.0.1:9/token").client
+    server = scripted((200, {}), (400, {"error": "unsupported_token_type"}))
+    caplog.set_level(logging.INFO, logger="auth_email.grants")
+    assert grants.revoke(client, server.url, "r-token", "refresh_token") is True
+    assert server.forms[0]["token"] == "r-token"
+    assert server.forms[0]["token_type_hint"] == "refresh_token"
+    assert grants.revoke(client, server.url, "r-token", "refresh_token") is False
+    assert "revocation at the provider failed: unsupported_token_type" in caplog.messages
