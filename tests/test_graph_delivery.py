@@ -5,6 +5,7 @@ into the test bed's Dovecot, and the messages are read back there (Bcc included,
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import smtplib
@@ -21,7 +22,7 @@ from flask import Flask
 
 from mailboxes import linking
 from mailboxes.mailbackend import MailProxyService
-from models import Account, User
+from models import Account, AuditEvent, User
 from people import users
 from tests.helpers.app import ADMIN_EMAIL, ADMIN_PASSWORD, make_app
 from tests.helpers.graph import PASSWORD, mailbox
@@ -178,6 +179,12 @@ def test_automatic_mode_switches_to_graph_after_the_first_5_7_139(
         assert account.status == "active"
         assert account.smtp_auth_refused_at is not None
         assert "5.7.139" in account.smtp_auth_refused_detail
+        switched = AuditEvent.get(AuditEvent.action == "mail.smtp_auth_refused")
+        assert (switched.actor_email, switched.target) == (ADMIN_EMAIL, user.email)
+        assert switched.detail == "switched to Microsoft Graph"
+        sent = list(AuditEvent.select().where(AuditEvent.action == "mail.sent_via_graph"))
+        assert [(e.actor_email, e.target) for e in sent] == [(ADMIN_EMAIL, user.email)] * 2
+        assert all(re.fullmatch(r"1 recipients, \d{3,} bytes", e.detail) for e in sent), sent
         page = AuthActions(app, app.test_client())
         page.login()
         html = page.client.get(f"/accounts/{account.id}").get_data(as_text=True)
@@ -192,10 +199,13 @@ def test_smtp_auth_mode_explains_a_refusal_by_policy_and_keeps_the_account(
     said = mail.refusal("smtp", user.email, PASSWORD)
     # Refused for SMTP only, with the fix an Exchange administrator applies.
     assert said.startswith("535") and "SmtpClientAuthenticationDisabled $false" in said, said
+    mail.flush()  # the audit row is bookkeeping, written after the reply
     with app.app_context():
         account = Account.get(Account.address == user.email)
         assert account.status == "active"  # a tenant policy: re-authorizing cannot help
         assert account.smtp_auth_refused_at is not None
+        event = AuditEvent.get(AuditEvent.action == "mail.smtp_auth_refused")
+        assert event.detail.startswith("mail server: 535 5.7.139 Authentication"), event.detail
 
 
 def test_the_account_page_chooses_graph_and_checks_it_without_sending(

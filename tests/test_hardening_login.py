@@ -160,8 +160,38 @@ def test_the_same_password_on_many_connections_is_one_attempt(
 
     results = _in_parallel(10, attempt)
     backend.close()
-    assert all(not isinstance(r, ProxyAuthError) for r in results), results
+    assert len(results) == 10 and all(r.address == mailbox.address for r in results), results
     assert counting.calls == 1
+
+
+def test_two_mailboxes_with_the_same_password_at_once_each_log_in(
+    app: Flask, mailbox: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Logins in flight are shared per address and password, never per password alone."""
+    from mailboxes import linking, mailbackend
+    from models import Account
+    from tests.helpers.accounts import make_account
+
+    with app.app_context():
+        owner = User.by_email(ADMIN_EMAIL)
+        assert owner is not None
+        second = make_account(
+            owner, "second@example.test", Account.get_by_id(mailbox.id).client, status="active"
+        )
+        linking.add_password(owner, second, "Phone", MAIL_PASSWORD)
+    counting = CountingVerify(mailbackend.verify_password, delay=0.3)
+    monkeypatch.setattr(mailbackend, "verify_password", counting)
+    backend = mailbackend.AppBackend(app.config)
+    addresses = [mailbox.address, "second@example.test"] * 3
+
+    def attempt(i: int) -> Any:
+        return backend.authenticate("imap", addresses[i], MAIL_PASSWORD, "127.0.0.1")
+
+    results = _in_parallel(6, attempt)
+    backend.close()
+    assert sorted(r.address for r in results) == sorted(addresses)
+    assert counting.calls == 2  # one per address
+    assert "bookkeeping write failed" not in caplog.text
 
 
 # ---- constant work for failed mail logins ------------------------------------------------------
@@ -211,6 +241,34 @@ def test_a_password_from_before_lookups_works_and_gets_its_lookup(app: Flask, ma
         backend.close()
         assert grant.address == mailbox.address
         assert MailPassword.get().lookup is not None
+
+
+def test_a_password_from_before_lookups_opens_only_its_own_mailbox(
+    app: Flask, mailbox: Any
+) -> None:
+    from mailboxes import linking, mailbackend
+    from models import Account, MailPassword
+    from tests.helpers.accounts import make_account
+
+    with app.app_context():
+        owner = User.by_email(ADMIN_EMAIL)
+        assert owner is not None
+        other = make_account(
+            owner, "other@example.test", Account.get_by_id(mailbox.id).client, status="active"
+        )
+        linking.add_password(owner, other, "Phone", "the-other-password-1")
+        MailPassword.update(lookup=None).execute()  # both from before migration 4
+        backend = mailbackend.AppBackend({**app.config, "LOGIN_FAILURE_LIMIT_PER_IP": 1000})
+        try:
+            with pytest.raises(ProxyAuthError, match="Wrong address or password"):
+                backend.authenticate("imap", mailbox.address, "the-other-password-1", "192.0.2.1")
+            grant = backend.authenticate(
+                "imap", "other@example.test", "the-other-password-1", "192.0.2.1"
+            )
+            backend.authenticate("imap", mailbox.address, MAIL_PASSWORD, "192.0.2.1")
+        finally:
+            backend.close()
+        assert grant.address == "other@example.test"
 
 
 # ---- migration 4 upgrades a version 3 database in place ----------------------------------------

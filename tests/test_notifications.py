@@ -216,6 +216,7 @@ def test_a_password_used_from_a_new_address_is_told_once(
     account = linked(owner, receiver)
     from mailboxes import linking
 
+    linking.add_password(owner, account, "Laptop", "laptop-password-1")  # never used here
     linking.add_password(owner, account, "Scanner", "scanner-password-1")
     backend = AppBackend(app.config)
     try:
@@ -224,7 +225,15 @@ def test_a_password_used_from_a_new_address_is_told_once(
             backend.flush()
     finally:
         backend.close()
-    assert MailPassword.get().known_ips.split() == ["192.0.2.10", "198.51.100.20"]
+    scanner = MailPassword.get(MailPassword.label == "Scanner")
+    assert scanner.known_ips.split() == ["192.0.2.10", "198.51.100.20"]
+    [told] = Notification.select().where(Notification.kind == "new_ip")
+    assert told.account_id == account.id
+    assert told.detail == (
+        "The password “Scanner” of box@example.test was used from 198.51.100.20, an address it "
+        "was never used from before. If that was not you or one of your devices, revoke the "
+        "password on the mailbox's page."
+    )
     drain(app)
     [hook] = receiver.hooks()  # the first use is not "new"; going back to a known one neither
     body = verified(secret, hook)

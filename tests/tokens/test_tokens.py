@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import email.utils
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from authlib.integrations.base_client.errors import OAuthError
 from flask import Flask
 
 from mailboxes import linking, upkeep, verification
@@ -391,10 +396,25 @@ def test_plain_http_token_endpoint_is_refused_off_loopback() -> None:
 
 def test_disabled_and_pending_accounts_get_no_token(fast_app: Flask) -> None:
     account = broken_account(fast_app, "http://127.0.0.1:9/token")
-    for status in ("disabled", "pending"):
+    for status, words in (
+        ("disabled", "This mailbox is disabled."),
+        ("pending", "This mailbox is not authorized yet."),
+    ):
         tokens.set_status(account.id, status)
-        with pytest.raises(oauth_errors.AccountUnusable):
+        with pytest.raises(oauth_errors.AccountUnusable) as refused:
             tokens.get_access_token(account.id)
+        assert refused.value.message == words
+
+
+def test_a_token_counts_as_valid_while_more_than_5_seconds_are_left(fast_app: Flask) -> None:
+    """During a back-off a token that has not run out still serves; "run out" has 5 s of slack
+    for the time the mail server takes to see it."""
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    now = utcnow()
+    account.token_expires_at = now + dt.timedelta(seconds=5.5)
+    assert tokens._valid(account, now)
+    account.token_expires_at = now + dt.timedelta(seconds=4.5)
+    assert not tokens._valid(account, now)
 
 
 _HERD_WORKER = """
@@ -467,3 +487,230 @@ def test_processes_sharing_postgres_cause_one_token_request(
     for out, err in outputs:
         assert out.split()[:4] == ["5", "1", "0", digest], (out, err[-2000:])
     assert token_requests(peer, reg["client_id"]) == before + 1
+
+
+# ---- oauth/grants.py in-process: what a token endpoint's answer or failure becomes ------------
+
+
+def _answer(status: int, retry_after: str | None = None) -> requests.Response:
+    response = requests.Response()
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
+    return response
+
+
+def _raising(error: BaseException) -> Callable[[], Any]:
+    def request() -> Any:
+        raise error
+
+    return request
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date_and_bounded_to_a_day() -> None:
+    soon = email.utils.format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120))
+    naive = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120)).strftime("%d %b %Y %H:%M:%S")
+    assert grants.retry_after_of(_answer(429, " 30 ")) == 30.0
+    assert grants.retry_after_of(_answer(429, "1.5")) == 1.5
+    assert 100 < (grants.retry_after_of(_answer(503, soon)) or 0) <= 120
+    assert 100 < (grants.retry_after_of(_answer(503, f"Wed, {naive}")) or 0) <= 120
+    assert grants.retry_after_of(_answer(503, "Mon, 01 Jan 2001 00:00:00 GMT")) == 0.0
+    assert grants.retry_after_of(_answer(503, "-5")) == 0.0
+    assert grants.retry_after_of(_answer(503, "999999")) == 86400.0
+    assert grants.retry_after_of(_answer(503, "soon")) is None
+    assert grants.retry_after_of(_answer(503, "")) is None
+    assert grants.retry_after_of(_answer(503)) is None
+    assert grants.retry_after_of(None) is None
+
+
+def test_a_token_endpoints_failures_become_temporary_or_refusals_in_words() -> None:
+    def outcome(error: BaseException) -> tuple[str, str, float | None, bool]:
+        with pytest.raises(oauth_errors.TokenError) as raised:
+            grants.call_endpoint(_raising(error))
+        failure = raised.value
+        kind = "temporary" if isinstance(failure, oauth_errors.TokenUnavailable) else "refused"
+        unreached = bool(getattr(failure, "unreached", False))
+        return kind, failure.message, failure.retry_after, unreached
+
+    busy = OAuthError("temporarily_unavailable", "down for maintenance")
+    busy.retry_after = 60  # type: ignore[attr-defined]
+    assert outcome(busy) == (
+        "temporary",
+        "the token endpoint is temporarily unable to answer "
+        "(temporarily_unavailable: down for maintenance)",
+        60,
+        False,
+    )
+    assert outcome(OAuthError("slow_down"))[1] == (
+        "the token endpoint is temporarily unable to answer (slow_down)"
+    )
+    said = ("server_error: " + "x" * 400)[:300]
+    assert outcome(OAuthError("server_error", "x" * 400))[1] == (
+        f"the token endpoint is temporarily unable to answer ({said})"
+    )
+    assert outcome(OAuthError("invalid_grant", "revoked")) == (
+        "refused",
+        "invalid_grant: revoked",
+        None,
+        False,
+    )
+    assert outcome(requests.Timeout()) == (
+        "temporary",
+        "the token endpoint did not answer in time",
+        None,
+        False,
+    )
+    for status in (429, 503):
+        failure = requests.HTTPError(response=_answer(status, "20"))
+        assert outcome(failure) == (
+            "temporary",
+            f"the token endpoint answered HTTP {status}",
+            20.0,
+            False,
+        )
+    assert outcome(requests.HTTPError(response=_answer(404))) == (
+        "refused",
+        "http_error: the token endpoint answered HTTP 404",
+        None,
+        False,
+    )
+    assert outcome(requests.HTTPError())[:2] == (
+        "refused",
+        "http_error: the token endpoint answered HTTP 0",
+    )
+    assert outcome(requests.exceptions.SSLError("certificate verify failed")) == (
+        "temporary",
+        "TLS failure at the token endpoint: certificate verify failed",
+        None,
+        False,
+    )
+    assert outcome(requests.ConnectionError("Connection refused")) == (
+        "temporary",
+        "the token endpoint is unreachable: Connection refused",
+        None,
+        True,
+    )
+    assert outcome(requests.TooManyRedirects("too many"))[:2] == (
+        "temporary",
+        "the token endpoint is unreachable: too many",
+    )
+    assert outcome(ValueError("not JSON")) == (
+        "temporary",
+        "the token endpoint gave no usable answer (not JSON)",
+        None,
+        False,
+    )
+    assert grants.call_endpoint(lambda: {"access_token": "t"}) == {"access_token": "t"}
+
+
+def test_the_identity_is_read_from_the_id_token_then_the_access_token() -> None:
+    def jwt(claims: dict[str, Any]) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+        return f"eyJhbGciOiJub25lIn0.{body}.sig"
+
+    assert grants.identity_from({"id_token": jwt({"email": "Ann@Example.org"})}) == (
+        "ann@example.org"
+    )
+    assert (
+        grants.identity_from(
+            {"id_token": jwt({"sub": "1", "name": "x"}), "access_token": jwt({"upn": "B@x.org"})}
+        )
+        == "b@x.org"
+    )
+    for key in ("preferred_username", "upn", "unique_name"):
+        assert grants.identity_from({"access_token": jwt({key: "c@x.org"})}) == "c@x.org"
+    assert grants.identity_from({"id_token": jwt({"email": "no-at", "upn": "d@x.org"})}) == (
+        "d@x.org"
+    )
+    assert grants.identity_from({"id_token": jwt({"email": ["e@x.org"]})}) == ""
+    assert grants.identity_from({"access_token": "opaque-token"}) == ""
+    assert grants.identity_from({"access_token": "a.b.c"}) == ""  # no JSON inside
+    assert grants.identity_from({"access_token": jwt(["f@x.org"])}) == ""  # type: ignore[arg-type]
+    assert grants.identity_from({}) == ""
+
+
+def test_the_grant_settings_come_from_the_config_and_bound_a_refresh_claim() -> None:
+    settings = grants.Settings.from_config(
+        {
+            "UPSTREAM_CA_FILE": "/etc/ca.pem",
+            "TOKEN_HTTP_TIMEOUT": "4",
+            "TOKEN_ATTEMPTS": "2",
+            "TOKEN_BACKOFF": "0.25",
+        }  # fmt: skip
+    )
+    assert (settings.ca_file, settings.timeout, settings.attempts, settings.backoff) == (
+        "/etc/ca.pem",
+        4.0,
+        2,
+        0.25,
+    )
+    assert settings.claim_seconds == 2 * 4.0 + 0.25 * 2**2 + 10
+    defaults = grants.Settings.from_config({})
+    assert (defaults.ca_file, defaults.timeout, defaults.attempts, defaults.backoff) == (
+        "",
+        15.0,
+        3,
+        0.5,
+    )
+
+
+def test_a_network_failure_is_named_in_its_own_words_in_one_short_line() -> None:
+    def chained(outer: BaseException, inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException:
+                raise outer from None  # __context__ is kept, as when requests wraps urllib3
+        except BaseException as caught:
+            return caught
+
+    wrapped = chained(requests.ConnectionError("Max retries exceeded"), OSError("refused here"))
+    assert outcome_of(wrapped) == "the token endpoint is unreachable: Max retries exceeded"
+    long = requests.ConnectionError("first line " + "x" * 300 + "\nsecond line")
+    said = ("first line " + "x" * 300)[:200]
+    assert outcome_of(long) == f"the token endpoint is unreachable: {said}"
+    assert outcome_of(requests.ConnectionError()) == (
+        "the token endpoint is unreachable: ConnectionError"
+    )
+
+
+def outcome_of(error: BaseException) -> str:
+    with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+        grants.call_endpoint(_raising(error))
+    return raised.value.message
+
+
+def test_a_device_flow_starts_with_the_codes_and_page_the_provider_gave(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    client = account.client
+    with pytest.raises(oauth_errors.GrantError) as none:
+        grants.device_code_start(client)
+    assert (none.value.error, none.value.description) == (
+        "unsupported_grant_type",
+        "this client has no device authorization URL",
+    )
+    server = scripted(
+        (200, {"device_code": "dc", "user_code": "UC-1", "verification_url": "https://v.example/d"})
+    )
+    client.device_url, client.scope = server.url, ""
+    started = grants.device_code_start(client)
+    assert "scope" not in server.forms[-1]  # no scope configured: none sent
+    assert (started.device_code, started.user_code) == ("dc", "UC-1")
+    assert started.verification_uri == "https://v.example/d"  # Google's older field name
+    assert started.verification_uri_complete == ""
+    assert (started.expires_in, started.interval) == (900, 5)
+
+
+def test_a_revocation_says_whether_the_provider_took_it_and_logs_a_refusal(
+    fast_app: Flask, scripted: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = broken_account(fast_app, "http://127.0.0.1:9/token").client
+    server = scripted((200, {}), (400, {"error": "unsupported_token_type"}))
+    caplog.set_level(logging.INFO, logger="auth_email.grants")
+    assert grants.revoke(client, server.url, "r-token", "refresh_token") is True
+    assert server.forms[0]["token"] == "r-token"
+    assert server.forms[0]["token_type_hint"] == "refresh_token"
+    assert grants.revoke(client, server.url, "r-token", "refresh_token") is False
+    assert "revocation at the provider failed: unsupported_token_type" in caplog.messages
