@@ -445,6 +445,21 @@ def test_a_failing_bookkeeping_write_loses_only_itself(mailbox, backend, caplog)
     assert events("mail.login") == [("", "", "after@example.test", "")]
 
 
+def test_a_failing_bookkeeping_write_alone_is_logged_and_the_next_batch_goes_on(
+    mailbox, backend, caplog
+) -> None:
+    def fails() -> None:
+        raise RuntimeError("disk full")
+
+    caplog.set_level(logging.ERROR, logger="auth_email.mail")
+    backend.later(fails)
+    backend.flush()
+    assert caplog.messages == ["bookkeeping write failed"]
+    backend.later(audit.record, "mail.login", target="next@example.test")
+    backend.flush()
+    assert events("mail.login") == [("", "", "next@example.test", "")]
+
+
 def test_a_protocol_that_refused_this_very_token_is_not_worth_another_refresh(app, account) -> None:
     said = "NO [AUTHENTICATIONFAILED] AUTHENTICATE failed."
     backend = AppBackend(app.config)
