@@ -781,3 +781,16 @@ def test_each_grant_sends_the_redirect_uri_and_scope_the_provider_checks(
     assert "scope" not in server.forms[-1]  # no scope: the provider renews what it granted
     grants.refresh_grant(client, "r1", "mail")
     assert server.forms[-1]["scope"] == "mail"
+
+
+def test_a_busy_answer_is_temporary_even_when_its_body_names_an_oauth_error(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    client = broken_account(fast_app, "http://127.0.0.1:9/token").client
+    for status in (500, 429, 503):
+        server = scripted((status, {"error": "invalid_grant", "error_description": "no"}))
+        client.token_url = server.url
+        for grant in (grants.client_credentials, lambda c: grants.refresh_grant(c, "r1")):
+            with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+                grant(client)
+            assert raised.value.message == f"the token endpoint answered HTTP {status}"
