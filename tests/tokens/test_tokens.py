@@ -794,3 +794,16 @@ def test_a_busy_answer_is_temporary_even_when_its_body_names_an_oauth_error(
             with pytest.raises(oauth_errors.TokenUnavailable) as raised:
                 grant(client)
             assert raised.value.message == f"the token endpoint answered HTTP {status}"
+
+
+def test_an_error_answer_with_an_empty_code_is_a_refusal_named_unknown_error(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    server = scripted((400, {"error": "", "error_description": "the provider said no more"}))
+    client = broken_account(fast_app, server.url).client
+    with pytest.raises(oauth_errors.GrantError) as raised:
+        grants.refresh_grant(client, "r1")
+    assert (raised.value.error, raised.value.message) == (
+        "unknown_error",
+        "unknown_error: the provider said no more",
+    )
