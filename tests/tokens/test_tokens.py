@@ -770,6 +770,7 @@ def test_each_grant_sends_the_redirect_uri_and_scope_the_provider_checks(
     assert code["grant_type"] == "authorization_code"
     assert code["redirect_uri"] == "https://app.example/callback"  # must match the first leg
     assert (code["code"], code["code_verifier"]) == ("the-code", "verifier-1")
+    assert set(code) == {"grant_type", "code", "redirect_uri", "code_verifier"}  # nothing else
     grants.client_credentials(client)
     assert server.forms[-1]["grant_type"] == "client_credentials"
     assert server.forms[-1]["scope"] == "mail offline_access"
@@ -807,3 +808,28 @@ def test_an_error_answer_with_an_empty_code_is_a_refusal_named_unknown_error(
         "unknown_error",
         "unknown_error: the provider said no more",
     )
+
+
+def test_an_endpoint_refusal_names_its_reason_in_words() -> None:
+    with pytest.raises(oauth_errors.GrantError) as insecure:
+        grants.check_endpoint("http://login.example.com/token")
+    assert (insecure.value.error, insecure.value.description) == (
+        "insecure_endpoint",
+        "the endpoint 'http://login.example.com/token' must use https",
+    )
+    with pytest.raises(oauth_errors.GrantError) as hostless:
+        grants.check_endpoint("https:///token")
+    assert (hostless.value.error, hostless.value.description) == (
+        "host_not_allowed",
+        "Enter a host name.",
+    )
+
+
+def test_a_grant_that_gets_no_answer_gives_up_after_the_configured_timeout(
+    timeout_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    server = scripted(("hang", 4))
+    client = broken_account(timeout_app, server.url).client
+    with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+        grants.client_credentials(client)
+    assert raised.value.message == "the token endpoint did not answer in time"
