@@ -146,7 +146,9 @@ class Scripted:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                outer.forms.append({k: v[0] for k, v in parse_qs(raw.decode()).items()})
+                # Blank values kept: "scope=" sent empty is a scope sent.
+                form = parse_qs(raw.decode(), keep_blank_values=True)
+                outer.forms.append({k: v[0] for k, v in form.items()})
                 answer = outer.answers.pop(0) if len(outer.answers) > 1 else outer.answers[0]
                 if answer[0] == "hang":
                     time.sleep(answer[1])

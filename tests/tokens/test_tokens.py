@@ -669,6 +669,9 @@ def test_a_network_failure_is_named_in_its_own_words_in_one_short_line() -> None
     long = requests.ConnectionError("first line " + "x" * 300 + "\nsecond line")
     said = ("first line " + "x" * 300)[:200]
     assert outcome_of(long) == f"the token endpoint is unreachable: {said}"
+    assert outcome_of(requests.ConnectionError("refused\nat line two")) == (
+        "the token endpoint is unreachable: refused"
+    )
     assert outcome_of(requests.ConnectionError()) == (
         "the token endpoint is unreachable: ConnectionError"
     )
@@ -714,3 +717,119 @@ def test_a_revocation_says_whether_the_provider_took_it_and_logs_a_refusal(
     assert server.forms[0]["token_type_hint"] == "refresh_token"
     assert grants.revoke(client, server.url, "r-token", "refresh_token") is False
     assert "revocation at the provider failed: unsupported_token_type" in caplog.messages
+
+
+def test_a_device_flow_keeps_the_providers_expiry_interval_and_complete_link(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    client = broken_account(fast_app, "http://127.0.0.1:9/token").client
+    server = scripted(
+        (
+            200,
+            {
+                "device_code": "dc",
+                "user_code": "UC-2",
+                "verification_uri": "https://v.example/d",
+                "verification_uri_complete": "https://v.example/d?c=UC-2",
+                "expires_in": 600,
+                "interval": 8,
+            },
+        )
+    )
+    client.device_url, client.scope = server.url, "mail offline_access"
+    started = grants.device_code_start(client)
+    assert server.forms[-1]["scope"] == "mail offline_access"
+    assert started.verification_uri == "https://v.example/d"
+    assert started.verification_uri_complete == "https://v.example/d?c=UC-2"
+    assert (started.expires_in, started.interval) == (600, 8)
+
+
+def test_an_incomplete_device_answer_is_a_temporary_failure_in_words(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    client = broken_account(fast_app, "http://127.0.0.1:9/token").client
+    server = scripted(
+        (200, {"device_code": "dc", "verification_uri": "https://v.example/d"}),  # no user code
+        (200, {"device_code": "dc", "user_code": "U", "verification_uri": "x", "interval": "?"}),
+    )
+    client.device_url = server.url
+    for _ in range(2):
+        with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+            grants.device_code_start(client)
+        assert raised.value.message == "the device authorization answer is incomplete"
+
+
+def test_each_grant_sends_the_redirect_uri_and_scope_the_provider_checks(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    server = scripted((200, {"access_token": "t", "token_type": "Bearer", "expires_in": 60}))
+    client = broken_account(fast_app, server.url).client
+    client.scope = "mail offline_access"
+    grants.exchange_code(client, "the-code", "https://app.example/callback", "verifier-1")
+    code = server.forms[-1]
+    assert code["grant_type"] == "authorization_code"
+    assert code["redirect_uri"] == "https://app.example/callback"  # must match the first leg
+    assert (code["code"], code["code_verifier"]) == ("the-code", "verifier-1")
+    assert set(code) == {"grant_type", "code", "redirect_uri", "code_verifier"}  # nothing else
+    grants.client_credentials(client)
+    assert server.forms[-1]["grant_type"] == "client_credentials"
+    assert server.forms[-1]["scope"] == "mail offline_access"
+    grants.password_grant(client, "ann@example.org", "pw")
+    assert server.forms[-1]["grant_type"] == "password"
+    assert server.forms[-1]["scope"] == "mail offline_access"
+    grants.refresh_grant(client, "r1")
+    assert server.forms[-1]["grant_type"] == "refresh_token"
+    assert "scope" not in server.forms[-1]  # no scope: the provider renews what it granted
+    grants.refresh_grant(client, "r1", "mail")
+    assert server.forms[-1]["scope"] == "mail"
+
+
+def test_a_busy_answer_is_temporary_even_when_its_body_names_an_oauth_error(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    client = broken_account(fast_app, "http://127.0.0.1:9/token").client
+    for status in (500, 429, 503):
+        server = scripted((status, {"error": "invalid_grant", "error_description": "no"}))
+        client.token_url = server.url
+        for grant in (grants.client_credentials, lambda c: grants.refresh_grant(c, "r1")):
+            with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+                grant(client)
+            assert raised.value.message == f"the token endpoint answered HTTP {status}"
+
+
+def test_an_error_answer_with_an_empty_code_is_a_refusal_named_unknown_error(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    server = scripted((400, {"error": "", "error_description": "the provider said no more"}))
+    client = broken_account(fast_app, server.url).client
+    with pytest.raises(oauth_errors.GrantError) as raised:
+        grants.refresh_grant(client, "r1")
+    assert (raised.value.error, raised.value.message) == (
+        "unknown_error",
+        "unknown_error: the provider said no more",
+    )
+
+
+def test_an_endpoint_refusal_names_its_reason_in_words() -> None:
+    with pytest.raises(oauth_errors.GrantError) as insecure:
+        grants.check_endpoint("http://login.example.com/token")
+    assert (insecure.value.error, insecure.value.description) == (
+        "insecure_endpoint",
+        "the endpoint 'http://login.example.com/token' must use https",
+    )
+    with pytest.raises(oauth_errors.GrantError) as hostless:
+        grants.check_endpoint("https:///token")
+    assert (hostless.value.error, hostless.value.description) == (
+        "host_not_allowed",
+        "Enter a host name.",
+    )
+
+
+def test_a_grant_that_gets_no_answer_gives_up_after_the_configured_timeout(
+    timeout_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    server = scripted(("hang", 4))
+    client = broken_account(timeout_app, server.url).client
+    with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+        grants.client_credentials(client)
+    assert raised.value.message == "the token endpoint did not answer in time"
