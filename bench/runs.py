@@ -4,6 +4,7 @@ for the results table plus the targets it checks."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import statistics
 import threading
@@ -251,8 +252,30 @@ def restore_password(bed: Bed, box: str) -> None:
         linking.add_password(bed.user, account, "bench", MAIL_PASSWORD)
 
 
-def run_burst(target: Target, ctx: Any, n: int) -> tuple[int, float, list[str]]:
-    """``n`` threads start a login cycle at the same moment: (succeeded, total seconds, errors)."""
+@dataclass
+class BurstCpu:
+    """CPU seconds spent during one burst: by the whole machine (every process, ours too) and by
+    serve.py alone. Over the burst's wall time, they say how many of the cores were busy."""
+
+    machine: float = 0.0
+    serve: float = 0.0
+
+
+def busy_seconds() -> float:
+    """The machine's CPU seconds spent so far, every core, idle and I/O wait left out."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0)
+
+
+def run_burst(
+    target: Target, ctx: Any, n: int, serve_pid: int | None = None, cpu: BurstCpu | None = None
+) -> tuple[int, float, list[str]]:
+    """``n`` threads start a login cycle at the same moment: (succeeded, total seconds, errors).
+    With ``cpu``, the machine's and serve.py's CPU seconds during the burst are added to it."""
+    import psutil
+
     barrier = threading.Barrier(n + 1)
     errors: list[str] = []
     ends: list[float] = []
@@ -269,10 +292,16 @@ def run_burst(target: Target, ctx: Any, n: int) -> tuple[int, float, list[str]]:
     for t in threads:
         t.start()
     time.sleep(0.2)
+    serve = psutil.Process(serve_pid) if cpu is not None and serve_pid else None
+    serve_before = sum(serve.cpu_times()[:2]) if serve else 0.0
+    machine_before = busy_seconds()
     t0 = time.perf_counter()
     barrier.wait()
     for t in threads:
         t.join()
+    if cpu is not None:
+        cpu.machine += busy_seconds() - machine_before
+        cpu.serve += sum(serve.cpu_times()[:2]) - serve_before if serve else 0.0
     total = (max(ends) - t0) if ends else float("nan")
     return len(ends), total, errors
 
@@ -286,9 +315,11 @@ def burst(bed: Bed, o: Options) -> Result:
     for n in names:
         login_cycle(targets[n], bed.ctx)  # warm
     runs: dict[str, list[tuple[int, float, list[str]]]] = {n: [] for n in [*names, "proxy cold"]}
+    assert bed.serve is not None
+    cpu = {n: BurstCpu() for n in names}
     for r in range(o.rounds):
         for n in rotate(names, r):
-            runs[n].append(run_burst(targets[n], bed.ctx, o.burst))
+            runs[n].append(run_burst(targets[n], bed.ctx, o.burst, bed.serve.pid, cpu[n]))
         password = bed.new_password("small")  # all 50 with a password not checked yet
         runs["proxy cold"].append(
             run_burst(bed.proxy("small", password=password), bed.ctx, o.burst)
@@ -305,6 +336,23 @@ def burst(bed: Bed, o: Options) -> Result:
             f"{min(oks)}–{max(oks)}/{o.burst} ok, all done in {med:.2f} s (median of {len(v)})"
             + (f"; errors: {errs[:2]}" if errs else ""),
         )
+    cores = os.cpu_count() or 1
+    for n in names:
+        wall = sum(t for _, t, _ in runs[n])
+        res.row(
+            f"Burst of {o.burst} logins, {n}: CPU",
+            f"machine {cpu[n].machine / o.rounds:.2f} s a burst ({cpu[n].machine / wall:.1f} of "
+            f"{cores} cores busy), serve.py {cpu[n].serve / o.rounds:.2f} s "
+            f"({cpu[n].serve / o.rounds / o.burst * 1000:.1f} ms a login)",
+        )
+    # The direct burst's CPU plus serve.py's own, spread over every core at once: no proxy on
+    # this machine can finish its burst sooner, however its work were divided.
+    floor = (cpu["direct"].machine + cpu["proxy warm"].serve) / o.rounds / cores
+    res.data["cpu"] = {n: (c.machine / o.rounds, c.serve / o.rounds) for n, c in cpu.items()}
+    res.row(
+        f"Burst of {o.burst} logins: lower bound for the proxy on {cores} cores",
+        f"(direct's CPU + serve.py's) / cores = {floor:.2f} s",
+    )
     warm = runs["proxy warm"]
     worst_ok = min(ok for ok, _, _ in warm)
     worst_t = max(t for _, t, _ in warm)
