@@ -743,20 +743,21 @@ def test_a_certificate_client_names_itself_beside_its_assertion_at_device_and_re
     assert server.authorizations == [None, None]  # no Basic header with a key as its password
 
 
-def test_token_endpoints_over_https_are_verified_against_the_configured_ca(
+def test_token_endpoints_over_https_are_verified_against_each_apps_configured_ca(
     tmp_path: Path, peer: Any, scripted: Callable[..., Any]
 ) -> None:
-    """The peers' throwaway CA is in no system bundle: only UPSTREAM_CA_FILE makes it trusted."""
+    """The peers' throwaway CA is in no system bundle: only UPSTREAM_CA_FILE makes it trusted,
+    and each app keeps its own (made one after the other, neither takes the other's)."""
     started = {"device_code": "dc", "user_code": "UC", "verification_uri": "https://v.example/d"}
     server = scripted((200, started), tls=(peer.server_cert_file, peer.server_key_file))
     assert server.url.startswith("https://127.0.0.1:")
     trusting = make_app(tmp_path / "trusting", UPSTREAM_CA_FILE=peer.ca_file)
+    plain = make_app(tmp_path / "plain")
     with trusting.app_context():
         client = broken_account(trusting, "http://127.0.0.1:9/token").client
         client.device_url = server.url
         assert grants.device_code_start(client).user_code == "UC"
         assert grants.ssl_context() is grants.ssl_context()  # built once per app
-    plain = make_app(tmp_path / "plain")
     with plain.app_context():
         client = broken_account(plain, "http://127.0.0.1:9/token").client
         client.device_url = server.url
@@ -764,6 +765,19 @@ def test_token_endpoints_over_https_are_verified_against_the_configured_ca(
             grants.device_code_start(client)
         assert raised.value.message.startswith("TLS failure at the token endpoint: ")
     assert server.hits == 1  # the untrusted attempt never got to send its form
+
+
+def test_the_built_in_providers_hosts_stay_allowed_when_the_admin_narrows_the_hosts(
+    tmp_path: Path,
+) -> None:
+    app = make_app(tmp_path, CUSTOM_CLIENT_HOSTS="oauth.example.org")
+    with app.app_context():
+        grants.check_endpoint("https://login.microsoftonline.com/common/oauth2/v2.0/token")
+        grants.check_endpoint("https://oauth2.googleapis.com/token")
+        grants.check_endpoint("https://oauth.example.org/token")
+        with pytest.raises(oauth_errors.GrantError) as refused:
+            grants.check_endpoint("https://oauth.example.net/token")
+        assert refused.value.error == "host_not_allowed"
 
 
 def test_device_and_revocation_answers_that_are_no_json_object_are_judged_by_their_status(
