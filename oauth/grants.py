@@ -130,12 +130,7 @@ def host_policy() -> HostPolicy:
     return settings().hosts
 
 
-def session_for(
-    client: OAuthClient,
-    *,
-    redirect_uri: str | None = None,
-    update_token: Callable[..., None] | None = None,
-) -> OAuth2Session:
+def session_for(client: OAuthClient, *, redirect_uri: str | None = None) -> OAuth2Session:
     """An Authlib session built for this client (never a global registry entry)."""
     from oauth import certificates as client_certificates
 
@@ -150,7 +145,6 @@ def session_for(
         token_endpoint_auth_method=method,
         scope=client.scope or None,
         redirect_uri=redirect_uri,
-        update_token=update_token,
         code_challenge_method="S256",
     )
     if method == "private_key_jwt":

@@ -93,8 +93,8 @@ def scripted() -> Iterator[Callable[..., Scripted]]:
     """Local token endpoints that answer as scripted (the failures the peers lack)."""
     started: list[Scripted] = []
 
-    def start(*answers: tuple[Any, ...]) -> Scripted:
-        started.append(Scripted(*answers))
+    def start(*answers: tuple[Any, ...], tls: tuple[str, str] | None = None) -> Scripted:
+        started.append(Scripted(*answers, tls=tls))
         return started[-1]
 
     yield start

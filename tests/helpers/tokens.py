@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import http.server
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -136,11 +137,13 @@ def broken_account(app: Flask, token_url: str) -> Account:
 
 class Scripted:
     """A local token endpoint that plays ``answers`` in order (the last one repeats) and
-    records each request's form. An answer: (status, body, headers) or ("hang", seconds)."""
+    records each request's form and Authorization header. An answer: (status, body, headers) or
+    ("hang", seconds). With ``tls`` (certificate chain file, key file) it speaks https."""
 
-    def __init__(self, *answers: tuple[Any, ...]) -> None:
+    def __init__(self, *answers: tuple[Any, ...], tls: tuple[str, str] | None = None) -> None:
         self.answers = list(answers)
         self.forms: list[dict[str, str]] = []
+        self.authorizations: list[str | None] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -149,6 +152,7 @@ class Scripted:
                 # Blank values kept: "scope=" sent empty is a scope sent.
                 form = parse_qs(raw.decode(), keep_blank_values=True)
                 outer.forms.append({k: v[0] for k, v in form.items()})
+                outer.authorizations.append(self.headers.get("authorization"))
                 answer = outer.answers.pop(0) if len(outer.answers) > 1 else outer.answers[0]
                 if answer[0] == "hang":
                     time.sleep(answer[1])
@@ -174,7 +178,13 @@ class Scripted:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/token"
+        scheme = "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_port}/token"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property

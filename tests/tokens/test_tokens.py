@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -20,8 +21,8 @@ from flask import Flask
 
 from mailboxes import linking, upkeep, verification
 from models import Account, User, utcnow
+from oauth import authorize, certificates, grants, tokens
 from oauth import errors as oauth_errors
-from oauth import grants, tokens
 from tests.helpers.app import make_app
 from tests.helpers.linking import (
     PUBLIC,
@@ -717,6 +718,96 @@ def test_a_revocation_says_whether_the_provider_took_it_and_logs_a_refusal(
     assert server.forms[0]["token_type_hint"] == "refresh_token"
     assert grants.revoke(client, server.url, "r-token", "refresh_token") is False
     assert "revocation at the provider failed: unsupported_token_type" in caplog.messages
+
+
+def test_a_certificate_client_names_itself_beside_its_assertion_at_device_and_revocation(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    """Entra's device and revocation endpoints want the client_id in the body even with a
+    signed assertion, which Authlib does not add for private_key_jwt."""
+    client = broken_account(fast_app, "http://127.0.0.1:9/token").client
+    certificates.generate(client)
+    server = scripted(
+        (200, {"device_code": "dc", "user_code": "UC", "verification_uri": "https://v.example/d"}),
+        (200, {}),
+    )
+    client.device_url = server.url
+    grants.device_code_start(client)
+    assert grants.revoke(client, server.url, "r-token", "refresh_token") is True
+    for form in server.forms:
+        assert form["client_id"] == client.client_id
+        assert form["client_assertion_type"] == (
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        )
+        assert form["client_assertion"].count(".") == 2  # a signed JWT
+    assert server.authorizations == [None, None]  # no Basic header with a key as its password
+
+
+def test_token_endpoints_over_https_are_verified_against_each_apps_configured_ca(
+    tmp_path: Path, peer: Any, scripted: Callable[..., Any]
+) -> None:
+    """The peers' throwaway CA is in no system bundle: only UPSTREAM_CA_FILE makes it trusted,
+    and each app keeps its own (made one after the other, neither takes the other's)."""
+    started = {"device_code": "dc", "user_code": "UC", "verification_uri": "https://v.example/d"}
+    server = scripted((200, started), tls=(peer.server_cert_file, peer.server_key_file))
+    assert server.url.startswith("https://127.0.0.1:")
+    trusting = make_app(tmp_path / "trusting", UPSTREAM_CA_FILE=peer.ca_file)
+    plain = make_app(tmp_path / "plain")
+    with trusting.app_context():
+        client = broken_account(trusting, "http://127.0.0.1:9/token").client
+        client.device_url = server.url
+        assert grants.device_code_start(client).user_code == "UC"
+        assert grants.ssl_context() is grants.ssl_context()  # built once per app
+    with plain.app_context():
+        client = broken_account(plain, "http://127.0.0.1:9/token").client
+        client.device_url = server.url
+        with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+            grants.device_code_start(client)
+        assert raised.value.message.startswith("TLS failure at the token endpoint: ")
+    assert server.hits == 1  # the untrusted attempt never got to send its form
+
+
+def test_the_built_in_providers_hosts_stay_allowed_when_the_admin_narrows_the_hosts(
+    tmp_path: Path,
+) -> None:
+    app = make_app(tmp_path, CUSTOM_CLIENT_HOSTS="oauth.example.org")
+    with app.app_context():
+        grants.check_endpoint("https://login.microsoftonline.com/common/oauth2/v2.0/token")
+        grants.check_endpoint("https://oauth2.googleapis.com/token")
+        grants.check_endpoint("https://oauth.example.org/token")
+        with pytest.raises(oauth_errors.GrantError) as refused:
+            grants.check_endpoint("https://oauth.example.net/token")
+        assert refused.value.error == "host_not_allowed"
+
+
+def test_device_and_revocation_answers_that_are_no_json_object_are_judged_by_their_status(
+    fast_app: Flask, scripted: Callable[..., Any]
+) -> None:
+    """RFC 7009 revocation answers 200 with an empty body; a page or a bare 404 is no answer."""
+    client = broken_account(fast_app, "http://127.0.0.1:9/token").client
+    server = scripted((200, ""), (200, "<html>sign in</html>"), (404, {"detail": "no such path"}))
+    assert grants.revoke(client, server.url, "r-token", "refresh_token") is True
+    client.device_url = server.url
+    with pytest.raises(oauth_errors.TokenUnavailable) as page:
+        grants.device_code_start(client)
+    assert page.value.message == (
+        "the token endpoint gave no usable answer (HTTP 200, not a JSON object)"
+    )
+    with pytest.raises(oauth_errors.GrantError) as missing:
+        grants.device_code_start(client)
+    assert (missing.value.error, missing.value.description) == (
+        "http_error",
+        "the token endpoint answered HTTP 404",
+    )
+
+
+def test_the_authorization_link_names_the_instances_redirect_uri(fast_app: Flask) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    account.client.authorize_url = "https://login.example/authorize"
+    url = authorize.begin(account.owner, account, account.client, "https://mail.example/authorize")
+    query = parse_qs(urlsplit(url).query)
+    assert query["redirect_uri"] == ["https://mail.example/authorize"]
+    assert query["client_id"] == [account.client.client_id]
 
 
 def test_a_device_flow_keeps_the_providers_expiry_interval_and_complete_link(
