@@ -303,6 +303,7 @@ def test_bad_input_gets_protocol_correct_replies(
     assert send_as.value.smtp_code == 550
     assert b"5.7.60" in send_as.value.smtp_error
     assert b"Add-RecipientPermission" in send_as.value.smtp_error
+    assert f"may not send as {boss}".encode() in send_as.value.smtp_error  # the envelope's
 
     # Graph throttles: 451 4.7.0 with when to try again
     sims.entra.situation(user.email, "graph_throttled")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -455,6 +458,30 @@ def test_a_failing_bookkeeping_write_alone_is_logged_and_the_next_batch_goes_on(
     backend.later(fails)
     backend.flush()
     assert caplog.messages == ["bookkeeping write failed"]
+    backend.later(audit.record, "mail.login", target="next@example.test")
+    backend.flush()
+    assert events("mail.login") == [("", "", "next@example.test", "")]
+
+
+def test_a_batch_whose_database_cannot_be_opened_is_logged_and_the_next_batch_goes_on(
+    mailbox, backend, caplog, monkeypatch
+) -> None:
+    """The database failing before any write (stood in for by a context that raises, as SQLite
+    does when its file cannot be opened) loses that batch only, with one log line."""
+    caplog.set_level(logging.ERROR, logger="auth_email.mail")
+    working = backend._context
+
+    @contextlib.contextmanager
+    def unopenable() -> Iterator[None]:
+        raise sqlite3.OperationalError("unable to open database file")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(backend, "_context", unopenable)
+    backend.later(audit.record, "mail.login", target="lost@example.test")
+    backend.flush()
+    assert caplog.messages == ["bookkeeping writes failed"]
+    assert "unable to open database file" in caplog.text  # with its traceback
+    monkeypatch.setattr(backend, "_context", working)
     backend.later(audit.record, "mail.login", target="next@example.test")
     backend.flush()
     assert events("mail.login") == [("", "", "next@example.test", "")]
