@@ -349,16 +349,18 @@ def test_pop3_upstream_auth_names_the_mechanism_and_sends_the_response_alone(
     assert up.received[:2] == [b"AUTH XOAUTH2", sasl]
 
 
+@pytest.mark.parametrize("lead", [b"+ ", b"+"], ids=["rfc5034", "no-space"])
 def test_a_pop3_challenge_is_answered_empty_and_the_refusal_counts_against_the_token(
-    backend: RecordingBackend, scripted: list[Scripted]
+    backend: RecordingBackend, scripted: list[Scripted], lead: bytes
 ) -> None:
+    """The challenge's JSON is read whether or not the server puts a space after the "+"."""
     challenge = base64.b64encode(b'{"status":"401"}')
     reply, up = pop3_through(
         backend,
         scripted,
         b"+OK hi",
         [b"+ "],
-        [b"+ " + challenge],
+        [lead + challenge],
         [b"-ERR no"],
     )
     assert reply.startswith(b"-ERR [AUTH] ") and b"re-authorize" in reply
