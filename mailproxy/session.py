@@ -146,7 +146,7 @@ class Session:
     def log_client_line(self, line: bytes) -> None:
         if self.log.isEnabledFor(logging.DEBUG):
             text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-            words = text.split(" ", 3)
+            words = text.split(None, 3)  # any blanks: "a  LOGIN" and tabs hide a password too
             if any(w.upper() in ("LOGIN", "AUTHENTICATE", "AUTH", "PASS") for w in words[:2]):
                 text = mask_tail(text)
             self.log.debug("C: %s", text)

@@ -4,6 +4,7 @@ in the open-file limit, and one log line when accept() runs out of descriptors."
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from mailproxy import Controller, ProxySettings
+from mailproxy.common import BoundedReads
 from tests.helpers.proxy import (
     CERT,
     KEY,
@@ -191,6 +193,71 @@ def test_starttls_handshake_has_the_same_timeout() -> None:
             started = time.monotonic()
             read_until_closed(s, timeout=5)
             assert time.monotonic() - started < 3
+
+
+def test_a_client_is_read_through_the_bounded_buffer_after_starttls_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The TLS transport STARTTLS makes reads into the shared pre-login buffer, as the plain one
+    did (common.BoundedReads): the command sent over TLS arrives through it in clear."""
+    seen: list[bytes] = []
+    feed = BoundedReads.buffer_updated
+
+    def recording(self: BoundedReads, nbytes: int) -> None:
+        seen.append(bytes(self.buffer[:nbytes]))
+        feed(self, nbytes)
+
+    monkeypatch.setattr(BoundedReads, "buffer_updated", recording)
+    with running_proxy(RecordingBackend(), listeners={"imap": "127.0.0.1:0"}) as proxy:
+        with raw_connect(proxy, "imap") as s:
+            read_line(s)
+            s.sendall(b"a STARTTLS\r\n")
+            assert read_line(s).startswith(b"a OK")
+            with client_tls().wrap_socket(s) as tls:
+                tls.sendall(b"b NOOP\r\n")
+                assert read_line(tls) == b"b OK NOOP completed\r\n"
+    assert b"b NOOP\r\n" in seen
+
+
+@pytest.mark.parametrize("listener", ["imap", "imaps"])  # after STARTTLS, implicit TLS
+def test_inside_tls_the_start_of_a_tls_record_is_not_taken_for_a_handshake(listener: str) -> None:
+    """Over TLS a line may begin with the bytes of a TLS record header (0x16 0x03): the proxy
+    waits for the rest of it (here until the idle timeout), it does not hang up as it does
+    when a TLS handshake comes to a plain-text port."""
+    with running_proxy(
+        RecordingBackend(), listeners={listener: "127.0.0.1:0"}, idle_timeout_prelogin=1.0
+    ) as proxy:
+        with raw_connect(proxy, listener) as s:
+            if listener == "imap":
+                read_line(s)
+                s.sendall(b"a STARTTLS\r\n")
+                assert read_line(s).startswith(b"a OK")
+            with client_tls().wrap_socket(s) as tls:
+                if listener == "imaps":
+                    read_line(tls)
+                tls.sendall(b"\x16\x03")
+                assert read_line(tls) == b"* BYE Idle timeout, closing connection\r\n"
+
+
+def test_a_line_over_the_limit_is_answered_and_the_connection_closed() -> None:
+    with running_proxy(RecordingBackend(), listeners={"imap": "127.0.0.1:0"}, max_line=64) as p:
+        with raw_connect(p, "imap") as s:
+            read_line(s)
+            s.sendall(b"a NOOP " + b"x" * 100 + b"\r\n")
+            assert read_until_closed(s) == b"* BYE Line too long\r\n"
+
+
+def test_a_tls_handshake_on_a_plain_text_port_is_closed_at_once_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
+    with running_proxy(RecordingBackend(), listeners={"imap": "127.0.0.1:0"}) as proxy:
+        with raw_connect(proxy, "imap") as s:
+            read_line(s)
+            s.sendall(b"\x16\x03\x01\x02\x00")  # a ClientHello's record header
+            assert read_until_closed(s, timeout=5) == b""  # well before the idle timeout
+    said = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert "127.0.0.1: TLS handshake on a plain-text port, closing" in said
 
 
 # ---- the listener key ----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ certificate. Against the real Dovecot and OAuth server (the `peers` fixture)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import datetime
 import imaplib
 import logging
@@ -151,6 +153,84 @@ def shut_down(fd: int) -> None:
     """End a connection under asyncio's feet, as a server closing it would."""
     with socket.socket(fileno=os.dup(fd)) as sock:
         sock.shutdown(socket.SHUT_RDWR)
+
+
+class StallingIMAP:
+    """A plain IMAP server on loopback that accepts any token, except on the connections it
+    accepted before ``stall()``: those never answer AUTHENTICATE (a server that stopped serving
+    a greeted connection without closing it). ``tokens`` lists (connection number, bearer token)
+    of every AUTHENTICATE read."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.stalled_upto = 0
+        self.tokens: list[tuple[int, str]] = []
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def stall(self) -> None:
+        self.stalled_upto = self.accepted
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._talk, args=(conn, self.accepted), daemon=True).start()
+
+    def _talk(self, conn: socket.socket, number: int) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.sendall(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n")
+            for raw in conn.makefile("rb"):
+                tag, _, rest = raw.strip().decode().partition(" ")
+                if rest.upper().startswith("AUTHENTICATE XOAUTH2 "):
+                    sasl = base64.b64decode(rest.split(" ")[2]).decode()
+                    self.tokens.append((number, sasl.split("auth=Bearer ")[1].strip("\x01")))
+                    if number <= self.stalled_upto:
+                        continue
+                if rest.upper() == "LOGOUT":
+                    conn.sendall(f"* BYE bye\r\n{tag} OK done\r\n".encode())
+                    return
+                conn.sendall(f"{tag} OK [CAPABILITY IMAP4rev1] done\r\n".encode())
+
+    def close(self) -> None:
+        self.srv.close()
+
+
+def plain_login(proxy: Controller, address: str) -> None:
+    m = imaplib.IMAP4("127.0.0.1", port(proxy, "imap"), timeout=20)
+    assert m.login(address, PASSWORD)[0] == "OK"
+    m.logout()
+
+
+def test_a_pooled_connection_that_times_out_in_the_login_is_tried_again_with_the_same_token(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
+    upstream = StallingIMAP()
+    issued = iter(range(1, 100))
+    acct = Account(
+        1, "a@example.test", PASSWORD, {"imap": Endpoint("127.0.0.1", upstream.port, "plain")}
+    )
+    backend = RecordingBackend(
+        accounts={acct.address: acct}, token_source=lambda a, f: f"token-{next(issued)}"
+    )
+    try:
+        with running_proxy(backend, listeners={"imap": "127.0.0.1:0"}, upstream_timeout=1.0) as p:
+            plain_login(p, acct.address)  # connection 1; the pool greets 2 and 3 behind it
+            wait_for(lambda: ready(p) == 2)
+            upstream.stall()
+            plain_login(p, acct.address)
+    finally:
+        upstream.close()
+    stalled, fresh = [t for t in upstream.tokens if t[1] == "token-2"]
+    assert stalled[0] <= 3 < fresh[0]  # a pooled connection, then a new one, one token
+    assert [c[2] for c in backend.named("access_token")] == [False, False]  # no refresh
+    said = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert "pooled connection to 127.0.0.1 lost, connecting anew" in said
 
 
 class TicketIMAP:

@@ -173,6 +173,17 @@ def test_pop3_a_name_or_password_that_is_not_utf8_is_refused_as_wrong_not_a_cras
     assert proxy.errors == 0
 
 
+@pytest.mark.parametrize("password", ["secret ", "secret\t", "secretX", "two words"])
+def test_pop3_a_password_is_taken_whole_to_its_last_character(
+    proxy: Controller, backend: RecordingBackend, password: str
+) -> None:
+    backend.accounts["carol@example.test"].password = password
+    with raw_connect(proxy, "pop3") as s:
+        line(s)
+        assert ask(s, b"USER carol@example.test") == [b"+OK Send the password"]
+        assert ask(s, b"PASS " + password.encode()) == [b"+OK Logged in"]
+
+
 def test_pop3_auth_plain_in_lower_case_with_the_response_on_the_line_logs_in(
     proxy: Controller,
 ) -> None:
@@ -201,12 +212,18 @@ class Scripted:
     """An upstream mail server that sends `greeting`, then answers each line it reads with the
     next entry of `answers` (a list of lines; an empty list reads without answering; ``{tag}``
     stands for the first word of the line read, the IMAP tag). With `tls`, a line ending in
-    STARTTLS is followed by a TLS handshake, and the lines read over TLS go to `secure` too."""
+    STARTTLS is followed by a TLS handshake, and the lines read over TLS go to `secure` too.
+    With `hang_up`, it closes each connection after its last answer instead of waiting for the
+    proxy to."""
 
     def __init__(
-        self, greeting: bytes, answers: list[list[bytes]], tls: ssl.SSLContext | None = None
+        self,
+        greeting: bytes,
+        answers: list[list[bytes]],
+        tls: ssl.SSLContext | None = None,
+        hang_up: bool = False,
     ) -> None:
-        self.greeting, self.answers, self.tls = greeting, answers, tls
+        self.greeting, self.answers, self.tls, self.hang_up = greeting, answers, tls, hang_up
         self.received: list[bytes] = []
         self.secure: list[bytes] = []
         self.hung_up = threading.Event()  # the proxy closed a connection
@@ -242,7 +259,11 @@ class Scripted:
                     conn = self.tls.wrap_socket(conn, server_side=True)
                     f = conn.makefile("rb")
                     over_tls = True
-            f.read()  # until the proxy closes
+            if self.hang_up:
+                f.close()
+                conn.close()
+            else:
+                f.read()  # until the proxy closes
             self.hung_up.set()
 
     def close(self) -> None:
@@ -670,6 +691,42 @@ def test_an_smtp_policy_refusal_switched_to_delivery_hangs_up_and_takes_the_mail
     assert "login carol@example.test from 127.0.0.1, mail goes to the backend" in said
 
 
+class DeliveringBackend(PolicyBackend):
+    """Every SMTP login's grant is marked ``deliver`` (a mailbox in Microsoft Graph mode)."""
+
+    def authenticate(self, protocol: str, address: str, password: str, client_ip: str) -> Grant:
+        grant = super().authenticate(protocol, address, password, client_ip)
+        return dataclasses.replace(grant, deliver=True, max_message=1000)
+
+
+def test_an_smtp_login_whose_grant_delivers_takes_the_mail_without_an_upstream_or_token(
+    backend: RecordingBackend, scripted: list[Scripted]
+) -> None:
+    delivering = DeliveringBackend(accounts=backend.accounts, token_source=backend.token_source)
+    up = Scripted(b"220 hi", [EHLO_OK, [b"235 2.7.0 ok"]])
+    scripted.append(up)
+    backend.accounts["carol@example.test"].upstreams["smtp"] = Endpoint(
+        "127.0.0.1", up.port, "plain"
+    )
+    with (
+        running_proxy(delivering, listeners={"submission": "127.0.0.1:0"}) as p,
+        raw_connect(p, "submission") as s,
+    ):
+        line(s)
+        ask(s, b"EHLO client.example", 7)
+        assert ask(s, b"AUTH PLAIN " + PLAIN_OK.encode()) == [
+            b"235 2.7.0 Authentication successful"
+        ]
+        assert ask(s, b"MAIL FROM:<carol@example.test>") == [b"250 2.1.0 Sender OK"]
+        assert ask(s, b"RCPT TO:<dan@example.test>") == [b"250 2.1.5 Recipient OK"]
+        assert ask(s, b"DATA")[0].startswith(b"354 ")
+        assert ask(s, b"Subject: hi\r\n\r\nbody\r\n.")[0].startswith(b"250 ")
+        assert ask(s, b"QUIT") == [b"221 2.0.0 Bye"]
+    (sent,) = delivering.named("deliver")
+    assert sent[1:4] == (7, "carol@example.test", ["dan@example.test"])
+    assert not delivering.named("access_token") and up.received == []
+
+
 def test_an_smtp_policy_refusal_without_delivery_is_refused_with_the_servers_words(
     backend: RecordingBackend, scripted: list[Scripted]
 ) -> None:
@@ -923,11 +980,13 @@ def imap_through(
 def test_an_imap_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
     backend: RecordingBackend,
     scripted: list[Scripted],
+    caplog: pytest.LogCaptureFixture,
     greeting: bytes,
     answers: list[list[bytes]],
     shown: bytes,
     reason: str,
 ) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
     before = sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason)
     reply, up = imap_through(backend, scripted, greeting, *answers)
     after = sample("mailproxy_upstream_errors_total", protocol="imap", reason=reason)
@@ -936,6 +995,9 @@ def test_an_imap_upstream_that_answers_out_of_protocol_is_a_temporary_refusal(
     assert not backend.named("token_rejected")
     # A new (not pooled) connection is not tried again.
     assert len([r for r in up.received if b"AUTHENTICATE" in r]) <= 1
+    said = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert f"upstream for carol@example.test unavailable: {shown.decode()}" in said
+    assert "login refused for 'carol@example.test' from 127.0.0.1: unavailable" in said
 
 
 @pytest.mark.parametrize(
@@ -1021,6 +1083,7 @@ def test_an_imap_refusal_naming_authentication_counts_against_the_token_in_the_s
     logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
     assert f"upstream rejected the token of carol@example.test, refreshing: {said}" in logged
     assert f"upstream rejected a fresh token of carol@example.test: {said}" in logged
+    assert "login refused for 'carol@example.test' from 127.0.0.1: reauth" in logged
 
 
 @pytest.mark.parametrize("status", [b"BAD", b"NO"])
@@ -1068,6 +1131,110 @@ def test_the_token_sent_to_an_imap_upstream_is_masked_in_the_debug_log(
     sent = up.received[0].split(b" ")[-1].decode()
     assert "U< P1 AUTHENTICATE XOAUTH2 ****" in caplog.text
     assert sent not in caplog.text
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_an_upstream_that_hangs_up_during_the_login_ends_the_session_after_its_answer(
+    backend: RecordingBackend, scripted: list[Scripted], event_loop: str
+) -> None:
+    """An end of stream from the upstream read during the login ends the relay at once (the idle
+    timeout is half an hour). The upstream sends its answer to the AUTHENTICATE ahead and hangs
+    up; the token comes only once it has, so the proxy reads the end before the relay starts."""
+    up = Scripted(b"* OK hi\r\nP1 OK [CAPABILITY IMAP4rev1] in", [], hang_up=True)
+    scripted.append(up)
+    backend.accounts["carol@example.test"].upstreams = {
+        "imap": Endpoint("127.0.0.1", up.port, "plain")
+    }
+    backend.token_source = lambda acct, force: "good" if up.hung_up.wait(5) else "late"
+    with (
+        running_proxy(
+            backend,
+            listeners={"imap": "127.0.0.1:0"},
+            upstream_pool_size=0,
+            event_loop=event_loop,
+        ) as p,
+        raw_connect(p, "imap") as s,
+    ):
+        line(s)
+        assert ask(s, b"a LOGIN carol@example.test pw") == [
+            b"a OK [CAPABILITY IMAP4rev1] Logged in"
+        ]
+        assert closed(s)
+
+
+# ---- STARTTLS and SASL responses (session.py) ------------------------------------------------
+def test_a_command_pipelined_after_starttls_closes_the_connection_unanswered(
+    proxy: Controller, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
+    with raw_connect(proxy, "imap") as s:
+        line(s)
+        s.sendall(b"a STARTTLS\r\nb NOOP\r\n")  # plain text that would pass for TLS's
+        assert line(s) == b"a OK Begin TLS negotiation now"
+        assert closed(s)
+    logged = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert "127.0.0.1: data after STARTTLS, closing" in logged
+
+
+@pytest.mark.parametrize(
+    ("listener", "sent", "logged"),
+    [
+        ("imap", b"a LOGIN carol@example.test pw", "a LOGIN ****"),
+        ("imap", b"a login carol@example.test pw and more", "a login ****"),
+        ("imap", b"a authenticate plain AGNhcm9s", "a authenticate plain ****"),
+        ("imap", b"a  LOGIN carol@example.test pw", "a  LOGIN ****"),  # two spaces
+        ("imap", b"a\tLOGIN carol@example.test pw", "****"),
+        ("imap", b"a SELECT LOGIN x", "a SELECT LOGIN x"),  # a secret verb as an argument
+        ("imap", b"a NOOP ", "a NOOP "),
+        ("imap", b"a FOOX", "a FOOX"),
+        ("imap", b"a N\xffOOP", "a N\ufffdOOP"),
+        ("pop3", b"PASS secret", "PASS ****"),
+        ("pop3", b"pass secret", "pass ****"),
+        ("submission", b"AUTH PLAIN AGNhcm9s", "AUTH PLAIN ****"),
+        ("submission", b"auth plain AGNhcm9s", "auth plain ****"),
+    ],
+)
+def test_client_lines_are_logged_without_their_credentials(
+    proxy: Controller,
+    caplog: pytest.LogCaptureFixture,
+    listener: str,
+    sent: bytes,
+    logged: str,
+) -> None:
+    caplog.set_level(logging.DEBUG, "mailproxy")
+    with raw_connect(proxy, listener) as s:
+        line(s)
+        ask(s, sent)
+    from_client = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C: ")]
+    assert from_client == [f"C: {logged}"]
+
+
+@pytest.mark.parametrize(
+    ("password", "response", "said"),
+    [
+        ("pw", b"*", b"a BAD Authentication cancelled"),
+        ("pw", b"* ", b"a BAD Invalid SASL PLAIN response"),  # only a lone star cancels
+        # base64 ending in X, read whole
+        ("secW", b"AGNhcm9sQGV4YW1wbGUudGVzdABzZWNX", b"a OK [CAPABILITY IMAP4rev1 IDLE MOVE] "),
+    ],
+)
+def test_a_sasl_response_line_is_read_as_sent_and_logged_masked(
+    proxy: Controller,
+    backend: RecordingBackend,
+    caplog: pytest.LogCaptureFixture,
+    password: str,
+    response: bytes,
+    said: bytes,
+) -> None:
+    caplog.set_level(logging.DEBUG, "mailproxy")
+    backend.accounts["carol@example.test"].password = password
+    with raw_connect(proxy, "imap") as s:
+        line(s)
+        assert ask(s, b"a AUTHENTICATE PLAIN") == [b"+ "]
+        assert ask(s, response)[0].startswith(said)
+    from_client = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C: ")]
+    assert from_client == ["C: a AUTHENTICATE PLAIN", "C: ****"]
+    assert "S: + " in [r.getMessage() for r in caplog.records]  # the proxy's lines in clear
 
 
 # ---- a refused login, in the protocol's words (session.py) ----------------------------------
@@ -1131,6 +1298,7 @@ def login_flow(backend: RecordingBackend) -> LoginFlowBackend:
 def test_a_password_check_that_fails_is_a_temporary_refusal_and_the_session_goes_on(
     backend: RecordingBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
     flow = login_flow(backend)
     flow.check_fails = True
     before = sample("mailproxy_logins_total", protocol="imap", result="unavailable")
@@ -1147,6 +1315,8 @@ def test_a_password_check_that_fails_is_a_temporary_refusal_and_the_session_goes
     (failed,) = [r for r in caplog.records if r.getMessage() == "backend.authenticate failed"]
     assert failed.exc_info is not None and "database gone" in str(failed.exc_info[1])
     assert not flow.named("access_token")
+    said = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert "login refused for 'carol@example.test' from 127.0.0.1: unavailable" in said
 
 
 def test_a_token_read_with_the_password_check_goes_upstream_without_asking_for_one(

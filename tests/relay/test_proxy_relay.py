@@ -4,15 +4,18 @@ upstream ending the session (as Gmail does at token expiry), idle timeout, metri
 from __future__ import annotations
 
 import imaplib
+import logging
 import poplib
 import re
 import smtplib
+import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
 from mailproxy import Controller, Endpoint
-from tests.helpers.proxy import Account, RecordingBackend, port, raw_connect
+from tests.helpers.proxy import Account, RecordingBackend, port, raw_connect, running_proxy
 from tests.helpers.upstreams import FakeIMAP, FakePOP3, FakeSMTP, sample
 
 
@@ -61,9 +64,18 @@ def test_upstream_unavailable_is_not_a_token_rejection(
     assert len(backend.named("access_token")) == 1 and not backend.named("token_rejected")
 
 
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 def test_upstream_closing_ends_the_relay_cleanly(
-    proxy: Controller, backend: RecordingBackend
+    proxy: Controller, backend: RecordingBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "mailproxy.imap")
+    before = sample("mailproxy_sessions_open", protocol="imap")
     with raw_connect(proxy, "imap") as s:
         s.recv(1000)
         s.sendall(b"a LOGIN carol@example.test pw\r\n")
@@ -79,6 +91,82 @@ def test_upstream_closing_ends_the_relay_cleanly(
     (closed,) = backend.named("session_closed")
     assert closed[1:] == (7, "imap", len(b"b EXPIRE\r\n"), len(b"* BYE token expired\r\n"))
     assert backend.named("session_opened")[0][1:] == (7, "imap", "127.0.0.1")
+    said = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert "session of carol@example.test ended: 10 bytes in, 21 out" in said
+    wait_until(lambda: sample("mailproxy_sessions_open", protocol="imap") == before)  # no wait
+
+
+def test_bytes_either_side_sent_past_the_login_are_relayed_first(
+    proxy: Controller, fake: FakeIMAP
+) -> None:
+    fake.auth_script = ["{tag} OK [CAPABILITY IMAP4rev1] Logged in", "* 3 EXISTS"]
+    with raw_connect(proxy, "imap") as s:
+        s.recv(1000)
+        s.sendall(b"a LOGIN carol@example.test pw\r\nb NOOP\r\n")  # pipelined
+        got = b""
+        while got.count(b"\r\n") < 3:
+            chunk = s.recv(1000)
+            assert chunk, got
+            got += chunk
+    assert got == b"a OK [CAPABILITY IMAP4rev1] Logged in\r\n* 3 EXISTS\r\nb OK NOOP done\r\n"
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_a_client_that_hangs_up_right_after_its_login_ends_the_session(
+    backend: RecordingBackend, event_loop: str
+) -> None:
+    """The client's end of stream read during the login ends the relay at once (the upstream
+    never answers SLOW; the idle timeout is half an hour), and the session is closed."""
+    before = sample("mailproxy_sessions_open", protocol="imap")
+    with running_proxy(backend, listeners={"imap": "127.0.0.1:0"}, event_loop=event_loop) as p:
+        with raw_connect(p, "imap") as s:
+            s.recv(1000)
+            s.sendall(b"a LOGIN carol@example.test pw\r\nb SLOW\r\n")
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(1000):  # the socket's 5 s timeout bounds the wait
+                got += chunk
+        assert got == b"a OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"
+        wait_until(lambda: bool(backend.named("session_closed")))
+        (closed,) = backend.named("session_closed")
+        assert closed[1:] == (7, "imap", len(b"b SLOW\r\n"), 0)
+        wait_until(lambda: sample("mailproxy_sessions_open", protocol="imap") == before)
+
+
+def test_relayed_bytes_are_counted_under_the_sessions_protocol(
+    proxy: Controller, backend: RecordingBackend
+) -> None:
+    into = sample("mailproxy_relayed_bytes_total", protocol="imap", direction="in")
+    out = sample("mailproxy_relayed_bytes_total", protocol="imap", direction="out")
+    m = login(proxy)
+    m.noop()
+    m.logout()
+    wait_until(lambda: bool(backend.named("session_closed")))
+    (closed,) = backend.named("session_closed")
+    assert closed[3] > 0 and closed[4] > 0
+    assert (
+        sample("mailproxy_relayed_bytes_total", protocol="imap", direction="in") == into + closed[3]
+    )
+    assert (
+        sample("mailproxy_relayed_bytes_total", protocol="imap", direction="out") == out + closed[4]
+    )
+
+
+@pytest.mark.parametrize("step", ["session_opened", "session_closed"])
+def test_a_failing_session_bookkeeping_call_is_logged_and_the_session_goes_on(
+    proxy: Controller, backend: RecordingBackend, caplog: pytest.LogCaptureFixture, step: str
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("database gone")
+
+    setattr(backend, step, broken)
+    m = login(proxy)
+    assert m.noop()[0] == "OK"
+    m.logout()
+    wait_until(lambda: any(r.getMessage() == f"backend.{step} failed" for r in caplog.records))
+    (failed,) = [r for r in caplog.records if r.getMessage() == f"backend.{step} failed"]
+    assert failed.exc_info is not None and "database gone" in str(failed.exc_info[1])
+    assert proxy.errors == 0
 
 
 def test_idle_timeout_after_login(proxy: Controller) -> None:
@@ -162,11 +250,13 @@ def test_imap_untagged_lines_before_the_tagged_ok(proxy: Controller, fake: FakeI
 
 # ---- no exception escapes a session ---------------------------------------------------------
 def test_backend_error_in_access_token_is_a_temporary_refusal(
-    proxy: Controller, backend: RecordingBackend
+    proxy: Controller, backend: RecordingBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(acct: Account, force: bool) -> str:
         raise RuntimeError("token store on fire")
 
+    caplog.set_level(logging.INFO, "mailproxy.imap")
+    before = sample("mailproxy_logins_total", protocol="imap", result="unavailable")
     backend.token_source = broken
     with raw_connect(proxy, "imap") as s:
         s.recv(1000)
@@ -176,6 +266,13 @@ def test_backend_error_in_access_token_is_a_temporary_refusal(
         s.sendall(b"b NOOP\r\n")  # still usable
         assert s.recv(1000) == b"b OK NOOP completed\r\n"
     assert proxy.errors == 0
+    assert sample("mailproxy_logins_total", protocol="imap", result="unavailable") == before + 1
+    (failed,) = [
+        r for r in caplog.records if r.getMessage() == "upstream login of account 7 failed"
+    ]
+    assert failed.exc_info is not None and "token store on fire" in str(failed.exc_info[1])
+    said = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert "login refused for 'carol@example.test' from 127.0.0.1: unavailable" in said
 
 
 def test_backend_error_in_token_rejected_is_a_temporary_refusal(
