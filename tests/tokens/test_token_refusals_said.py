@@ -166,6 +166,7 @@ def test_a_lapsed_claim_whose_taker_is_still_refreshing_is_a_temporary_failure(
     )
     request.addfinalizer(server.close)
     account = broken_account(fast_app, server.url)
+    before = refreshes("unavailable")
 
     with pytest.raises(oauth_errors.TokenUnavailable) as raised:
         tokens.get_access_token(account.id)
@@ -174,6 +175,7 @@ def test_a_lapsed_claim_whose_taker_is_still_refreshing_is_a_temporary_failure(
         "The token refresh took too long and another one took over; try again shortly."
     )
     assert Account.get_by_id(account.id).access_token == "theirs"
+    assert refreshes("unavailable") == before + 1  # a renewal that did not get its token
 
 
 # ------------------------------------------------------------- the provider's words
@@ -446,6 +448,19 @@ def test_a_mailbox_removed_meanwhile_is_said_to_be_no_longer_linked(fast_app: Fl
     with fast_app.app_context(), pytest.raises(oauth_errors.AccountUnusable) as raised:
         tokens.get_access_token(10**6)
     assert raised.value.message == "This mailbox is not linked any more."
+
+
+def test_a_mailbox_whose_client_was_removed_is_to_be_authorized_again(fast_app: Flask) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    Account.update(client=None).where(Account.id == account.id).execute()
+
+    with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
+        tokens.get_access_token(account.id)
+
+    assert raised.value.message == (
+        "The OAuth client this mailbox was linked with no longer exists; authorize again."
+    )
+    assert Account.get_by_id(account.id).status == "needs_reauth"
 
 
 def test_the_back_off_is_judged_at_the_time_asked_about(fast_app: Flask) -> None:

@@ -7,6 +7,7 @@ import datetime as dt
 import email.utils
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -187,6 +188,39 @@ def test_5xx_is_not_asked_again_at_once_and_keeps_the_account_active(
     assert stored.status == "active" and "503" in stored.last_error
     assert stored.refresh_token == "r1" and stored.refresh_claimed_until is None
     assert "secret" not in stored.last_error and "r1" not in stored.last_error
+
+
+def test_an_endpoint_that_drops_every_connection_is_tried_the_configured_times_then_waits(
+    fast_app: Flask, request: pytest.FixtureRequest
+) -> None:
+    """A request that got no answer at all is the one failure asked again at once: three
+    tries (``TOKEN_ATTEMPTS``), then the back-off like any other failure."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    request.addfinalizer(listener.close)
+    accepted: list[int] = []
+
+    def drop_each() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=drop_each, daemon=True).start()
+    port = listener.getsockname()[1]
+    account = broken_account(fast_app, f"http://127.0.0.1:{port}/token")
+
+    with pytest.raises(oauth_errors.TokenUnavailable, match="unreachable"):
+        tokens.get_access_token(account.id)
+    assert len(accepted) == 3
+    with pytest.raises(oauth_errors.TokenUnavailable, match="Next try in"):
+        tokens.get_access_token(account.id)
+
+    assert len(accepted) == 3
+    stored = Account.get_by_id(account.id)
+    assert stored.refresh_failures == 1 and stored.status == "active"
 
 
 def test_timeout_keeps_the_account_active(
@@ -371,6 +405,23 @@ def test_a_lapsed_claim_returns_the_token_the_other_caller_stored(
     stored = Account.get_by_id(account.id)
     assert server.hits == 1  # the spent refresh token is not sent again
     assert stored.refresh_token == "r2" and stored.access_token == "theirs"
+
+
+def test_a_lapsed_claims_rotated_refresh_token_does_not_replace_the_one_stored_by_the_taker(
+    fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint]
+) -> None:
+    """An answer with only a rotated refresh token is kept under our claim only: once another
+    caller took over and stored its tokens, theirs win."""
+    rotated_only = {"refresh_token": "r3", "token_type": "Bearer"}
+    server = endpoint(status=200, body=rotated_only, on_request=_take_over(3600))
+    account = broken_account(fast_app, server.url)
+
+    with pytest.raises(oauth_errors.TokenUnavailable):
+        tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert (stored.refresh_token, stored.access_token) == ("r2", "theirs")
+    assert server.hits == 1
 
 
 def test_a_lapsed_claim_without_a_fresh_token_fails_without_retrying(
