@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -127,13 +128,17 @@ def test_refresh_without_a_granted_scope_sends_no_scope(
 
 
 def test_a_refresh_refused_for_its_scope_is_tried_once_without_it(
-    quick_app: Flask, scripted: Callable[..., Scripted]
+    quick_app: Flask, scripted: Callable[..., Scripted], caplog: pytest.LogCaptureFixture
 ) -> None:
     refused = (400, {"error": "invalid_scope", "error_description": "missing requested scope"})
     server = scripted(refused, OK)
     account = account_at(quick_app, server.url, granted="openid email offline_access")
+    caplog.set_level(logging.INFO, logger="auth_email.tokens")
 
     assert tokens.get_access_token(account.id) == "a2"
+
+    said = f"account {account.id}: refresh refused for its scope; again without"
+    assert said in caplog.messages
 
     assert [f.get("scope") for f in server.forms] == ["openid email offline_access", None]
     stored = Account.get_by_id(account.id)
@@ -141,6 +146,33 @@ def test_a_refresh_refused_for_its_scope_is_tried_once_without_it(
     expire(stored)
     tokens.get_access_token(account.id)
     assert "scope" not in server.forms[2]  # and stays without
+
+
+def test_another_refusal_of_a_refresh_with_a_scope_is_not_repeated_without_it(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted((400, {"error": "invalid_grant", "error_description": "gone"}))
+    account = account_at(quick_app, server.url, granted="openid email")
+
+    with pytest.raises(oauth_errors.NeedsReauthorization):
+        tokens.get_access_token(account.id)
+    assert server.hits == 1
+
+
+def test_a_mailbox_without_a_refresh_token_is_to_be_authorized_again(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted(OK)
+    account = account_at(quick_app, server.url)
+    Account.update(refresh_token=None).where(Account.id == account.id).execute()
+
+    with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
+        tokens.get_access_token(account.id)
+
+    assert raised.value.message == (
+        "No refresh token is stored for this mailbox; authorize it again."
+    )
+    assert server.hits == 0
 
 
 def test_invalid_scope_without_a_scope_is_not_repeated(

@@ -191,10 +191,11 @@ def test_5xx_is_not_asked_again_at_once_and_keeps_the_account_active(
 
 
 def test_an_endpoint_that_drops_every_connection_is_tried_the_configured_times_then_waits(
-    fast_app: Flask, request: pytest.FixtureRequest
+    fast_app: Flask, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A request that got no answer at all is the one failure asked again at once: three
-    tries (``TOKEN_ATTEMPTS``), then the back-off like any other failure."""
+    """A request that got no answer at all is the one failure asked again soon: three tries
+    (``TOKEN_ATTEMPTS``) with a doubling pause between them, then the back-off like any other
+    failure."""
     listener = socket.create_server(("127.0.0.1", 0))
     request.addfinalizer(listener.close)
     accepted: list[int] = []
@@ -211,10 +212,20 @@ def test_an_endpoint_that_drops_every_connection_is_tried_the_configured_times_t
     threading.Thread(target=drop_each, daemon=True).start()
     port = listener.getsockname()[1]
     account = broken_account(fast_app, f"http://127.0.0.1:{port}/token")
+    pauses: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if threading.current_thread() is threading.main_thread():
+            pauses.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(tokens.time, "sleep", sleep)
 
     with pytest.raises(oauth_errors.TokenUnavailable, match="unreachable"):
         tokens.get_access_token(account.id)
     assert len(accepted) == 3
+    assert pauses == [0.01, 0.02]  # TOKEN_BACKOFF, doubled
     with pytest.raises(oauth_errors.TokenUnavailable, match="Next try in"):
         tokens.get_access_token(account.id)
 
@@ -424,6 +435,40 @@ def test_a_lapsed_claims_rotated_refresh_token_does_not_replace_the_one_stored_b
     assert server.hits == 1
 
 
+def test_a_caller_that_read_the_row_before_a_new_authorization_does_not_renew_it(
+    fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New tokens stored while a renewal is in flight move the version past every version
+    seen before, so a caller still holding the expired row cannot claim it again."""
+    server = endpoint(status=200, body=MINE, on_request=_take_over(3600))
+    account = broken_account(fast_app, server.url)
+    real_load = tokens._load
+    read, renewed = threading.Event(), threading.Event()
+    results: list[str] = []
+
+    def late() -> None:
+        results.append(tokens.get_access_token(account.id))
+
+    late_caller = threading.Thread(target=late)
+
+    def load_then_wait(account_id: int) -> Account:
+        row = real_load(account_id)
+        if threading.current_thread() is late_caller and not read.is_set():
+            read.set()
+            renewed.wait(60)
+        return row
+
+    monkeypatch.setattr(tokens, "_load", load_then_wait)
+    late_caller.start()
+    assert read.wait(60)
+    assert tokens.get_access_token(account.id) == "theirs"
+    renewed.set()
+    late_caller.join(60)
+
+    assert results == ["theirs"]
+    assert server.hits == 1
+
+
 def test_a_lapsed_claim_without_a_fresh_token_fails_without_retrying(
     fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint]
 ) -> None:
@@ -443,6 +488,67 @@ def test_plain_http_token_endpoint_is_refused_off_loopback() -> None:
         grants.check_endpoint("http://login.example.com/token")
     grants.check_endpoint("http://127.0.0.1:9/token")
     grants.check_endpoint("https://login.example.com/token")
+
+
+@pytest.mark.parametrize("access", [None, "", 5])
+def test_an_authorization_answer_without_an_access_token_is_refused_and_stores_nothing(
+    fast_app: Flask, access: Any
+) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    answer = {"refresh_token": "r9", "expires_in": 3600}
+    if access is not None:
+        answer["access_token"] = access
+
+    with pytest.raises(oauth_errors.GrantError) as refused:
+        tokens.store_tokens(account, answer)
+
+    assert (refused.value.error, refused.value.description) == (
+        "invalid_response",
+        "the token response holds no access token",
+    )
+    stored = Account.get_by_id(account.id)
+    assert (stored.access_token, stored.refresh_token) == ("a1", "r1")
+    assert stored.token_version == account.token_version
+
+
+@pytest.mark.parametrize("refresh", [None, "", 5])
+def test_an_authorization_answer_without_a_usable_refresh_token_keeps_the_stored_one(
+    fast_app: Flask, refresh: Any
+) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+
+    tokens.store_tokens(account, {"access_token": "a2", "refresh_token": refresh})
+
+    stored = Account.get_by_id(account.id)
+    assert (stored.access_token, stored.refresh_token) == ("a2", "r1")
+
+
+def test_tokens_stored_for_one_account_leave_the_others_alone(fast_app: Flask) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    other = Account.create(
+        owner=account.owner, address="other@example.test", provider="other",
+        client=account.client, status="active",
+    )  # fmt: skip
+    tokens.store_tokens(other, {"access_token": "o1", "refresh_token": "or1", "expires_in": 60})
+    version = Account.get_by_id(other.id).token_version
+
+    tokens.store_tokens(account, {"access_token": "a2", "refresh_token": "r2", "scope": "mail"})
+
+    untouched = Account.get_by_id(other.id)
+    assert (untouched.access_token, untouched.refresh_token) == ("o1", "or1")
+    assert untouched.token_version == version and untouched.granted_scope == ""
+
+
+def test_a_short_token_from_an_authorization_is_handed_out_as_it_is(fast_app: Flask) -> None:
+    """Its life counts from when it was stored: a 60-second token is renewed in its last 30 s,
+    not at once (the margin setting alone, 60 s, would cover all of it)."""
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+
+    tokens.store_tokens(account, {"access_token": "short", "expires_in": 60})
+
+    stored = Account.get_by_id(account.id)
+    assert stored.last_refresh_at is not None
+    assert tokens.ready_token(stored) == "short"
 
 
 def test_disabled_and_pending_accounts_get_no_token(fast_app: Flask) -> None:
