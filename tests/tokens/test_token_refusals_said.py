@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 from prometheus_client import REGISTRY
 
-from models import Account, utcnow
+from models import Account, Notification, Setting, utcnow
 from oauth import errors as oauth_errors
 from oauth import tokens
 from store.db import Ciphertext
@@ -207,6 +207,66 @@ def test_a_refused_grant_is_explained_with_the_providers_words(
     assert server.hits == 3
 
 
+def test_a_refused_grant_tells_the_owner_why_the_mailbox_needs_authorizing_again(
+    fast_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    Setting.write("notify_sender", "auth@example.org")
+    server = scripted((400, {"error": "invalid_grant", "error_description": "grant is gone"}))
+    account = broken_account(fast_app, server.url)
+
+    with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
+        tokens.get_access_token(account.id)
+
+    [notice] = Notification.select()
+    assert (notice.user_id, notice.account_id, notice.kind, notice.subject) == (
+        account.owner_id, account.id, "reauth", "flaky@example.test"
+    )  # fmt: skip
+    assert notice.title == "flaky@example.test needs re-authorization"
+    assert notice.detail == raised.value.message
+    stored = Account.get_by_id(account.id)
+    assert stored.refresh_error_kind == "reauth" and stored.next_refresh_at is None
+    assert stored.refresh_claimed_until is None
+
+
+def test_a_renewal_failing_past_the_threshold_is_logged_and_told_to_the_owner(
+    fast_app: Flask, scripted: Callable[..., Scripted], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each failure is logged with its count, wait and reason; the owner hears of it once it
+    has failed for longer than the instance's threshold (30 min here), not before."""
+    Setting.write("notify_sender", "auth@example.org")
+    Setting.write("notify_failing_minutes", "30")
+    server = scripted((503, "busy"))
+    account = broken_account(fast_app, server.url)
+
+    def fail(minutes_ago: int) -> tuple[dt.datetime, str]:
+        since = (utcnow() - dt.timedelta(minutes=minutes_ago)).replace(microsecond=0)
+        Account.update(refresh_failing_since=since, refresh_failures=3, next_refresh_at=None).where(
+            Account.id == account.id
+        ).execute()
+        with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+            tokens.get_access_token(account.id)
+        return since, raised.value.message
+
+    fail(10)
+    assert Notification.select().count() == 0  # failing for 10 minutes, told after 30
+    with caplog.at_level(logging.WARNING, logger="auth_email.tokens"):
+        since, said = fail(45)
+
+    assert said == "the token endpoint answered HTTP 503"
+    logged = [r.getMessage() for r in caplog.records if r.name == "auth_email.tokens"]
+    assert logged[-1] == (
+        f"token refresh for account {account.id} failed (4 in a row, next try in 240 s): {said}"
+    )
+    [notice] = Notification.select()
+    assert (notice.user_id, notice.account_id, notice.kind, notice.subject) == (
+        account.owner_id, account.id, "renewal_failing", "flaky@example.test"
+    )  # fmt: skip
+    assert notice.title == "Renewing the token of flaky@example.test has failed for over 30 min"
+    assert notice.detail == f"Failing since {since:%Y-%m-%d %H:%M} UTC (4 tries in a row). {said}"
+    stored = Account.get_by_id(account.id)
+    assert stored.refresh_error_kind == "unavailable" and stored.refresh_failing_since == since
+
+
 def test_a_refused_client_carries_the_providers_error_words_and_wait(
     fast_app: Flask, scripted: Callable[..., Scripted]
 ) -> None:
@@ -281,6 +341,10 @@ def test_a_refresh_that_crashes_counts_as_an_error_and_releases_its_claim(
         Account.id == account.id
     ).execute()
     version = Account.get_by_id(account.id).token_version
+    other = Account.create(  # at the version the claim will have: not ours all the same
+        owner=account.owner, address="other@example.test", provider="other",
+        status="active", token_version=version + 1,
+    )  # fmt: skip
     before = refreshes("error")
 
     with pytest.raises(Exception) as raised:  # noqa: PT011 - whatever the vault raises
@@ -291,6 +355,7 @@ def test_a_refresh_that_crashes_counts_as_an_error_and_releases_its_claim(
     stored = Account.get_by_id(account.id)
     assert stored.refresh_claimed_until is None and stored.token_version == version + 2
     assert stored.status == "active" and server.hits == 0
+    assert Account.get_by_id(other.id).token_version == version + 1
 
 
 # ------------------------------------------------------------- the proxy's shortcut

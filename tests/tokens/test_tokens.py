@@ -282,6 +282,42 @@ def test_a_stale_claim_is_taken_over(fast_app: Flask, endpoint_503: FlakyTokenEn
     assert endpoint_503.hits == 1
 
 
+class _Clock:
+    """A clock for ``tokens`` alone: ``sleep`` moves it on at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_caller_waiting_on_a_claim_held_too_long_gives_up_in_words(
+    fast_app: Flask, endpoint_503: FlakyTokenEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another caller's claim that does not end: the wait lasts the claim's length and 5 s
+    more, looking again every ``poll``, then fails without a request of its own."""
+    account = broken_account(fast_app, endpoint_503.url)
+    Account.update(refresh_claimed_until=utcnow() + dt.timedelta(hours=1)).where(
+        Account.id == account.id
+    ).execute()
+    clock = _Clock()
+    monkeypatch.setattr(tokens, "time", clock)
+    start = clock.now
+
+    with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+        tokens.get_access_token(account.id)
+
+    assert raised.value.message == "Another refresh of this mailbox's token is taking too long."
+    waited = clock.now - start
+    longest = grants.settings().claim_seconds + 5
+    assert longest < waited <= longest + grants.settings().poll + 1e-6
+    assert endpoint_503.hits == 0
+
+
 @pytest.fixture
 def endpoint() -> Iterator[Callable[..., FlakyTokenEndpoint]]:
     """Start local token endpoints with ``FlakyTokenEndpoint``'s arguments; closed afterwards."""
