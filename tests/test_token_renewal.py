@@ -512,19 +512,32 @@ def test_another_process_on_the_same_postgres_honours_the_back_off(
     assert server.hits == 1
 
 
+@pytest.mark.parametrize(
+    ("answer", "late_gets"),
+    [(OK, "a2"), ((400, {"error": "invalid_grant", "error_description": "gone"}), "refused")],
+    ids=["renewed", "refused"],
+)
 def test_a_caller_that_read_the_row_before_anothers_renewal_does_not_renew_it_again(
-    quick_app: Flask, scripted: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+    quick_app: Flask,
+    scripted: Callable[..., Scripted],
+    monkeypatch: pytest.MonkeyPatch,
+    answer: tuple[Any, ...],
+    late_gets: str,
 ) -> None:
-    """The renewal moves the version past the one a late caller read, so that caller's claim
-    on the expired row it holds fails and it takes the stored token (one request)."""
-    server = scripted(OK)
+    """The renewal, or its refusal, moves the version past the one a late caller read, so that
+    caller's claim on the expired row it holds fails and it takes what was stored (one
+    request)."""
+    server = scripted(answer)
     account = account_at(quick_app, server.url)
     real_load = tokens._load
     read, renewed = threading.Event(), threading.Event()
     results: list[str] = []
 
     def late() -> None:
-        results.append(tokens.get_access_token(account.id))
+        try:
+            results.append(tokens.get_access_token(account.id))
+        except oauth_errors.NeedsReauthorization:
+            results.append("refused")
 
     late_caller = threading.Thread(target=late)
 
@@ -538,9 +551,12 @@ def test_a_caller_that_read_the_row_before_anothers_renewal_does_not_renew_it_ag
     monkeypatch.setattr(tokens, "_load", load_then_wait)
     late_caller.start()
     assert read.wait(60)
-    assert tokens.get_access_token(account.id) == "a2"
+    try:
+        assert tokens.get_access_token(account.id) == late_gets
+    except oauth_errors.NeedsReauthorization:
+        assert late_gets == "refused"
     renewed.set()
     late_caller.join(60)
 
-    assert results == ["a2"]
+    assert results == [late_gets]
     assert server.hits == 1

@@ -213,6 +213,7 @@ def test_a_refused_grant_tells_the_owner_why_the_mailbox_needs_authorizing_again
     Setting.write("notify_sender", "auth@example.org")
     server = scripted((400, {"error": "invalid_grant", "error_description": "grant is gone"}))
     account = broken_account(fast_app, server.url)
+    before = utcnow()
 
     with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
         tokens.get_access_token(account.id)
@@ -226,6 +227,7 @@ def test_a_refused_grant_tells_the_owner_why_the_mailbox_needs_authorizing_again
     stored = Account.get_by_id(account.id)
     assert stored.refresh_error_kind == "reauth" and stored.next_refresh_at is None
     assert stored.refresh_claimed_until is None
+    assert before <= stored.refresh_failing_since <= utcnow()  # the page says since when
 
 
 def test_a_renewal_failing_past_the_threshold_is_logged_and_told_to_the_owner(
@@ -467,6 +469,7 @@ def test_a_refused_grant_records_since_when_renewal_fails_how_often_and_why(
     assert stored.status == "needs_reauth"
     assert stored.refresh_failing_since == first.refresh_failing_since is not None
     assert stored.refresh_failures == 2
+    assert stored.next_refresh_at is None  # no back-off: only a new authorization helps
     assert stored.last_error == stored.status_detail == raised.value.message
     assert len(raised.value.message) == 1000  # the explanation, then as much of their words
     assert "AADSTS70008" in raised.value.message

@@ -505,6 +505,58 @@ def test_a_caller_that_read_the_row_before_a_new_authorization_does_not_renew_it
     assert server.hits == 1
 
 
+def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_a_grant_refused_meanwhile(
+    fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our claim lapses while the provider answers, and a late caller reads the row then (a
+    lapsed claim is its to take). The refusal moves the version on all the same, so the late
+    caller's claim fails and it is told the mailbox needs authorizing, without asking again."""
+    real_load = tokens._load
+    read, refused = threading.Event(), threading.Event()
+    results: list[str] = []
+
+    def late() -> None:
+        try:
+            results.append(tokens.get_access_token(account.id))
+        except oauth_errors.NeedsReauthorization:
+            results.append("refused")
+
+    late_caller = threading.Thread(target=late)
+
+    def lapse_and_let_a_late_caller_read() -> None:
+        if read.is_set():
+            return
+        with tokens.connected():
+            Account.update(refresh_claimed_until=utcnow() - dt.timedelta(seconds=1)).where(
+                Account.id == account.id
+            ).execute()
+        late_caller.start()
+        read.wait(60)
+
+    def load_then_wait(account_id: int) -> Account:
+        row = real_load(account_id)
+        if threading.current_thread() is late_caller and not read.is_set():
+            read.set()
+            refused.wait(60)
+        return row
+
+    server = endpoint(
+        status=400,
+        body={"error": "invalid_grant", "error_description": "gone"},
+        on_request=lapse_and_let_a_late_caller_read,
+    )
+    account = broken_account(fast_app, server.url)
+    monkeypatch.setattr(tokens, "_load", load_then_wait)
+
+    with pytest.raises(oauth_errors.NeedsReauthorization):
+        tokens.get_access_token(account.id)
+    refused.set()
+    late_caller.join(60)
+
+    assert results == ["refused"]
+    assert server.hits == 1
+
+
 def test_a_lapsed_claim_without_a_fresh_token_fails_without_retrying(
     fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint]
 ) -> None:
