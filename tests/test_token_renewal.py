@@ -514,8 +514,12 @@ def test_another_process_on_the_same_postgres_honours_the_back_off(
 
 @pytest.mark.parametrize(
     ("answer", "late_gets"),
-    [(OK, "a2"), ((400, {"error": "invalid_grant", "error_description": "gone"}), "refused")],
-    ids=["renewed", "refused"],
+    [
+        (OK, "a2"),
+        ((400, {"error": "invalid_grant", "error_description": "gone"}), "refused"),
+        ((503, "busy"), "failed"),
+    ],
+    ids=["renewed", "refused", "failed"],
 )
 def test_a_caller_that_read_the_row_before_anothers_renewal_does_not_renew_it_again(
     quick_app: Flask,
@@ -538,6 +542,8 @@ def test_a_caller_that_read_the_row_before_anothers_renewal_does_not_renew_it_ag
             results.append(tokens.get_access_token(account.id))
         except oauth_errors.NeedsReauthorization:
             results.append("refused")
+        except oauth_errors.TokenUnavailable:
+            results.append("failed")
 
     late_caller = threading.Thread(target=late)
 
@@ -555,6 +561,8 @@ def test_a_caller_that_read_the_row_before_anothers_renewal_does_not_renew_it_ag
         assert tokens.get_access_token(account.id) == late_gets
     except oauth_errors.NeedsReauthorization:
         assert late_gets == "refused"
+    except oauth_errors.TokenUnavailable:
+        assert late_gets == "failed"
     renewed.set()
     late_caller.join(60)
 

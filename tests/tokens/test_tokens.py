@@ -505,12 +505,25 @@ def test_a_caller_that_read_the_row_before_a_new_authorization_does_not_renew_it
     assert server.hits == 1
 
 
-def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_a_grant_refused_meanwhile(
-    fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("status", "body", "late_gets"),
+    [
+        (400, {"error": "invalid_grant", "error_description": "gone"}, "refused"),
+        (503, None, "failed"),
+    ],
+    ids=["refused", "failed"],
+)
+def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_after_a_failure_meanwhile(
+    fast_app: Flask,
+    endpoint: Callable[..., FlakyTokenEndpoint],
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    body: dict[str, str] | None,
+    late_gets: str,
 ) -> None:
     """Our claim lapses while the provider answers, and a late caller reads the row then (a
-    lapsed claim is its to take). The refusal moves the version on all the same, so the late
-    caller's claim fails and it is told the mailbox needs authorizing, without asking again."""
+    lapsed claim is its to take). A refusal or a failure moves the version on all the same, so
+    the late caller's claim fails and it gets what was recorded, without asking again."""
     real_load = tokens._load
     read, refused = threading.Event(), threading.Event()
     results: list[str] = []
@@ -520,6 +533,8 @@ def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_a_grant_refused_
             results.append(tokens.get_access_token(account.id))
         except oauth_errors.NeedsReauthorization:
             results.append("refused")
+        except oauth_errors.TokenUnavailable:
+            results.append("failed")
 
     late_caller = threading.Thread(target=late)
 
@@ -540,20 +555,16 @@ def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_a_grant_refused_
             refused.wait(60)
         return row
 
-    server = endpoint(
-        status=400,
-        body={"error": "invalid_grant", "error_description": "gone"},
-        on_request=lapse_and_let_a_late_caller_read,
-    )
+    server = endpoint(status=status, body=body, on_request=lapse_and_let_a_late_caller_read)
     account = broken_account(fast_app, server.url)
     monkeypatch.setattr(tokens, "_load", load_then_wait)
 
-    with pytest.raises(oauth_errors.NeedsReauthorization):
+    with pytest.raises(oauth_errors.TokenError):
         tokens.get_access_token(account.id)
     refused.set()
     late_caller.join(60)
 
-    assert results == ["refused"]
+    assert results == [late_gets]
     assert server.hits == 1
 
 
