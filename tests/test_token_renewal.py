@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,13 +128,17 @@ def test_refresh_without_a_granted_scope_sends_no_scope(
 
 
 def test_a_refresh_refused_for_its_scope_is_tried_once_without_it(
-    quick_app: Flask, scripted: Callable[..., Scripted]
+    quick_app: Flask, scripted: Callable[..., Scripted], caplog: pytest.LogCaptureFixture
 ) -> None:
     refused = (400, {"error": "invalid_scope", "error_description": "missing requested scope"})
     server = scripted(refused, OK)
     account = account_at(quick_app, server.url, granted="openid email offline_access")
+    caplog.set_level(logging.INFO, logger="auth_email.tokens")
 
     assert tokens.get_access_token(account.id) == "a2"
+
+    said = f"account {account.id}: refresh refused for its scope; again without"
+    assert said in caplog.messages
 
     assert [f.get("scope") for f in server.forms] == ["openid email offline_access", None]
     stored = Account.get_by_id(account.id)
@@ -140,6 +146,33 @@ def test_a_refresh_refused_for_its_scope_is_tried_once_without_it(
     expire(stored)
     tokens.get_access_token(account.id)
     assert "scope" not in server.forms[2]  # and stays without
+
+
+def test_another_refusal_of_a_refresh_with_a_scope_is_not_repeated_without_it(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted((400, {"error": "invalid_grant", "error_description": "gone"}))
+    account = account_at(quick_app, server.url, granted="openid email")
+
+    with pytest.raises(oauth_errors.NeedsReauthorization):
+        tokens.get_access_token(account.id)
+    assert server.hits == 1
+
+
+def test_a_mailbox_without_a_refresh_token_is_to_be_authorized_again(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    server = scripted(OK)
+    account = account_at(quick_app, server.url)
+    Account.update(refresh_token=None).where(Account.id == account.id).execute()
+
+    with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
+        tokens.get_access_token(account.id)
+
+    assert raised.value.message == (
+        "No refresh token is stored for this mailbox; authorize it again."
+    )
+    assert server.hits == 0
 
 
 def test_invalid_scope_without_a_scope_is_not_repeated(
@@ -223,6 +256,7 @@ def test_a_success_after_failures_forgets_them(
     stored = Account.get_by_id(account.id)
     assert stored.refresh_failures == 0 and stored.next_refresh_at is None
     assert stored.refresh_failing_since is None and stored.last_error == ""
+    assert stored.refresh_error_kind == ""
 
 
 def test_a_token_not_yet_run_out_still_serves_during_the_back_off(
@@ -294,6 +328,7 @@ def test_google_expired_or_revoked_explains_the_testing_status(
         ((200, '{"access_token": "a2", "expires_'), "no usable answer"),
         ((200, ["a2"]), "no usable answer"),
         ((200, {"token_type": "Bearer", "expires_in": 3600}), "without an access token"),
+        ((200, {"access_token": "", "expires_in": 3600}), "without an access token"),
         ((502, "<html>Bad gateway</html>"), "HTTP 502"),
         ((400, "<html>Bad request</html>"), "HTTP 400"),
         (("hang", 6.0), "in time"),  # past the 3 s timeout
@@ -324,10 +359,99 @@ def test_a_rotated_refresh_token_is_kept_though_the_rest_of_the_answer_is_unusab
     server = scripted((200, {"refresh_token": "r2", "token_type": "Bearer"}))
     account = account_at(quick_app, server.url)
 
-    with pytest.raises(oauth_errors.TokenUnavailable, match="without an access token"):
+    with pytest.raises(oauth_errors.TokenUnavailable) as raised:
         tokens.get_access_token(account.id)
 
+    assert raised.value.message == "the token endpoint answered without an access token"
     assert Account.get_by_id(account.id).refresh_token == "r2"
+
+
+@pytest.mark.parametrize("rotated", ["", None, 5, ["r2"]], ids=repr)
+def test_an_answer_without_a_usable_refresh_token_keeps_the_stored_one(
+    quick_app: Flask, scripted: Callable[..., Scripted], rotated: Any
+) -> None:
+    body = {"access_token": "a2", "refresh_token": rotated, "expires_in": 3600}
+    server = scripted((200, body))
+    account = account_at(quick_app, server.url)
+
+    assert tokens.get_access_token(account.id) == "a2"
+
+    stored = Account.get_by_id(account.id)
+    assert stored.refresh_token == "r1" and stored.access_token == "a2"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        OK,
+        (200, {"refresh_token": "r2", "token_type": "Bearer"}),
+        (503, "busy"),
+        (400, {"error": "invalid_grant", "error_description": "gone"}),
+    ],
+    ids=["renewed", "rotated only", "failed", "refused"],
+)
+def test_a_renewal_writes_its_own_account_only_even_one_at_the_same_version(
+    quick_app: Flask, scripted: Callable[..., Scripted], answer: tuple[Any, ...]
+) -> None:
+    """The version alone does not name a row: another account whose version happens to be the
+    claim's keeps its tokens and its state, whatever the renewal's outcome."""
+    server = scripted(answer)
+    account = account_at(quick_app, server.url)
+    other = Account.create(
+        owner=account.owner, address="other@example.test", provider="other",
+        client=account.client, status="active",
+    )  # fmt: skip
+    tokens.store_tokens(other, {"access_token": "o1", "refresh_token": "or1", "expires_in": 3600})
+    claim = account.token_version + 1
+    Account.update(token_version=claim).where(Account.id == other.id).execute()
+
+    try:
+        tokens.get_access_token(account.id)
+    except oauth_errors.TokenError:
+        pass  # every answer but the first fails this renewal
+
+    assert server.hits == 1
+    untouched = Account.get_by_id(other.id)
+    assert (untouched.access_token, untouched.refresh_token) == ("o1", "or1")
+    assert untouched.token_version == claim
+    assert (untouched.status, untouched.last_error) == ("active", "")
+    assert untouched.next_refresh_at is None and untouched.refresh_claimed_until is None
+
+
+def test_the_scope_a_renewal_grants_is_the_one_asked_for_next_time(
+    quick_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    narrowed = (200, {"access_token": "a2", "expires_in": 3600, "scope": "openid  email"})
+    server = scripted(narrowed)
+    account = account_at(quick_app, server.url, granted="openid email mail")
+
+    assert tokens.get_access_token(account.id) == "a2"
+    assert Account.get_by_id(account.id).granted_scope == "openid email"
+    expire(account)
+    tokens.get_access_token(account.id)
+
+    assert [f["scope"] for f in server.forms] == ["openid email mail", "openid email"]
+
+
+@pytest.mark.parametrize(("answered", "kept"), [("mail  send", "mail send"), (None, "mail")])
+def test_a_client_credentials_renewal_keeps_the_scope_it_was_granted(
+    quick_app: Flask, scripted: Callable[..., Scripted], answered: str | None, kept: str
+) -> None:
+    """No scope is asked for on this grant's renewal: what the provider names is stored, and
+    without a name the stored scope stays."""
+    body: dict[str, Any] = {"access_token": "a2", "token_type": "Bearer", "expires_in": 3600}
+    if answered is not None:
+        body["scope"] = answered
+    server = scripted((200, body))
+    account = account_at(quick_app, server.url, granted="mail")
+    OAuthClient.update(grant="client_credentials").where(
+        OAuthClient.id == account.client_id
+    ).execute()
+
+    assert tokens.get_access_token(account.id) == "a2"
+
+    assert server.forms[0]["grant_type"] == "client_credentials"
+    assert Account.get_by_id(account.id).granted_scope == kept
 
 
 @pytest.mark.parametrize(("expires_in", "seconds"), [("3600", 3600), ("soon", 300), (None, 3600)])
@@ -385,4 +509,62 @@ def test_another_process_on_the_same_postgres_honours_the_back_off(
     )
 
     assert "refused:" in done.stdout and "Next try in" in done.stdout, done.stderr[-2000:]
+    assert server.hits == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "late_gets"),
+    [
+        (OK, "a2"),
+        ((400, {"error": "invalid_grant", "error_description": "gone"}), "refused"),
+        ((503, "busy"), "failed"),
+    ],
+    ids=["renewed", "refused", "failed"],
+)
+def test_a_caller_that_read_the_row_before_anothers_renewal_does_not_renew_it_again(
+    quick_app: Flask,
+    scripted: Callable[..., Scripted],
+    monkeypatch: pytest.MonkeyPatch,
+    answer: tuple[Any, ...],
+    late_gets: str,
+) -> None:
+    """The renewal, or its refusal, moves the version past the one a late caller read, so that
+    caller's claim on the expired row it holds fails and it takes what was stored (one
+    request)."""
+    server = scripted(answer)
+    account = account_at(quick_app, server.url)
+    real_load = tokens._load
+    read, renewed = threading.Event(), threading.Event()
+    results: list[str] = []
+
+    def late() -> None:
+        try:
+            results.append(tokens.get_access_token(account.id))
+        except oauth_errors.NeedsReauthorization:
+            results.append("refused")
+        except oauth_errors.TokenUnavailable:
+            results.append("failed")
+
+    late_caller = threading.Thread(target=late)
+
+    def load_then_wait(account_id: int) -> Account:
+        row = real_load(account_id)
+        if threading.current_thread() is late_caller and not read.is_set():
+            read.set()
+            renewed.wait(60)
+        return row
+
+    monkeypatch.setattr(tokens, "_load", load_then_wait)
+    late_caller.start()
+    assert read.wait(60)
+    try:
+        assert tokens.get_access_token(account.id) == late_gets
+    except oauth_errors.NeedsReauthorization:
+        assert late_gets == "refused"
+    except oauth_errors.TokenUnavailable:
+        assert late_gets == "failed"
+    renewed.set()
+    late_caller.join(60)
+
+    assert results == [late_gets]
     assert server.hits == 1

@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 from prometheus_client import REGISTRY
 
-from models import Account, utcnow
+from models import Account, Notification, Setting, utcnow
 from oauth import errors as oauth_errors
 from oauth import tokens
 from store.db import Ciphertext
@@ -166,6 +166,7 @@ def test_a_lapsed_claim_whose_taker_is_still_refreshing_is_a_temporary_failure(
     )
     request.addfinalizer(server.close)
     account = broken_account(fast_app, server.url)
+    before = refreshes("unavailable")
 
     with pytest.raises(oauth_errors.TokenUnavailable) as raised:
         tokens.get_access_token(account.id)
@@ -174,6 +175,7 @@ def test_a_lapsed_claim_whose_taker_is_still_refreshing_is_a_temporary_failure(
         "The token refresh took too long and another one took over; try again shortly."
     )
     assert Account.get_by_id(account.id).access_token == "theirs"
+    assert refreshes("unavailable") == before + 1  # a renewal that did not get its token
 
 
 # ------------------------------------------------------------- the provider's words
@@ -203,6 +205,68 @@ def test_a_refused_grant_is_explained_with_the_providers_words(
     logged = [r.getMessage() for r in caplog.records if r.name == "auth_email.tokens"]
     assert f"account {account.id} needs re-authorization: {said}grant is gone" in logged
     assert server.hits == 3
+
+
+def test_a_refused_grant_tells_the_owner_why_the_mailbox_needs_authorizing_again(
+    fast_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    Setting.write("notify_sender", "auth@example.org")
+    server = scripted((400, {"error": "invalid_grant", "error_description": "grant is gone"}))
+    account = broken_account(fast_app, server.url)
+    before = utcnow()
+
+    with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
+        tokens.get_access_token(account.id)
+
+    [notice] = Notification.select()
+    assert (notice.user_id, notice.account_id, notice.kind, notice.subject) == (
+        account.owner_id, account.id, "reauth", "flaky@example.test"
+    )  # fmt: skip
+    assert notice.title == "flaky@example.test needs re-authorization"
+    assert notice.detail == raised.value.message
+    stored = Account.get_by_id(account.id)
+    assert stored.refresh_error_kind == "reauth" and stored.next_refresh_at is None
+    assert stored.refresh_claimed_until is None
+    assert before <= stored.refresh_failing_since <= utcnow()  # the page says since when
+
+
+def test_a_renewal_failing_past_the_threshold_is_logged_and_told_to_the_owner(
+    fast_app: Flask, scripted: Callable[..., Scripted], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each failure is logged with its count, wait and reason; the owner hears of it once it
+    has failed for longer than the instance's threshold (30 min here), not before."""
+    Setting.write("notify_sender", "auth@example.org")
+    Setting.write("notify_failing_minutes", "30")
+    server = scripted((503, "busy"))
+    account = broken_account(fast_app, server.url)
+
+    def fail(minutes_ago: int) -> tuple[dt.datetime, str]:
+        since = (utcnow() - dt.timedelta(minutes=minutes_ago)).replace(microsecond=0)
+        Account.update(refresh_failing_since=since, refresh_failures=3, next_refresh_at=None).where(
+            Account.id == account.id
+        ).execute()
+        with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+            tokens.get_access_token(account.id)
+        return since, raised.value.message
+
+    fail(10)
+    assert Notification.select().count() == 0  # failing for 10 minutes, told after 30
+    with caplog.at_level(logging.WARNING, logger="auth_email.tokens"):
+        since, said = fail(45)
+
+    assert said == "the token endpoint answered HTTP 503"
+    logged = [r.getMessage() for r in caplog.records if r.name == "auth_email.tokens"]
+    assert logged[-1] == (
+        f"token refresh for account {account.id} failed (4 in a row, next try in 240 s): {said}"
+    )
+    [notice] = Notification.select()
+    assert (notice.user_id, notice.account_id, notice.kind, notice.subject) == (
+        account.owner_id, account.id, "renewal_failing", "flaky@example.test"
+    )  # fmt: skip
+    assert notice.title == "Renewing the token of flaky@example.test has failed for over 30 min"
+    assert notice.detail == f"Failing since {since:%Y-%m-%d %H:%M} UTC (4 tries in a row). {said}"
+    stored = Account.get_by_id(account.id)
+    assert stored.refresh_error_kind == "unavailable" and stored.refresh_failing_since == since
 
 
 def test_a_refused_client_carries_the_providers_error_words_and_wait(
@@ -279,6 +343,10 @@ def test_a_refresh_that_crashes_counts_as_an_error_and_releases_its_claim(
         Account.id == account.id
     ).execute()
     version = Account.get_by_id(account.id).token_version
+    other = Account.create(  # at the version the claim will have: not ours all the same
+        owner=account.owner, address="other@example.test", provider="other",
+        status="active", token_version=version + 1,
+    )  # fmt: skip
     before = refreshes("error")
 
     with pytest.raises(Exception) as raised:  # noqa: PT011 - whatever the vault raises
@@ -289,6 +357,7 @@ def test_a_refresh_that_crashes_counts_as_an_error_and_releases_its_claim(
     stored = Account.get_by_id(account.id)
     assert stored.refresh_claimed_until is None and stored.token_version == version + 2
     assert stored.status == "active" and server.hits == 0
+    assert Account.get_by_id(other.id).token_version == version + 1
 
 
 # ------------------------------------------------------------- the proxy's shortcut
@@ -400,6 +469,7 @@ def test_a_refused_grant_records_since_when_renewal_fails_how_often_and_why(
     assert stored.status == "needs_reauth"
     assert stored.refresh_failing_since == first.refresh_failing_since is not None
     assert stored.refresh_failures == 2
+    assert stored.next_refresh_at is None  # no back-off: only a new authorization helps
     assert stored.last_error == stored.status_detail == raised.value.message
     assert len(raised.value.message) == 1000  # the explanation, then as much of their words
     assert "AADSTS70008" in raised.value.message
@@ -446,6 +516,19 @@ def test_a_mailbox_removed_meanwhile_is_said_to_be_no_longer_linked(fast_app: Fl
     with fast_app.app_context(), pytest.raises(oauth_errors.AccountUnusable) as raised:
         tokens.get_access_token(10**6)
     assert raised.value.message == "This mailbox is not linked any more."
+
+
+def test_a_mailbox_whose_client_was_removed_is_to_be_authorized_again(fast_app: Flask) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    Account.update(client=None).where(Account.id == account.id).execute()
+
+    with pytest.raises(oauth_errors.NeedsReauthorization) as raised:
+        tokens.get_access_token(account.id)
+
+    assert raised.value.message == (
+        "The OAuth client this mailbox was linked with no longer exists; authorize again."
+    )
+    assert Account.get_by_id(account.id).status == "needs_reauth"
 
 
 def test_the_back_off_is_judged_at_the_time_asked_about(fast_app: Flask) -> None:

@@ -7,6 +7,7 @@ import datetime as dt
 import email.utils
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -190,6 +191,50 @@ def test_5xx_is_not_asked_again_at_once_and_keeps_the_account_active(
     assert "secret" not in stored.last_error and "r1" not in stored.last_error
 
 
+def test_an_endpoint_that_drops_every_connection_is_tried_the_configured_times_then_waits(
+    fast_app: Flask, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that got no answer at all is the one failure asked again soon: three tries
+    (``TOKEN_ATTEMPTS``) with a doubling pause between them, then the back-off like any other
+    failure."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    request.addfinalizer(listener.close)
+    accepted: list[int] = []
+
+    def drop_each() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=drop_each, daemon=True).start()
+    port = listener.getsockname()[1]
+    account = broken_account(fast_app, f"http://127.0.0.1:{port}/token")
+    pauses: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if threading.current_thread() is threading.main_thread():
+            pauses.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(tokens.time, "sleep", sleep)
+
+    with pytest.raises(oauth_errors.TokenUnavailable, match="unreachable"):
+        tokens.get_access_token(account.id)
+    assert len(accepted) == 3
+    assert pauses == [0.01, 0.02]  # TOKEN_BACKOFF, doubled
+    with pytest.raises(oauth_errors.TokenUnavailable, match="Next try in"):
+        tokens.get_access_token(account.id)
+
+    assert len(accepted) == 3
+    stored = Account.get_by_id(account.id)
+    assert stored.refresh_failures == 1 and stored.status == "active"
+
+
 def test_timeout_keeps_the_account_active(
     timeout_app: Flask, endpoint_slow: FlakyTokenEndpoint
 ) -> None:
@@ -236,6 +281,42 @@ def test_a_stale_claim_is_taken_over(fast_app: Flask, endpoint_503: FlakyTokenEn
     with pytest.raises(oauth_errors.TokenUnavailable):
         tokens.get_access_token(account.id)
     assert endpoint_503.hits == 1
+
+
+class _Clock:
+    """A clock for ``tokens`` alone: ``sleep`` moves it on at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_caller_waiting_on_a_claim_held_too_long_gives_up_in_words(
+    fast_app: Flask, endpoint_503: FlakyTokenEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another caller's claim that does not end: the wait lasts the claim's length and 5 s
+    more, looking again every ``poll``, then fails without a request of its own."""
+    account = broken_account(fast_app, endpoint_503.url)
+    Account.update(refresh_claimed_until=utcnow() + dt.timedelta(hours=1)).where(
+        Account.id == account.id
+    ).execute()
+    clock = _Clock()
+    monkeypatch.setattr(tokens, "time", clock)
+    start = clock.now
+
+    with pytest.raises(oauth_errors.TokenUnavailable) as raised:
+        tokens.get_access_token(account.id)
+
+    assert raised.value.message == "Another refresh of this mailbox's token is taking too long."
+    waited = clock.now - start
+    longest = grants.settings().claim_seconds + 5
+    assert longest < waited <= longest + grants.settings().poll + 1e-6
+    assert endpoint_503.hits == 0
 
 
 @pytest.fixture
@@ -374,6 +455,120 @@ def test_a_lapsed_claim_returns_the_token_the_other_caller_stored(
     assert stored.refresh_token == "r2" and stored.access_token == "theirs"
 
 
+def test_a_lapsed_claims_rotated_refresh_token_does_not_replace_the_one_stored_by_the_taker(
+    fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint]
+) -> None:
+    """An answer with only a rotated refresh token is kept under our claim only: once another
+    caller took over and stored its tokens, theirs win."""
+    rotated_only = {"refresh_token": "r3", "token_type": "Bearer"}
+    server = endpoint(status=200, body=rotated_only, on_request=_take_over(3600))
+    account = broken_account(fast_app, server.url)
+
+    with pytest.raises(oauth_errors.TokenUnavailable):
+        tokens.get_access_token(account.id)
+
+    stored = Account.get_by_id(account.id)
+    assert (stored.refresh_token, stored.access_token) == ("r2", "theirs")
+    assert server.hits == 1
+
+
+def test_a_caller_that_read_the_row_before_a_new_authorization_does_not_renew_it(
+    fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New tokens stored while a renewal is in flight move the version past every version
+    seen before, so a caller still holding the expired row cannot claim it again."""
+    server = endpoint(status=200, body=MINE, on_request=_take_over(3600))
+    account = broken_account(fast_app, server.url)
+    real_load = tokens._load
+    read, renewed = threading.Event(), threading.Event()
+    results: list[str] = []
+
+    def late() -> None:
+        results.append(tokens.get_access_token(account.id))
+
+    late_caller = threading.Thread(target=late)
+
+    def load_then_wait(account_id: int) -> Account:
+        row = real_load(account_id)
+        if threading.current_thread() is late_caller and not read.is_set():
+            read.set()
+            renewed.wait(60)
+        return row
+
+    monkeypatch.setattr(tokens, "_load", load_then_wait)
+    late_caller.start()
+    assert read.wait(60)
+    assert tokens.get_access_token(account.id) == "theirs"
+    renewed.set()
+    late_caller.join(60)
+
+    assert results == ["theirs"]
+    assert server.hits == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "late_gets"),
+    [
+        (400, {"error": "invalid_grant", "error_description": "gone"}, "refused"),
+        (503, None, "failed"),
+    ],
+    ids=["refused", "failed"],
+)
+def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_after_a_failure_meanwhile(
+    fast_app: Flask,
+    endpoint: Callable[..., FlakyTokenEndpoint],
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    body: dict[str, str] | None,
+    late_gets: str,
+) -> None:
+    """Our claim lapses while the provider answers, and a late caller reads the row then (a
+    lapsed claim is its to take). A refusal or a failure moves the version on all the same, so
+    the late caller's claim fails and it gets what was recorded, without asking again."""
+    real_load = tokens._load
+    read, refused = threading.Event(), threading.Event()
+    results: list[str] = []
+
+    def late() -> None:
+        try:
+            results.append(tokens.get_access_token(account.id))
+        except oauth_errors.NeedsReauthorization:
+            results.append("refused")
+        except oauth_errors.TokenUnavailable:
+            results.append("failed")
+
+    late_caller = threading.Thread(target=late)
+
+    def lapse_and_let_a_late_caller_read() -> None:
+        if read.is_set():
+            return
+        with tokens.connected():
+            Account.update(refresh_claimed_until=utcnow() - dt.timedelta(seconds=1)).where(
+                Account.id == account.id
+            ).execute()
+        late_caller.start()
+        read.wait(60)
+
+    def load_then_wait(account_id: int) -> Account:
+        row = real_load(account_id)
+        if threading.current_thread() is late_caller and not read.is_set():
+            read.set()
+            refused.wait(60)
+        return row
+
+    server = endpoint(status=status, body=body, on_request=lapse_and_let_a_late_caller_read)
+    account = broken_account(fast_app, server.url)
+    monkeypatch.setattr(tokens, "_load", load_then_wait)
+
+    with pytest.raises(oauth_errors.TokenError):
+        tokens.get_access_token(account.id)
+    refused.set()
+    late_caller.join(60)
+
+    assert results == [late_gets]
+    assert server.hits == 1
+
+
 def test_a_lapsed_claim_without_a_fresh_token_fails_without_retrying(
     fast_app: Flask, endpoint: Callable[..., FlakyTokenEndpoint]
 ) -> None:
@@ -393,6 +588,67 @@ def test_plain_http_token_endpoint_is_refused_off_loopback() -> None:
         grants.check_endpoint("http://login.example.com/token")
     grants.check_endpoint("http://127.0.0.1:9/token")
     grants.check_endpoint("https://login.example.com/token")
+
+
+@pytest.mark.parametrize("access", [None, "", 5])
+def test_an_authorization_answer_without_an_access_token_is_refused_and_stores_nothing(
+    fast_app: Flask, access: Any
+) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    answer = {"refresh_token": "r9", "expires_in": 3600}
+    if access is not None:
+        answer["access_token"] = access
+
+    with pytest.raises(oauth_errors.GrantError) as refused:
+        tokens.store_tokens(account, answer)
+
+    assert (refused.value.error, refused.value.description) == (
+        "invalid_response",
+        "the token response holds no access token",
+    )
+    stored = Account.get_by_id(account.id)
+    assert (stored.access_token, stored.refresh_token) == ("a1", "r1")
+    assert stored.token_version == account.token_version
+
+
+@pytest.mark.parametrize("refresh", [None, "", 5])
+def test_an_authorization_answer_without_a_usable_refresh_token_keeps_the_stored_one(
+    fast_app: Flask, refresh: Any
+) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+
+    tokens.store_tokens(account, {"access_token": "a2", "refresh_token": refresh})
+
+    stored = Account.get_by_id(account.id)
+    assert (stored.access_token, stored.refresh_token) == ("a2", "r1")
+
+
+def test_tokens_stored_for_one_account_leave_the_others_alone(fast_app: Flask) -> None:
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+    other = Account.create(
+        owner=account.owner, address="other@example.test", provider="other",
+        client=account.client, status="active",
+    )  # fmt: skip
+    tokens.store_tokens(other, {"access_token": "o1", "refresh_token": "or1", "expires_in": 60})
+    version = Account.get_by_id(other.id).token_version
+
+    tokens.store_tokens(account, {"access_token": "a2", "refresh_token": "r2", "scope": "mail"})
+
+    untouched = Account.get_by_id(other.id)
+    assert (untouched.access_token, untouched.refresh_token) == ("o1", "or1")
+    assert untouched.token_version == version and untouched.granted_scope == ""
+
+
+def test_a_short_token_from_an_authorization_is_handed_out_as_it_is(fast_app: Flask) -> None:
+    """Its life counts from when it was stored: a 60-second token is renewed in its last 30 s,
+    not at once (the margin setting alone, 60 s, would cover all of it)."""
+    account = broken_account(fast_app, "http://127.0.0.1:9/token")
+
+    tokens.store_tokens(account, {"access_token": "short", "expires_in": 60})
+
+    stored = Account.get_by_id(account.id)
+    assert stored.last_refresh_at is not None
+    assert tokens.ready_token(stored) == "short"
 
 
 def test_disabled_and_pending_accounts_get_no_token(fast_app: Flask) -> None:
