@@ -3,6 +3,7 @@ input of every kind, limits and timeouts. No mail peers needed."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import imaplib
 import logging
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 
 from mailproxy import Controller, ProxySettings, fingerprint_sha256
+from mailproxy.controller import Hub
+from mailproxy.imap import IMAPSession
 from mailproxy.tls import ensure_self_signed
 from tests.helpers.proxy import (
     CERT,
@@ -355,3 +358,26 @@ def test_self_signed_certificate(tmp_path: os.PathLike[str]) -> None:
     ensure_self_signed(cert, key, ["other"])  # kept as is
     assert fingerprint_sha256(cert) == fp
     assert fingerprint_sha256(CERT) != fp and os.path.exists(KEY)
+
+
+def test_the_pre_login_lifetime_starts_at_accept_not_when_the_session_is_built() -> None:
+    """A slow TLS handshake between accept() and the session's start counts against the
+    lifetime: a client cannot stretch it by handshaking slowly."""
+    settings = ProxySettings(prelogin_lifetime=300.0)
+    hub = Hub(settings, RecordingBackend())
+
+    class Writer:
+        def get_extra_info(self, name: str) -> Any:
+            return ("192.0.2.7", 50000) if name == "peername" else None
+
+    async def build() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        accepted = loop.time() - 120.0  # accept() two minutes ago, the handshake since
+        given = IMAPSession(hub, asyncio.StreamReader(), Writer(), True, accepted)  # type: ignore[arg-type]
+        before = loop.time()
+        fresh = IMAPSession(hub, asyncio.StreamReader(), Writer(), True)  # type: ignore[arg-type]
+        return given.login_deadline - accepted, fresh.login_deadline - before
+
+    from_accept, from_start = asyncio.run(build())
+    assert from_accept == 300.0
+    assert 300.0 <= from_start < 301.0  # no accept() time given: counted from now
