@@ -141,6 +141,8 @@ def test_a_refresh_refused_for_its_scope_is_tried_once_without_it(
     assert said in caplog.messages
 
     assert [f.get("scope") for f in server.forms] == ["openid email offline_access", None]
+    held = str(account.refresh_token)
+    assert [f["refresh_token"] for f in server.forms] == [held, held]  # the same grant again
     stored = Account.get_by_id(account.id)
     assert stored.granted_scope == "" and stored.refresh_token == "r2"
     expire(stored)
