@@ -27,7 +27,14 @@ from tests.helpers.linking import (
     PeerInfo,
     token_requests,
 )
-from tests.helpers.tokens import Scripted, expire, link, next_try_in, seconds_until_next_try
+from tests.helpers.tokens import (
+    Scripted,
+    caller_thread,
+    expire,
+    link,
+    next_try_in,
+    seconds_until_next_try,
+)
 
 USER_SCOPE = "openid email offline_access"
 
@@ -537,17 +544,7 @@ def test_a_caller_that_read_the_row_before_anothers_renewal_does_not_renew_it_ag
     account = account_at(quick_app, server.url)
     real_load = tokens._load
     read, renewed = threading.Event(), threading.Event()
-    results: list[str] = []
-
-    def late() -> None:
-        try:
-            results.append(tokens.get_access_token(account.id))
-        except oauth_errors.NeedsReauthorization:
-            results.append("refused")
-        except oauth_errors.TokenUnavailable:
-            results.append("failed")
-
-    late_caller = threading.Thread(target=late)
+    late_caller, results = caller_thread(account.id)
 
     def load_then_wait(account_id: int) -> Account:
         row = real_load(account_id)

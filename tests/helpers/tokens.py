@@ -16,6 +16,7 @@ from flask import Flask
 
 from mailboxes import linking
 from models import Account, OAuthClient, User, utcnow
+from oauth import errors as oauth_errors
 from oauth import tokens
 from tests.helpers.linking import (
     REDIRECT,
@@ -133,6 +134,22 @@ def broken_account(app: Flask, token_url: str) -> Account:
     )
     tokens.store_tokens(account, {"access_token": "a1", "refresh_token": "r1", "expires_in": 0})
     return Account.get_by_id(account.id)
+
+
+def caller_thread(account_id: int) -> tuple[threading.Thread, list[str]]:
+    """A caller of ``get_access_token`` in a thread of its own (not started), and what it got:
+    the token, or "refused" (re-authorize) or "failed" (unavailable)."""
+    results: list[str] = []
+
+    def call() -> None:
+        try:
+            results.append(tokens.get_access_token(account_id))
+        except oauth_errors.NeedsReauthorization:
+            results.append("refused")
+        except oauth_errors.TokenUnavailable:
+            results.append("failed")
+
+    return threading.Thread(target=call), results
 
 
 class Scripted:

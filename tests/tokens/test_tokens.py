@@ -35,7 +35,7 @@ from tests.helpers.linking import (
     revoke_at_op,
     token_requests,
 )
-from tests.helpers.tokens import FlakyTokenEndpoint, broken_account, expire, link
+from tests.helpers.tokens import FlakyTokenEndpoint, broken_account, caller_thread, expire, link
 
 
 @pytest.mark.peers
@@ -527,17 +527,6 @@ def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_after_a_failure_
     the late caller's claim fails and it gets what was recorded, without asking again."""
     real_load = tokens._load
     read, refused = threading.Event(), threading.Event()
-    results: list[str] = []
-
-    def late() -> None:
-        try:
-            results.append(tokens.get_access_token(account.id))
-        except oauth_errors.NeedsReauthorization:
-            results.append("refused")
-        except oauth_errors.TokenUnavailable:
-            results.append("failed")
-
-    late_caller = threading.Thread(target=late)
 
     def lapse_and_let_a_late_caller_read() -> None:
         if read.is_set():
@@ -558,6 +547,7 @@ def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_after_a_failure_
 
     server = endpoint(status=status, body=body, on_request=lapse_and_let_a_late_caller_read)
     account = broken_account(fast_app, server.url)
+    late_caller, results = caller_thread(account.id)
     monkeypatch.setattr(tokens, "_load", load_then_wait)
 
     with pytest.raises(oauth_errors.TokenError):
