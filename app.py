@@ -83,9 +83,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     graphsend.init_app(app)
     init_database(app)
 
-    from web import security
+    from web import fields, security
 
     security.init_app(app)
+    fields.init_app(app)
 
     from web import (
         accounts,
