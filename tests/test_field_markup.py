@@ -12,7 +12,7 @@ from flask import Flask
 from markupsafe import Markup
 from werkzeug.datastructures import MultiDict
 from wtforms import widgets
-from wtforms.fields import SelectChoice, SelectField, StringField
+from wtforms.fields import HiddenField, SelectChoice, SelectField, StringField
 
 from web import account_forms, fields, forms, notification_forms
 from web.forms import Form
@@ -134,3 +134,16 @@ def test_a_fields_own_widget_is_left_to_wtforms(app: Flask) -> None:
             == f(id="c")
             == '<input id="c" name="colour" type="color" value="">'
         )
+
+
+def test_hidden_fields_with_their_csrf_token_render_as_wtforms_renders_them(app: Flask) -> None:
+    class Sample(Form):
+        kept = HiddenField(default='a "quoted" <value>')
+        name = StringField()
+
+    with app.test_request_context():
+        form = Sample()
+        wtforms_own = "\n".join(str(f(id=False)) for f in form if f.name != "name")
+        assert form.hidden_tag() == wtforms_own
+        assert 'name="csrf_token" type="hidden" value="' in wtforms_own
+        assert form.hidden_tag(form.kept) == str(form.kept(id=False))

@@ -37,6 +37,7 @@ from mailboxes import smtpdelivery
 from models import OAuthClient, User
 from oauth import grants, providers
 from people import addresses
+from web.fields import control
 
 MIN_PASSWORD = 10
 
@@ -83,7 +84,7 @@ class Form(FlaskForm):
 
     def hidden_tag(self, *fields: Any) -> Markup:
         hidden = fields or [f for f in self if isinstance(f.widget, HiddenInput)]
-        return Markup("\n".join(str(f(id=False)) for f in hidden))
+        return Markup("\n".join(control(f, {"id": False}) for f in hidden))
 
 
 class EmptyForm(Form):
