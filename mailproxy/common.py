@@ -30,6 +30,10 @@ class PeerGone(Exception):
     """The peer closed the connection."""
 
 
+class ClientNotReading(Exception):
+    """Before login, the client left the proxy's answers unread for the idle timeout."""
+
+
 class TLSOnPlainPort(Exception):
     """The client opened with a TLS handshake on a plain-text listener."""
 

@@ -12,6 +12,7 @@ from .backend import Endpoint, Grant, ProxyAuthError
 from .common import (
     PRELOGIN_READ,
     BoundedReads,
+    ClientNotReading,
     LineReader,
     LineTooLong,
     PeerGone,
@@ -59,6 +60,7 @@ class Session:
         self.login_deadline = started + self.settings.prelogin_lifetime
         self.auth_failures = 0
         self.done = False
+        self.logged_in = False  # from the login's success (or SMTP's delivery instead) on
         self.upstream: Upstream | None = None
 
     # ---- what subclasses provide -------------------------------------------------------
@@ -135,7 +137,16 @@ class Session:
         """The one way to write a line to the client; secret lines are masked in the log."""
         self.log.debug("S: %s", mask_tail(text) if secret else text)
         self.writer.write(text.encode("utf-8") + b"\r\n")
-        await self.writer.drain()
+        if self.logged_in:
+            await self.writer.drain()
+            return
+        # Before login the client's reading is bounded like its writing: one that sends commands
+        # and never reads the answers would otherwise hold the session in drain() for ever.
+        try:
+            async with self.prelogin_timeout():
+                await self.writer.drain()
+        except TimeoutError:
+            raise ClientNotReading from None
 
     def read_command(self, line: bytes) -> tuple[str, bytes]:
         """Log a client line (masked) and split it into its upper-case verb and the rest."""
@@ -228,19 +239,34 @@ class Session:
             await self._quietly(self.say_bye("Line too long"))
         except TLSOnPlainPort:
             self.log.info("%s: TLS handshake on a plain-text port, closing", self.peer_ip)
+        except ClientNotReading:
+            self.log.info("%s: does not read the answers, closing", self.peer_ip)
         except (PeerGone, OSError):
             pass
         finally:
             if self.upstream is not None:
                 self.upstream.close()
-            self.writer.close()
+            await self._close()
 
     async def _quietly(self, coro: Awaitable[None]) -> None:
+        """A goodbye: the client may be gone, or not read it (``push`` bounds that before login)."""
         try:
-            async with asyncio.timeout(5):
-                await coro
-        except (OSError, TimeoutError):
+            await coro
+        except (OSError, ClientNotReading):
             pass
+
+    async def _close(self) -> None:
+        """Close; before login, cut the connection if it is not closed within the goodbye's
+        bound: close() would otherwise wait as long as the client leaves the last answers (or a
+        TLS close_notify) unread, holding the descriptor."""
+        self.writer.close()
+        if self.logged_in:
+            return
+        try:
+            async with asyncio.timeout(self.settings.goodbye_timeout):
+                await self.writer.wait_closed()
+        except (OSError, TimeoutError):
+            self.writer.transport.abort()
 
     async def login(self, address: str, password: str) -> None:
         """Check the password, log in upstream with a token, answer the client, then relay."""
@@ -262,6 +288,7 @@ class Session:
                 raise DeliverInstead(grant)
             up = await self._upstream_login(grant)
         except DeliverInstead as instead:
+            self.logged_in = True
             await self.deliver_instead(instead.grant)
             return
         except ProxyAuthError as err:
@@ -281,6 +308,7 @@ class Session:
             return
         count_login(self.protocol, "ok")
         self.log.info("login %s from %s", grant.address, self.peer_ip)
+        self.logged_in = True
         await self.accept_login(up)
         await self._relay(grant, up)
 

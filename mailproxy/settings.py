@@ -33,7 +33,8 @@ class ProxySettings:
     tls_key_group_readable: bool = False  # a configured key shared with the ACME client's group
     # Before login a connection is a stranger's: everything it may cost is bounded.
     handshake_timeout: float = 10.0  # TLS handshake (implicit TLS and STARTTLS)
-    idle_timeout_prelogin: float = 60.0  # between two commands
+    idle_timeout_prelogin: float = 60.0  # between two commands, and for the client to read
+    goodbye_timeout: float = 5.0  # closing: then the connection is cut (the client does not read)
     prelogin_lifetime: float = 300.0  # from accept to login, however busy the client keeps it
     max_prelogin_commands: int = 50
     max_line: int = 8192  # one line (IMAP: each line of a command)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import imaplib
 import logging
 import os
@@ -381,3 +382,58 @@ def test_the_pre_login_lifetime_starts_at_accept_not_when_the_session_is_built()
     from_accept, from_start = asyncio.run(build())
     assert from_accept == 300.0
     assert 300.0 <= from_start < 301.0  # no accept() time given: counted from now
+
+
+def _holds_connection_to(client_port: int) -> bool:
+    """Whether this process (the proxy runs in it) has a descriptor open on the TCP connection
+    whose far end is ``client_port`` (an orphaned socket the kernel still flushes has none)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                cols = row.split()
+                if int(cols[2].rsplit(":", 1)[1], 16) == client_port and cols[9] != "0":
+                    inodes.add(f"socket:[{cols[9]}]")
+    fds = "/proc/self/fd"
+    held = set()
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):
+            held.add(os.readlink(f"{fds}/{fd}"))
+    return bool(inodes & held)
+
+
+@pytest.mark.parametrize("listener", ["imap", "imaps"])
+def test_a_client_that_never_reads_its_answers_is_cut_off_before_login(listener: str) -> None:
+    """Commands sent without reading a single answer: once the proxy's buffers are full, its
+    writes wait on the client. Before login that wait is bounded like a read (the idle timeout),
+    the goodbye is bounded too, and then the connection is cut: the proxy keeps no session and no
+    descriptor for a stranger who does not read."""
+    settings = dict(
+        idle_timeout_prelogin=1.0,
+        goodbye_timeout=0.5,
+        max_prelogin_commands=1_000_000,
+        unknown_command_budget=1_000_000,
+        listeners={"imap": "127.0.0.1:0", "imaps": "127.0.0.1:0"},
+    )
+    with running_proxy(RecordingBackend(), **settings) as proxy:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: full sooner
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port(proxy, listener)))
+        client_port = s.getsockname()[1]
+        conn: Any = s
+        if listener == "imaps":
+            conn = client_tls().wrap_socket(s, server_hostname="proxy.example.test")
+        # 80,000 answers of ~150 bytes, 12 MB: past every buffer on the way (the kernel lets a
+        # socket's send buffer grow to 4 MB here).
+        with contextlib.suppress(OSError):  # the proxy may cut us off while we still send
+            conn.sendall(b"a CAPABILITY\r\n" * 80_000)
+        # Well under the 30 s after which the event loop would give up a TLS close_notify itself.
+        deadline = time.monotonic() + 15
+        while proxy.hub.total or _holds_connection_to(client_port):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert proxy.hub.total == 0, "the session is still open"
+        assert not _holds_connection_to(client_port), "the proxy still holds the descriptor"
+        conn.close()
