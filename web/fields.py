@@ -1,10 +1,12 @@
 """Form fields as HTML: the markup of WTForms' own widgets, built in one pass.
 
 WTForms formats every attribute through ``Markup.format``, finds a field's flags with ``dir()``
-and inspects a select's option renderer once per option; on the dashboard's pages that was half
-of a page's CPU (bench/README.md). The widgets the forms use (inputs, selects, text areas,
-labels) are rendered here to the same markup; any other widget is left to WTForms.
-``tests/test_field_markup.py`` holds every form's fields equal to WTForms' rendering.
+and inspects a select's option renderer once per option: on the client editor that was a third
+of the page's CPU (bench/README.md). The widgets the forms use (inputs, selects, text areas,
+labels) are rendered here to the same markup; any other widget is left to WTForms. WTForms is
+pinned (requirements.txt, a select's choices come from its ``_iter_choices_normalized``), and
+``tests/test_field_markup.py`` holds every form's fields equal to WTForms' own rendering, so an
+upgrade that changes its markup fails there.
 """
 
 from __future__ import annotations
