@@ -24,6 +24,7 @@ ATTRS: list[dict[str, Any]] = [
     {"aria-describedby": "f-help", "aria-invalid": "true", "autocomplete": "new-password"},
     {"placeholder": 'say "hi" <b>&', "data-must-equal": Markup('a"b'), "class_": "wide"},
     {"required": False, "disabled": True, "maxlength": 12},
+    {"data_must_equal": "x", "aria_describedby": "y", "for_": "z"},
 ]
 
 

@@ -3,10 +3,9 @@
 WTForms formats every attribute through ``Markup.format``, finds a field's flags with ``dir()``
 and inspects a select's option renderer once per option: on the client editor that was a third
 of the page's CPU (bench/README.md). The widgets the forms use (inputs, selects, text areas,
-labels) are rendered here to the same markup; any other widget is left to WTForms. WTForms is
-pinned (requirements.txt, a select's choices come from its ``_iter_choices_normalized``), and
-``tests/test_field_markup.py`` holds every form's fields equal to WTForms' own rendering, so an
-upgrade that changes its markup fails there.
+labels) are rendered here to the same markup, through WTForms' public field API; any other
+widget is left to WTForms. ``tests/test_field_markup.py`` holds every form's fields equal to
+WTForms' own rendering, so an upgrade of WTForms that changes its markup fails there.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Any
 from markupsafe import Markup, escape
 from wtforms import widgets
 from wtforms.fields import Field
-from wtforms.widgets.core import clean_key
 
 _INPUTS = (
     widgets.TextInput,
@@ -29,6 +27,13 @@ _INPUTS = (
     widgets.CheckboxInput,
     widgets.SubmitInput,
 )
+
+
+def clean_key(key: str) -> str:
+    """An attribute's name as WTForms writes it: ``class_`` is ``class``, ``data_x_y`` is
+    ``data-x-y``."""
+    key = key.rstrip("_")
+    return key.replace("_", "-") if key.startswith(("data_", "aria_")) else key
 
 
 def attributes(kwargs: dict[str, Any]) -> str:
@@ -94,7 +99,7 @@ def _select(field: Any, kwargs: dict[str, Any]) -> Markup:
     kwargs.setdefault("id", field.id)
     _add_flags(field, field.widget, kwargs, call=False)
     html = [f"<select {attributes({'name': field.name, **kwargs})}>"]
-    for choice in field._iter_choices_normalized():
+    for choice in field.iter_choices():
         value = str(choice.value) if isinstance(choice.value, bool) else choice.value
         options = {"value": value, **(choice.render_kw or {})}
         if choice.selected:
