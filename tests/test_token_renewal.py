@@ -399,11 +399,13 @@ def test_an_answer_without_a_usable_refresh_token_keeps_the_stored_one(
     ],
     ids=["renewed", "rotated only", "failed", "refused"],
 )
+@pytest.mark.parametrize("ahead", [0, 1], ids=["at the version claimed", "at the claim's version"])
 def test_a_renewal_writes_its_own_account_only_even_one_at_the_same_version(
-    quick_app: Flask, scripted: Callable[..., Scripted], answer: tuple[Any, ...]
+    quick_app: Flask, scripted: Callable[..., Scripted], answer: tuple[Any, ...], ahead: int
 ) -> None:
     """The version alone does not name a row: another account whose version happens to be the
-    claim's keeps its tokens and its state, whatever the renewal's outcome."""
+    one claimed, or the claim's, keeps its tokens, its version and its state, whatever the
+    renewal's outcome."""
     server = scripted(answer)
     account = account_at(quick_app, server.url)
     other = Account.create(
@@ -411,7 +413,7 @@ def test_a_renewal_writes_its_own_account_only_even_one_at_the_same_version(
         client=account.client, status="active",
     )  # fmt: skip
     tokens.store_tokens(other, {"access_token": "o1", "refresh_token": "or1", "expires_in": 3600})
-    claim = account.token_version + 1
+    claim = account.token_version + ahead
     Account.update(token_version=claim).where(Account.id == other.id).execute()
 
     try:

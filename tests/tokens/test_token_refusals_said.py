@@ -110,35 +110,67 @@ def _waiting_frame(thread: threading.Thread) -> Any:
     return None
 
 
-def test_a_waiter_whose_refresher_died_without_a_record_fails_without_asking(
-    fast_app: Flask, scripted: Callable[..., Scripted]
-) -> None:
-    """Another caller claimed the refresh, then vanished (its claim ended, nothing recorded):
-    the waiter does not pile on with a request of its own, and says no wait it cannot know."""
-    server = scripted((503, "busy"))
-    account = broken_account(fast_app, server.url)
-    Account.update(refresh_claimed_until=utcnow() + dt.timedelta(seconds=60)).where(
-        Account.id == account.id
-    ).execute()
-    outcome: list[BaseException] = []
+def _waiting_caller(account_id: int, force_refresh: bool = False) -> tuple[Any, list[Any]]:
+    """A caller of ``get_access_token`` in a thread, started and seen waiting for the claim."""
+    outcome: list[Any] = []
 
     def call() -> None:
         try:
-            tokens.get_access_token(account.id)
-        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome.append(tokens.get_access_token(account_id, force_refresh=force_refresh))
+        except BaseException as exc:  # noqa: BLE001 - asserted by the caller
             outcome.append(exc)
 
     waiter = threading.Thread(target=call)
     waiter.start()
     wait_until(lambda: _waiting_frame(waiter), timeout=60, what="the caller waiting for the claim")
+    return waiter, outcome
+
+
+@pytest.mark.parametrize(
+    ("earlier", "said"),
+    [(None, "Renewing the token failed."), ("The token endpoint was down.", None)],
+    ids=["nothing recorded", "a back-off that has ended"],
+)
+def test_a_waiter_whose_refresher_died_without_a_record_fails_without_asking(
+    fast_app: Flask, scripted: Callable[..., Scripted], earlier: str | None, said: str | None
+) -> None:
+    """Another caller claimed the refresh, then vanished (its claim ended, nothing recorded):
+    the waiter does not pile on with a request of its own, and says no wait it cannot know.
+    An earlier failure whose back-off has ended is what it says then."""
+    server = scripted((503, "busy"))
+    account = broken_account(fast_app, server.url)
+    Account.update(
+        refresh_claimed_until=utcnow() + dt.timedelta(seconds=60),
+        last_error=earlier or "",
+        next_refresh_at=utcnow() - dt.timedelta(minutes=1) if earlier else None,
+    ).where(Account.id == account.id).execute()
+    waiter, outcome = _waiting_caller(account.id)
     Account.update(refresh_claimed_until=None, token_version=Account.token_version + 1).where(
         Account.id == account.id
     ).execute()
     waiter.join(30)
 
     assert len(outcome) == 1 and type(outcome[0]) is oauth_errors.TokenUnavailable, outcome
-    assert outcome[0].message == "Renewing the token failed."
+    assert outcome[0].message == (said or earlier)
     assert outcome[0].retry_after is None
+    assert server.hits == 0
+
+
+def test_a_forced_renewal_that_waited_for_anothers_takes_its_token(
+    fast_app: Flask, scripted: Callable[..., Scripted]
+) -> None:
+    """The mail server refused the token; meanwhile another caller is renewing it. What that
+    renewal stores is the newer token asked for: no request of its own."""
+    server = scripted((503, "busy"))
+    account = broken_account(fast_app, server.url)
+    Account.update(refresh_claimed_until=utcnow() + dt.timedelta(seconds=60)).where(
+        Account.id == account.id
+    ).execute()
+    waiter, outcome = _waiting_caller(account.id, force_refresh=True)
+    tokens.store_tokens(account, {"access_token": "a2", "expires_in": 3600})  # the other's
+    waiter.join(30)
+
+    assert outcome == ["a2"]
     assert server.hits == 0
 
 
