@@ -403,7 +403,9 @@ def _holds_connection_to(client_port: int) -> bool:
 
 
 @pytest.mark.parametrize("listener", ["imap", "imaps"])
-def test_a_client_that_never_reads_its_answers_is_cut_off_before_login(listener: str) -> None:
+def test_a_client_that_never_reads_its_answers_is_cut_off_before_login(
+    listener: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Commands sent without reading a single answer: once the proxy's buffers are full, its
     writes wait on the client. Before login that wait is bounded like a read (the idle timeout),
     the goodbye is bounded too, and then the connection is cut: the proxy keeps no session and no
@@ -415,6 +417,7 @@ def test_a_client_that_never_reads_its_answers_is_cut_off_before_login(listener:
         unknown_command_budget=1_000_000,
         listeners={"imap": "127.0.0.1:0", "imaps": "127.0.0.1:0"},
     )
+    caplog.set_level(logging.INFO, logger="mailproxy")
     with running_proxy(RecordingBackend(), **settings) as proxy:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: full sooner
@@ -437,3 +440,5 @@ def test_a_client_that_never_reads_its_answers_is_cut_off_before_login(listener:
         assert proxy.hub.total == 0, "the session is still open"
         assert not _holds_connection_to(client_port), "the proxy still holds the descriptor"
         conn.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "mailproxy.imap"]
+    assert "127.0.0.1: does not read the answers, closing" in said
