@@ -31,6 +31,7 @@ from tests.helpers.tokens import (
     Scripted,
     caller_thread,
     expire,
+    hold_after_its_read,
     link,
     next_try_in,
     seconds_until_next_try,
@@ -544,18 +545,9 @@ def test_a_caller_that_read_the_row_before_anothers_renewal_does_not_renew_it_ag
     request)."""
     server = scripted(answer)
     account = account_at(quick_app, server.url)
-    real_load = tokens._load
-    read, renewed = threading.Event(), threading.Event()
+    renewed = threading.Event()
     late_caller, results = caller_thread(account.id)
-
-    def load_then_wait(account_id: int) -> Account:
-        row = real_load(account_id)
-        if threading.current_thread() is late_caller and not read.is_set():
-            read.set()
-            renewed.wait(60)
-        return row
-
-    monkeypatch.setattr(tokens, "_load", load_then_wait)
+    read = hold_after_its_read(monkeypatch, late_caller, renewed)
     late_caller.start()
     assert read.wait(60)
     try:

@@ -152,6 +152,25 @@ def caller_thread(account_id: int) -> tuple[threading.Thread, list[str]]:
     return threading.Thread(target=call), results
 
 
+def hold_after_its_read(
+    monkeypatch: Any, caller: threading.Thread, until: threading.Event
+) -> threading.Event:
+    """Make ``caller``'s first read of the account row wait for ``until`` once it has the row
+    (a late caller holding an old version); returns the event set when it has read."""
+    real_load = tokens._load
+    read = threading.Event()
+
+    def load_then_wait(account_id: int) -> Account:
+        row = real_load(account_id)
+        if threading.current_thread() is caller and not read.is_set():
+            read.set()
+            until.wait(60)
+        return row
+
+    monkeypatch.setattr(tokens, "_load", load_then_wait)
+    return read
+
+
 class Scripted:
     """A local token endpoint that plays ``answers`` in order (the last one repeats) and
     records each request's form and Authorization header. An answer: (status, body, headers) or

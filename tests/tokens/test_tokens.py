@@ -35,7 +35,14 @@ from tests.helpers.linking import (
     revoke_at_op,
     token_requests,
 )
-from tests.helpers.tokens import FlakyTokenEndpoint, broken_account, caller_thread, expire, link
+from tests.helpers.tokens import (
+    FlakyTokenEndpoint,
+    broken_account,
+    caller_thread,
+    expire,
+    hold_after_its_read,
+    link,
+)
 
 
 @pytest.mark.peers
@@ -479,23 +486,14 @@ def test_a_caller_that_read_the_row_before_a_new_authorization_does_not_renew_it
     seen before, so a caller still holding the expired row cannot claim it again."""
     server = endpoint(status=200, body=MINE, on_request=_take_over(3600))
     account = broken_account(fast_app, server.url)
-    real_load = tokens._load
-    read, renewed = threading.Event(), threading.Event()
+    renewed = threading.Event()
     results: list[str] = []
 
     def late() -> None:
         results.append(tokens.get_access_token(account.id))
 
     late_caller = threading.Thread(target=late)
-
-    def load_then_wait(account_id: int) -> Account:
-        row = real_load(account_id)
-        if threading.current_thread() is late_caller and not read.is_set():
-            read.set()
-            renewed.wait(60)
-        return row
-
-    monkeypatch.setattr(tokens, "_load", load_then_wait)
+    read = hold_after_its_read(monkeypatch, late_caller, renewed)
     late_caller.start()
     assert read.wait(60)
     assert tokens.get_access_token(account.id) == "theirs"
@@ -525,8 +523,7 @@ def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_after_a_failure_
     """Our claim lapses while the provider answers, and a late caller reads the row then (a
     lapsed claim is its to take). A refusal or a failure moves the version on all the same, so
     the late caller's claim fails and it gets what was recorded, without asking again."""
-    real_load = tokens._load
-    read, refused = threading.Event(), threading.Event()
+    refused = threading.Event()
 
     def lapse_and_let_a_late_caller_read() -> None:
         if read.is_set():
@@ -538,17 +535,10 @@ def test_a_caller_that_takes_over_a_lapsed_claim_does_not_renew_after_a_failure_
         late_caller.start()
         read.wait(60)
 
-    def load_then_wait(account_id: int) -> Account:
-        row = real_load(account_id)
-        if threading.current_thread() is late_caller and not read.is_set():
-            read.set()
-            refused.wait(60)
-        return row
-
     server = endpoint(status=status, body=body, on_request=lapse_and_let_a_late_caller_read)
     account = broken_account(fast_app, server.url)
     late_caller, results = caller_thread(account.id)
-    monkeypatch.setattr(tokens, "_load", load_then_wait)
+    read = hold_after_its_read(monkeypatch, late_caller, refused)
 
     with pytest.raises(oauth_errors.TokenError):
         tokens.get_access_token(account.id)
